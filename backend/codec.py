@@ -1,0 +1,206 @@
+r"""The erasure codec: pyeclib behind a Ceph-shaped interface.
+
+How bytes map to chunks (as in Ceph's ErasureCodeInterface.h)::
+
+     object bytes   0 ......... C-1 | C ....... 2C-1 | ... | (K-1)C .. KC-1 | KC ...
+                    \_ data chunk 0 / \_ data chunk 1 /       \_ chunk K-1 _/  next stripe
+     stripe s  = object bytes [s*K*C, (s+1)*K*C)
+     shard i   = data chunk i of every stripe, back to back: stripe s at s*C
+     shard K+j = parity chunk j of every stripe
+
+    byte B of the object lives in stripe B // (K*C), data chunk (B // C) % K,
+    at offset (B // (K*C)) * C + B % C of that shard.
+
+The code is linear and works column-wise, so any page-aligned slice of the
+chunks (the same rows of each) encodes on its own: ecfs encodes and decodes
+only the 4 KiB page rows an I/O touches, never whole chunks it did not need.
+
+pyeclib wraps every fragment in an 80-byte header. ecfs stores raw chunks,
+so to decode it rebuilds fragments from header templates taken once per
+length from an encode of zeros (the headers hold index and sizes, and no
+checksum of the payload, since ecfs keeps its own crc32c per page).
+
+Capabilities are flags a caller asks for instead of assuming
+(Ceph's FLAG_EC_PLUGIN_PARITY_DELTA_OPTIMIZATION).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from .delta import GF_MUL, as_u8
+from .errors import InvalidArgument
+
+FLAG_PARITY_DELTA = 1 << 0      # apply_delta is available
+FLAG_DELTA_GF8_TABLE = 1 << 1   # the plugin is byte-wise GF(2^8): table deltas valid
+
+SUPPORTED_PLUGINS = ("isa_l_rs_vand", "liberasurecode_rs_vand", "isa_l_rs_cauchy")
+PAGE = 4096
+
+
+def _keep_freed_heap() -> None:
+    # pyeclib mallocs and frees every fragment on each call. With glibc's
+    # default trim threshold the freed top of the heap goes back to the
+    # kernel after each encode and the next one faults it in again: 64 KiB
+    # chunk encodes measured ~14x slower (0.7 vs 10 GB/s, docs/benchmarks.md).
+    # Raising M_TRIM_THRESHOLD keeps up to 128 MiB of freed heap in the
+    # process; M_MMAP_THRESHOLD alone made no difference (or worse).
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-1, 128 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+_keep_freed_heap()
+
+
+def load_driver(plugin: str, k: int, m: int):
+    """A pyeclib driver, or InvalidArgument naming why the plugin cannot load."""
+    if plugin not in SUPPORTED_PLUGINS:
+        raise InvalidArgument(
+            f"unknown plugin {plugin!r} (supported: {', '.join(SUPPORTED_PLUGINS)})")
+    try:
+        import warnings
+
+        from pyeclib.ec_iface import ECDriver
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ECDriver(k=k, m=m, ec_type=plugin)
+    except Exception as e:  # pyeclib raises its own ECDriverError family
+        raise InvalidArgument(f"plugin {plugin!r} cannot load here with k={k} m={m}: {e}")
+
+
+class Codec:
+    """K+M erasure code over raw chunks of equal, page-multiple length."""
+
+    def __init__(self, plugin: str, k: int, m: int, delta_method: str = "auto"):
+        self.plugin, self.k, self.m = plugin, k, m
+        self._drv = load_driver(plugin, k, m)
+        self._templates: dict[int, list[bytes]] = {}
+        self._tlock = threading.Lock()
+        self._hdr = len(self._drv.encode(bytes(k * PAGE))[0]) - PAGE
+        self.coefficients = self._probe_coefficients()
+        self.flags = FLAG_PARITY_DELTA if self._delta_self_test() else 0
+        if self.coefficients is not None:
+            self.flags |= FLAG_DELTA_GF8_TABLE
+        if delta_method == "auto":
+            # encode-of-delta measured faster than numpy lookups for ISA-L and
+            # is valid for every linear plugin (docs/benchmarks.md).
+            delta_method = "encode"
+        if delta_method == "table" and not self.flags & FLAG_DELTA_GF8_TABLE:
+            raise InvalidArgument(f"plugin {plugin} is not byte-wise GF(2^8): no table deltas")
+        self.delta_method = delta_method
+
+    # -- Ceph-shaped interface -------------------------------------------------
+    def encode(self, data: list) -> list[memoryview]:
+        """The M parity chunks of K data chunks (buffers of one page-multiple length)."""
+        length = len(data[0])
+        frags = self._drv.encode(b"".join(data) if len(data) > 1 else bytes(data[0]))
+        hdr = self._hdr
+        return [memoryview(f)[hdr:hdr + length] for f in frags[self.k:]]
+
+    def minimum_to_decode(self, want: Iterable[int], available: Iterable[int]) -> list[int]:
+        """Which chunks to read to get ``want``: the wanted ones if all are
+        available, else K available ones, data chunks first (cheapest: they
+        are also what a healthy read touches)."""
+        want, avail = set(want), sorted(set(available))
+        if want <= set(avail):
+            return sorted(want)
+        if len(avail) < self.k:
+            raise InvalidArgument("fewer than K chunks available")
+        return avail[: self.k]
+
+    def decode(self, chunks: Mapping[int, object], want: Iterable[int]) -> dict[int, bytes]:
+        """Chunks ``want`` (any of 0..K+M-1) from at least K of ``chunks``."""
+        want = list(want)
+        out = {i: bytes(chunks[i]) for i in want if i in chunks}
+        missing = [i for i in want if i not in chunks]
+        if not missing:
+            return out
+        have = sorted(chunks)[: self.k]
+        length = len(chunks[have[0]])
+        tmpl = self._template(length)
+        frags = [tmpl[i] + bytes(chunks[i]) for i in have]
+        hdr = self._hdr
+        if all(i < self.k for i in missing):
+            data = self._drv.decode(frags)
+            for i in missing:
+                out[i] = data[i * length:(i + 1) * length]
+        else:
+            rebuilt = self._drv.reconstruct(frags, missing)
+            for i, f in zip(missing, rebuilt):
+                out[i] = f[hdr:hdr + length]
+        return out
+
+    # -- parity delta --------------------------------------------------------
+    @staticmethod
+    def make_delta(old, new) -> np.ndarray:
+        return np.bitwise_xor(as_u8(old), as_u8(new))
+
+    def parity_deltas(self, deltas: Mapping[int, object]) -> list[np.ndarray]:
+        """The M parity changes caused by data chunk changes {index: delta}."""
+        if not self.flags & FLAG_PARITY_DELTA:
+            raise InvalidArgument(f"plugin {self.plugin} cannot do parity deltas")
+        length = len(next(iter(deltas.values())))
+        if self.delta_method == "table":
+            out = [np.zeros(length, dtype=np.uint8) for _ in range(self.m)]
+            for i, d in deltas.items():
+                for j in range(self.m):
+                    np.bitwise_xor(out[j], GF_MUL[self.coefficients[j][i]].take(as_u8(d)), out=out[j])
+            return out
+        zero = bytes(length)
+        data = [deltas[i] if i in deltas else zero for i in range(self.k)]
+        return [as_u8(p) for p in self.encode(data)]
+
+    def apply_delta(self, parity_index: int, data_index: int, delta, old_parity) -> np.ndarray:
+        """New parity chunk ``parity_index`` (0..M-1) after data chunk
+        ``data_index`` changed by ``delta``."""
+        if self.delta_method == "table":
+            change = GF_MUL[self.coefficients[parity_index][data_index]].take(as_u8(delta))
+        else:
+            change = self.parity_deltas({data_index: delta})[parity_index]
+        return np.bitwise_xor(as_u8(old_parity), change)
+
+    # -- internals -------------------------------------------------------------
+    def _template(self, length: int) -> list[bytes]:
+        t = self._templates.get(length)
+        if t is None:
+            with self._tlock:
+                frags = self._drv.encode(bytes(self.k * length))
+                t = [bytes(f[: self._hdr]) for f in frags]
+                self._templates[length] = t
+        return t
+
+    def _probe_coefficients(self):
+        """The plugin's M x K coefficients if it is byte-wise GF(2^8), else None."""
+        coef = np.zeros((self.m, self.k), dtype=np.uint8)
+        for i in range(self.k):
+            unit = [bytes(PAGE)] * self.k
+            one = bytearray(PAGE)
+            one[0] = 1
+            unit[i] = bytes(one)
+            par = self.encode(unit)
+            for j in range(self.m):
+                coef[j, i] = par[j][0]
+        data = [os.urandom(PAGE) for _ in range(self.k)]
+        par = self.encode(data)
+        for j in range(self.m):
+            acc = np.zeros(PAGE, dtype=np.uint8)
+            for i in range(self.k):
+                acc ^= GF_MUL[coef[j, i]].take(as_u8(data[i]))
+            if acc.tobytes() != bytes(par[j]):
+                return None
+        return coef.tolist()
+
+    def _delta_self_test(self) -> bool:
+        """Linearity over GF(2): encode(a) ^ encode(b) == encode(a ^ b)."""
+        a = [os.urandom(PAGE) for _ in range(self.k)]
+        b = [os.urandom(PAGE) for _ in range(self.k)]
+        ab = [np.bitwise_xor(as_u8(x), as_u8(y)).tobytes() for x, y in zip(a, b)]
+        pa, pb, pab = self.encode(a), self.encode(b), self.encode(ab)
+        return all(np.array_equal(np.bitwise_xor(as_u8(x), as_u8(y)), as_u8(z))
+                   for x, y, z in zip(pa, pb, pab))

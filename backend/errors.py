@@ -1,0 +1,72 @@
+"""The one error hierarchy of ecfs.
+
+Every layer raises these; the CLI maps them once to exit codes
+(``ecfs.cli``) and the FUSE layer once to errno. Each class carries the
+errno a POSIX caller expects, in the style of python-rbd's make_ex table.
+"""
+from __future__ import annotations
+
+import errno
+
+
+class EcfsError(Exception):
+    """Base of every error ecfs reports to a user."""
+
+    errno = errno.EIO
+    exit_code = 1
+
+
+class InvalidArgument(EcfsError):
+    errno = errno.EINVAL
+    exit_code = 22
+
+
+class NotFound(EcfsError):
+    errno = errno.ENOENT
+    exit_code = 2
+
+
+class Exists(EcfsError):
+    errno = errno.EEXIST
+    exit_code = 17
+
+
+class Busy(EcfsError):
+    errno = errno.EBUSY
+    exit_code = 16
+
+
+class ReadOnly(EcfsError):
+    errno = errno.EROFS
+    exit_code = 30
+
+
+class NoSpace(EcfsError):
+    errno = errno.ENOSPC
+    exit_code = 28
+
+
+class TooBig(EcfsError):
+    errno = errno.EFBIG
+    exit_code = 27
+
+
+class StoreError(EcfsError):
+    """The store itself is missing, damaged or of a newer format."""
+
+    errno = errno.EIO
+    exit_code = 3
+
+
+class DataUnavailable(EcfsError):
+    """Fewer than K shards of a stripe can be read: data is unreadable now."""
+
+    errno = errno.EIO
+    exit_code = 5
+
+
+class Inconsistent(EcfsError):
+    """scrub/fsck found inconsistencies that remain."""
+
+    errno = errno.EIO
+    exit_code = 4

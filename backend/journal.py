@@ -1,0 +1,184 @@
+"""The store's redo journal: what makes a multi-shard write atomic.
+
+One append-only file, ``STORE/journal.log``, shared by every process that
+writes the store. A write (a transaction) is made of file operations on
+shard files (pwrite, truncate, unlink); before any of them touches a shard
+file, all of them are appended to the journal as one record and the record
+is made durable (fdatasync, shared by concurrent writers: group commit).
+Only then are they applied in place. So at any instant each transaction is
+either absent from the journal (and nothing of it was applied) or complete
+in it (and replaying it, in journal order, finishes whatever the crash cut
+short). Records hold whole page images, so replay is idempotent.
+
+Record format (docs/formats.md, "Journal")::
+
+    file header  "ECFSJRNL" u8 format  7x pad                      (16 bytes)
+    record       "JREC" u32 payload_len u32 crc32c(payload) u32 object_slot
+                 payload: u16 name_len, name, u16 n_ops, then per op
+                   u8 type (1 write, 2 truncate, 3 unlink) u16 osd
+                   u16 path_len u64 offset u32 data_len, path, data
+
+A torn or corrupt record (normally the tail; in the middle when a process
+died while appending and others appended after it) is skipped.
+
+The journal is emptied by a checkpoint (``objectstore``): with no write in
+flight, sync the OSD file systems, then truncate it to its header.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import crc32c as _crc32c
+
+MAGIC = b"ECFSJRNL"
+FORMAT = 1
+_FILE_HDR = struct.Struct("<8sB7x")
+_REC = struct.Struct("<4sIII")
+_OP = struct.Struct("<BHHQI")
+_NAME = struct.Struct("<H")
+
+OP_WRITE, OP_TRUNCATE, OP_UNLINK = 1, 2, 3
+
+
+@dataclass
+class FileOp:
+    type: int
+    osd: int
+    path: str          # relative to the OSD directory
+    offset: int = 0    # write offset, or truncate length
+    data: bytes | memoryview = b""
+
+
+@dataclass
+class Record:
+    name: str
+    slot: int
+    ops: list[FileOp]
+
+
+def encode_record(rec: Record) -> bytes:
+    parts = []
+    nb = rec.name.encode()
+    parts.append(_NAME.pack(len(nb)))
+    parts.append(nb)
+    parts.append(_NAME.pack(len(rec.ops)))
+    for op in rec.ops:
+        pb = op.path.encode()
+        parts.append(_OP.pack(op.type, op.osd, len(pb), op.offset, len(op.data)))
+        parts.append(pb)
+        parts.append(op.data)
+    payload = b"".join(parts)
+    return _REC.pack(b"JREC", len(payload), _crc32c.crc32c(payload), rec.slot) + payload
+
+
+def decode_payload(slot: int, payload: memoryview) -> Record:
+    (nl,) = _NAME.unpack_from(payload, 0)
+    pos = 2
+    name = bytes(payload[pos:pos + nl]).decode()
+    pos += nl
+    (nops,) = _NAME.unpack_from(payload, pos)
+    pos += 2
+    ops = []
+    for _ in range(nops):
+        t, osd, pl, off, dl = _OP.unpack_from(payload, pos)
+        pos += _OP.size
+        path = bytes(payload[pos:pos + pl]).decode()
+        pos += pl
+        ops.append(FileOp(t, osd, path, off, payload[pos:pos + dl]))
+        pos += dl
+    return Record(name, slot, ops)
+
+
+class Journal:
+    def __init__(self, path: str, readonly: bool = False):
+        self.path = path
+        flags = os.O_RDONLY if readonly else (os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        self.fd = os.open(path, flags, 0o600)
+        if not readonly and os.fstat(self.fd).st_size == 0:
+            os.write(self.fd, _FILE_HDR.pack(MAGIC, FORMAT))
+            os.fsync(self.fd)
+        self._check_header()
+        self._cond = threading.Condition()
+        self._appended = 0     # records appended by this process
+        self._synced = 0       # records known durable
+        self._syncing = False
+
+    def _check_header(self) -> None:
+        hdr = os.pread(self.fd, _FILE_HDR.size, 0)
+        if len(hdr) < _FILE_HDR.size:
+            return
+        magic, fmt = _FILE_HDR.unpack(hdr)
+        if magic != MAGIC:
+            raise ValueError("journal: bad magic")
+        if fmt > FORMAT:
+            raise ValueError(f"journal format {fmt} is newer than this ecfs knows")
+
+    def append(self, rec: Record) -> tuple[int, int]:
+        """Append a record; returns (ticket for wait_durable, bytes written)."""
+        blob = encode_record(rec)
+        # One write() with O_APPEND: the kernel places it whole at the end,
+        # even with other processes appending.
+        n = os.write(self.fd, blob)
+        if n != len(blob):
+            raise OSError("journal: short write")
+        with self._cond:
+            self._appended += 1
+            return self._appended, n
+
+    def wait_durable(self, ticket: int) -> bool:
+        """Block until record ``ticket`` is on stable storage. Returns True if
+        this caller issued the fdatasync (for the fsync counter)."""
+        with self._cond:
+            while self._synced < ticket:
+                if not self._syncing:
+                    self._syncing = True
+                    target = self._appended
+                    break
+                self._cond.wait()
+            else:
+                return False
+        try:
+            os.fdatasync(self.fd)
+        finally:
+            with self._cond:
+                self._syncing = False
+                self._synced = max(self._synced, target)
+                self._cond.notify_all()
+        return True
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def records(self) -> Iterator[Record]:
+        """Every valid record, in order.
+
+        A torn record is normally the tail, but a process killed in the
+        middle of its append leaves one that other processes then append
+        after: past a torn or corrupt record, the next valid record is
+        found by scanning for its magic (its crc rules out chance matches)."""
+        with open(self.path, "rb") as f:
+            raw = f.read()
+        data = memoryview(raw)
+        pos = _FILE_HDR.size
+        while pos + _REC.size <= len(data):
+            magic, plen, crc, slot = _REC.unpack_from(data, pos)
+            body = data[pos + _REC.size: pos + _REC.size + plen]
+            if magic != b"JREC" or len(body) < plen or _crc32c.crc32c(body) != crc:
+                pos = raw.find(b"JREC", pos + 1)
+                if pos < 0:
+                    return
+                continue
+            yield decode_payload(slot, body)
+            pos += _REC.size + plen
+
+    def reset(self) -> None:
+        """Drop every record (caller guarantees they are applied and synced)."""
+        os.ftruncate(self.fd, _FILE_HDR.size)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)

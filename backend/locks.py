@@ -1,0 +1,111 @@
+"""Locks that keep concurrent writers of one store correct.
+
+* Object locks. An object hashes to one of 2**20 slots. Cross-process, a
+  slot is one byte of ``STORE/locks`` locked with fcntl (POSIX record locks,
+  released by the kernel when a process dies). POSIX locks belong to the
+  process, not the thread, so inside a process each slot is also guarded by
+  a threading lock (one of 4096, by slot) and a process never holds one
+  slot twice.
+* In-flight markers. ``STORE/inflight`` has a byte per slot, set while a
+  transaction on that slot is between "appended to the journal" and
+  "applied". A holder that finds it set knows the previous holder died in
+  between and replays that slot's journal records first.
+* The checkpoint gate. Writers hold ``STORE/ckpt.lock`` shared (flock)
+  while they commit; a checkpoint takes it exclusive, so it sees no
+  transaction half done.
+* The clients lock. Every open store holds ``STORE/clients.lock`` shared;
+  the opener that gets it exclusive is alone, so it may replay the whole
+  journal (after a crash or power cut) before anyone writes.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import threading
+from contextlib import contextmanager
+
+SLOTS = 1 << 20
+_INPROC = 4096
+
+
+def slot_of(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little") % SLOTS
+
+
+class StoreLocks:
+    def __init__(self, store_dir: str, readonly: bool = False):
+        self.readonly = readonly
+        mode = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
+        self._lockfd = os.open(os.path.join(store_dir, "locks"), mode, 0o600) \
+            if not readonly else None
+        self._inflight = os.open(os.path.join(store_dir, "inflight"), mode, 0o600) \
+            if not readonly else None
+        self._ckptfd = os.open(os.path.join(store_dir, "ckpt.lock"), mode, 0o600) \
+            if not readonly else None
+        self._mutex = [threading.Lock() for _ in range(_INPROC)]
+        self._gate = threading.Condition()
+        self._gate_users = 0
+
+    @contextmanager
+    def object(self, slot: int):
+        m = self._mutex[slot % _INPROC]
+        with m:
+            if self._lockfd is not None:
+                fcntl.lockf(self._lockfd, fcntl.LOCK_EX, 1, slot)
+            try:
+                yield
+            finally:
+                if self._lockfd is not None:
+                    fcntl.lockf(self._lockfd, fcntl.LOCK_UN, 1, slot)
+
+    def inflight(self, slot: int) -> bool:
+        return os.pread(self._inflight, 1, slot) == b"\x01"
+
+    def set_inflight(self, slot: int, on: bool) -> None:
+        os.pwrite(self._inflight, b"\x01" if on else b"\x00", slot)
+
+    def inflight_slots(self) -> list[int]:
+        import numpy as np
+        size = os.fstat(self._inflight).st_size
+        if not size:
+            return []
+        buf = np.frombuffer(os.pread(self._inflight, size, 0), dtype=np.uint8)
+        return np.flatnonzero(buf).tolist()
+
+    def clear_inflight(self) -> None:
+        os.ftruncate(self._inflight, 0)
+
+    @contextmanager
+    def commit_gate(self):
+        """Shared hold of the checkpoint gate, reference-counted in-process
+        (flock belongs to the open file, shared by all threads)."""
+        with self._gate:
+            if self._gate_users == 0:
+                fcntl.flock(self._ckptfd, fcntl.LOCK_SH)
+            self._gate_users += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._gate_users -= 1
+                if self._gate_users == 0:
+                    fcntl.flock(self._ckptfd, fcntl.LOCK_UN)
+                    self._gate.notify_all()
+
+    @contextmanager
+    def checkpoint_gate(self):
+        """Exclusive: no transaction of any process is between append and apply."""
+        with self._gate:
+            while self._gate_users:
+                self._gate.wait()
+            fcntl.flock(self._ckptfd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._ckptfd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        for fd in (self._lockfd, self._inflight, self._ckptfd):
+            if fd is not None:
+                os.close(fd)

@@ -1,0 +1,1102 @@
+"""The object store: the erasure-coded I/O path over OSD directories.
+
+Data path::
+
+    read/write(name, offset, bytes)
+      -> lock the object (locks), load its info header (shardfile)
+      -> map the byte range to page rows of shards (codec's chunk layout)
+      -> read only the pages needed, verify their crc32c, decode what is
+         missing, stale or corrupt from K others, rewrite corrupt pages
+      -> (write) per stripe choose parity-delta, reconstruct or full write
+         by counting page reads, encode, and commit the new pages as one
+         journal transaction (journal), then apply them in place
+
+Reads and writes are page-granular: a 4 KiB read inside a chunk is one
+shard read; a 4 KiB overwrite in parity-delta mode reads the old data page
+and the M old parity pages and writes them back (1+M reads, 1+M writes).
+
+Write modes (pool ``write_mode``, or ``ObjectStore(write_mode=...)``):
+
+    delta        read old changed data pages + old parity rows; parity ^= encode(delta)
+    reconstruct  read the untouched data pages of the rows; parity = encode(data)
+                 (with nothing untouched this is a full-stripe write: no reads)
+    full         re-encode whole stripes: read every untouched data page of them
+    auto         per stripe, the cheaper of delta and reconstruct (fewest page
+                 reads; delta on a tie)
+    mixed        per stripe at random (tests)
+
+Only the first and last stripe of a write can be partial, so only they need
+a choice; every stripe a write covers whole (the stripes between, and a
+first or last one it covers entirely) is encoded and written with no reads,
+whatever the mode.
+
+Write-back seam: ``read``/``write``/``flush`` is the whole interface the
+image layer uses; the stripe cache will implement the same three calls and
+sit between, handing ``write`` batches down on flush.
+
+Concurrency: an object is locked (in-process and across processes) for the
+duration of each operation, so writes to one object apply in order;
+different objects proceed in parallel.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import shardfile as sf
+from .codec import FLAG_PARITY_DELTA, Codec
+from .counters import Counters
+from .errors import DataUnavailable, InvalidArgument, NotFound, StoreError, TooBig
+from .journal import OP_TRUNCATE, OP_UNLINK, OP_WRITE, FileOp, Journal, Record
+from .locks import StoreLocks, slot_of
+from .osdmap import OsdMap
+from .placement import place
+from .pool import MAX_OBJECT_SIZE, load_pool
+
+PAGE = sf.PAGE
+JOURNAL_LIMIT = 64 << 20      # checkpoint when the journal grows past this
+MAX_NAME = 250
+
+
+def validate_name(name: str) -> None:
+    raw = name.encode("utf-8", "surrogateescape")
+    if not 1 <= len(raw) <= MAX_NAME:
+        raise InvalidArgument(f"object name must be 1..{MAX_NAME} bytes (got {len(raw)})")
+    if "\0" in name:
+        raise InvalidArgument("object name must not contain NUL")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument("object name must be valid UTF-8")
+
+
+@dataclass
+class ObjectStat:
+    name: str
+    size: int
+    version: int
+    chunk_size: int
+    mtime: float
+
+
+@dataclass
+class _Obj:
+    """Per-operation view of one object."""
+    name: str
+    slot: int
+    loc: list[int]                         # OSD of each shard
+    info: sf.ShardHeader | None = None     # from the first good info shard
+    usable: dict[int, bool] = field(default_factory=dict)
+    bad_header: set[int] = field(default_factory=set)
+
+
+class _Window:
+    """Shard pages of whole stripes s0..s1 in memory: bufs[i] is shard i's
+    rows, ``valid[i]`` marks the pages that hold known contents,
+    ``corrupt[i]`` the pages read from disk that failed their checksum and
+    are not rewritten yet."""
+
+    def __init__(self, width: int, k: int, chunk: int, s0: int, s1: int):
+        self.k, self.C, self.P = k, chunk, chunk // PAGE
+        self.s0, self.ns = s0, s1 - s0 + 1
+        self.row0 = s0 * self.P
+        self.rows = self.ns * self.P
+        self.bufs = np.zeros((width, self.rows * PAGE), dtype=np.uint8)
+        self.valid = np.zeros((width, self.rows), dtype=bool)
+        self.corrupt = np.zeros((width, self.rows), dtype=bool)
+
+    def pages(self, i: int, p0: int, p1: int) -> np.ndarray:
+        return self.bufs[i, (p0 - self.row0) * PAGE:(p1 - self.row0) * PAGE]
+
+    def data_view(self) -> np.ndarray:
+        """Object-order view (stripe, chunk, byte) of the data shards."""
+        return self.bufs[: self.k].reshape(self.k, self.ns, self.C).transpose(1, 0, 2)
+
+
+class ObjectStore:
+    def __init__(self, store: str, *, write_mode: str | None = None, readonly: bool = False):
+        self.store = os.path.abspath(store)
+        self.pool = load_pool(self.store)
+        self.k, self.m = self.pool.k, self.pool.m
+        self.width = self.k + self.m
+        self.info_shards = [0] + list(range(self.k, self.width))
+        self.codec = Codec(self.pool.plugin, self.k, self.m)
+        self.osdmap = OsdMap(self.store, self.pool)
+        self.write_mode = write_mode or self.pool.write_mode
+        self.readonly = readonly
+        self._rng = random.Random()
+        self._crash_at = int(os.environ.get("ECFS_CRASH_AT", "0") or 0)
+        self._crash_n = 0
+        self._crash_lock = threading.Lock()
+        self._dirty = False
+        self._closed = False
+        if readonly:
+            self.counters = Counters(None)
+            self.locks = None
+            self.journal = None
+            return
+        try:
+            self.locks = StoreLocks(self.store)
+            self.journal = Journal(os.path.join(self.store, "journal.log"))
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot open store {self.store}: {e}")
+        self.counters = Counters(self.store)
+        self._clients_fd = os.open(os.path.join(self.store, "clients.lock"),
+                                   os.O_RDWR | os.O_CREAT, 0o600)
+        self._open_recovery()
+
+    # ------------------------------------------------------------------ API
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the object, short at its end."""
+        validate_name(name)
+        if offset < 0 or length < 0:
+            raise InvalidArgument("offset and length must not be negative")
+        with self._object(name) as obj:
+            if obj.info is None:
+                raise NotFound(f"object {name!r} does not exist")
+            size = obj.info.object_size
+            end = min(offset + length, size)
+            self.counters.add_many((("client_read_ops", 1),
+                                    ("client_read_bytes", max(0, end - offset))))
+            if offset >= end:
+                return b""
+            return self._read_range(obj, offset, end, "read")
+
+    def write(self, name: str, offset: int, data, *, size_hint: int = 0) -> None:
+        """Write ``data`` at ``offset`` (creating the object), atomically."""
+        validate_name(name)
+        data = memoryview(data).cast("B")
+        if offset < 0:
+            raise InvalidArgument("offset must not be negative")
+        if offset + len(data) > MAX_OBJECT_SIZE:
+            raise TooBig(f"write past the object size limit ({MAX_OBJECT_SIZE} bytes)")
+        with self._object(name) as obj:
+            self.counters.add_many((("client_write_ops", 1), ("client_write_bytes", len(data))))
+            self._write_locked(obj, offset, data, size_hint=size_hint)
+
+    def write_full(self, name: str, data) -> None:
+        """Replace the object's whole content (rados put)."""
+        validate_name(name)
+        data = memoryview(data).cast("B")
+        if len(data) > MAX_OBJECT_SIZE:
+            raise TooBig(f"object larger than the limit ({MAX_OBJECT_SIZE} bytes)")
+        with self._object(name) as obj:
+            self.counters.add_many((("client_write_ops", 1), ("client_write_bytes", len(data))))
+            self._rewrite(obj, np.frombuffer(data, dtype=np.uint8), len(data),
+                          self.pool.chunk_for(len(data)))
+
+    def truncate(self, name: str, size: int) -> None:
+        validate_name(name)
+        if size < 0 or size > MAX_OBJECT_SIZE:
+            raise InvalidArgument(f"size must be within 0..{MAX_OBJECT_SIZE}")
+        with self._object(name) as obj:
+            if obj.info is None:
+                raise NotFound(f"object {name!r} does not exist")
+            self.counters.add("client_other_ops")
+            old = obj.info.object_size
+            want_cs = self.pool.chunk_for(size)
+            if want_cs != obj.info.chunk_size and self.pool.chunk_size == "auto":
+                content = np.frombuffer(self._read_range(obj, 0, min(old, size), "write"),
+                                        dtype=np.uint8) if min(old, size) else np.zeros(0, np.uint8)
+                self._rewrite(obj, content, size, want_cs)
+            elif size >= old:
+                self._commit(obj, self._header_ops(obj, obj.info.chunk_size, size,
+                                                   obj.info.object_version + 1, set()))
+            else:
+                self._shrink(obj, size)
+
+    def remove(self, name: str) -> None:
+        validate_name(name)
+        with self._object(name) as obj:
+            if obj.info is None:
+                raise NotFound(f"object {name!r} does not exist")
+            self.counters.add("client_other_ops")
+            self._commit(obj, (self._unlink_ops(obj), None))
+
+    def stat(self, name: str) -> ObjectStat:
+        validate_name(name)
+        obj = self._load(name)
+        if obj.info is None:
+            raise NotFound(f"object {name!r} does not exist")
+        try:
+            mtime = os.stat(self._abs(obj, obj.info.shard)[1]).st_mtime
+        except OSError:
+            mtime = 0.0
+        return ObjectStat(name, obj.info.object_size, obj.info.object_version,
+                          obj.info.chunk_size, mtime)
+
+    def exists(self, name: str) -> bool:
+        return self._load(name).info is not None
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Object names (sorted), gathered from the info shards' sidecars."""
+        names = set()
+        for osd in self.osdmap.up_ids():
+            root = os.path.join(self.osdmap.paths[osd], "objects")
+            for sub in _listdir(root):
+                d = os.path.join(root, sub)
+                for f in _listdir(d):
+                    if not f.endswith(".meta"):
+                        continue
+                    parsed = sf.parse_shard_filename(f[:-5])
+                    if not parsed:
+                        continue
+                    stem, shard = parsed
+                    if shard != 0 and shard < self.k:
+                        continue
+                    n = sf.unescape_name(stem)
+                    if n is None:
+                        try:
+                            n = sf.ShardHeader.unpack(_pread_path(os.path.join(d, f), sf.HEADER_SIZE, 0)).name
+                        except (OSError, sf.CorruptHeader):
+                            continue
+                    if n.startswith(prefix):
+                        names.add(n)
+        return sorted(names)
+
+    def flush(self) -> None:
+        """Everything written so far is durable. (Writes are journaled and
+        synced before they return, so this has nothing left to do until a
+        write-back cache sits in front.)"""
+
+    def checkpoint(self) -> None:
+        """Empty the journal: every record it holds is applied and synced."""
+        if self.readonly:
+            return
+        with self.locks.checkpoint_gate():
+            for slot in self.locks.inflight_slots():
+                self._replay(slot)
+            self._sync_osds()
+            self.journal.reset()
+            self.locks.clear_inflight()
+            self.counters.add("fsyncs")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.readonly:
+            return
+        try:
+            if self._dirty or self.journal.size() > 16:
+                self.checkpoint()
+        finally:
+            self.counters.close()
+            self.journal.close()
+            self.locks.close()
+            os.close(self._clients_fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def amplification(self) -> dict[str, float]:
+        return amplification(self.counters.snapshot())
+
+    # ------------------------------------------------------------- recovery
+    def _open_recovery(self) -> None:
+        """Alone with the store: replay the whole journal (a crash or power
+        cut left it), then share the store with later openers."""
+        import fcntl
+        try:
+            fcntl.flock(self._clients_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self._clients_fd, fcntl.LOCK_SH)
+            return
+        if self.journal.size() > 16:
+            for rec in self.journal.records():
+                self._apply(rec, counted=False)
+            self.checkpoint()
+        fcntl.flock(self._clients_fd, fcntl.LOCK_SH)
+
+    def _replay(self, slot: int) -> None:
+        """Re-apply the journal records of a slot whose writer died mid-apply."""
+        for rec in self.journal.records():
+            if rec.slot == slot:
+                self._apply(rec, counted=False)
+        self.locks.set_inflight(slot, False)
+
+    def _sync_osds(self) -> None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        seen = set()
+        for osd in self.osdmap.up_ids():
+            p = self.osdmap.paths[osd]
+            try:
+                st = os.stat(p)
+                if st.st_dev in seen:
+                    continue
+                seen.add(st.st_dev)
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    libc.syncfs(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                continue
+
+    # ----------------------------------------------------------- object view
+    class _Ctx:
+        def __init__(self, store: "ObjectStore", name: str):
+            self.store, self.name = store, name
+
+        def __enter__(self) -> _Obj:
+            s = self.store
+            slot = slot_of(self.name)
+            self._lock = s.locks.object(slot) if s.locks else None
+            if self._lock:
+                self._lock.__enter__()
+                if s.locks.inflight(slot):
+                    s._replay(slot)
+            try:
+                return s._load(self.name, slot)
+            except BaseException:
+                if self._lock:
+                    self._lock.__exit__(None, None, None)
+                raise
+
+        def __exit__(self, *exc):
+            if self._lock:
+                self._lock.__exit__(*exc)
+
+    def _object(self, name: str) -> "_Ctx":
+        return self._Ctx(self, name)
+
+    def _load(self, name: str, slot: int | None = None) -> _Obj:
+        """The object's view, with the newest info header of its M+1 info
+        shards (one that was away while the object changed is older)."""
+        obj = _Obj(name, slot if slot is not None else slot_of(name),
+                   place(name, self.width, self.osdmap.ids))
+        for i in self.info_shards:
+            hdr = self._header(obj, i)
+            if hdr is not None and hdr.info and (
+                    obj.info is None or hdr.object_version > obj.info.object_version):
+                obj.info = hdr
+        return obj
+
+    def _header(self, obj: _Obj, i: int) -> sf.ShardHeader | None:
+        osd = obj.loc[i]
+        if not self.osdmap.is_up(osd):
+            return None
+        _, meta = self._abs(obj, i)
+        try:
+            raw = _pread_path(meta, sf.HEADER_SIZE, 0)
+            self.counters.add("meta_reads")
+            hdr = sf.ShardHeader.unpack(raw)
+            if hdr.name != obj.name or hdr.shard != i:
+                raise sf.CorruptHeader("header names another shard")
+            return hdr
+        except FileNotFoundError:
+            return None
+        except sf.CorruptHeader:
+            obj.bad_header.add(i)
+            return None
+        except OSError as e:
+            self._osd_failed(osd, e)
+            return None
+
+    def _is_usable(self, obj: _Obj, i: int) -> bool:
+        """Shard i holds the version the vector asks for (or need hold nothing)."""
+        u = obj.usable.get(i)
+        if u is not None:
+            return u
+        want = obj.info.vector[i] if obj.info else 0
+        if not self.osdmap.is_up(obj.loc[i]):
+            u = False
+        elif want == 0:
+            u = True      # never written in this incarnation: all zeros
+        else:
+            hdr = obj.info if i == obj.info.shard else self._header(obj, i)
+            u = hdr is not None and hdr.shard_version == want
+        obj.usable[i] = u
+        return u
+
+    def _abs(self, obj: _Obj, i: int) -> tuple[str, str]:
+        d = self.osdmap.paths[obj.loc[i]]
+        rd, rm = sf.rel_paths(obj.name, i)
+        return os.path.join(d, rd), os.path.join(d, rm)
+
+    def _osd_failed(self, osd: int, e: OSError) -> None:
+        self.osdmap.mark_down(osd, f"I/O error: {e.strerror or e}")
+
+    # ---------------------------------------------------------------- layout
+    @staticmethod
+    def _shard_extent(offset: int, end: int, i: int, k: int, C: int) -> tuple[int, int]:
+        """Shard bytes [lo, hi) of data shard i holding object bytes [offset, end)."""
+        if end <= offset:
+            return 0, 0
+        KC = k * C
+
+        def to_shard(x: int, upper: bool) -> int:
+            s, r = divmod(x, KC)
+            pos = r - i * C
+            if pos < 0:
+                return s * C
+            if pos >= C:
+                return (s + 1) * C
+            return s * C + pos
+
+        lo, hi = to_shard(offset, False), to_shard(end, True)
+        return (lo, hi) if hi > lo else (0, 0)
+
+    def _extents(self, size: int, C: int) -> list[int]:
+        """Byte extent of every shard for an object of ``size`` bytes."""
+        ext = [self._shard_extent(0, size, i, self.k, C)[1] for i in range(self.k)]
+        return ext + [max(ext) if ext else 0] * self.m
+
+    # ------------------------------------------------------------- read path
+    def _read_range(self, obj: _Obj, offset: int, end: int, kind: str) -> bytes:
+        C = obj.info.chunk_size
+        KC = self.k * C
+        s0, s1 = offset // KC, (end - 1) // KC
+        win = _Window(self.width, self.k, C, s0, s1)
+        ext = self._extents(obj.info.object_size, C)
+        req: dict[int, list[tuple[int, int]]] = {}
+        for i in range(self.k):
+            lo, hi = self._shard_extent(offset, end, i, self.k, C)
+            hi = min(hi, ext[i])
+            if hi > lo:
+                req[i] = [(lo // PAGE, -(-hi // PAGE))]
+        self._mark_known_zero(win, ext)
+        self._fetch(obj, win, req, kind)
+        if s0 == s1 and (offset % KC) // C == ((end - 1) % KC) // C:
+            i = (offset % KC) // C
+            base = s0 * C + (offset % KC) % C - win.row0 * PAGE
+            return win.bufs[i, base:base + end - offset].tobytes()
+        flat = win.data_view().reshape(-1)   # a copy in object order
+        a = offset - s0 * KC
+        return flat[a:a + end - offset].tobytes()
+
+    def _mark_known_zero(self, win: _Window, ext: list[int]) -> None:
+        for i in range(self.width):
+            first_zero = -(-ext[i] // PAGE) - win.row0
+            if first_zero < win.rows:
+                win.valid[i, max(0, first_zero):] = True
+
+    def _fetch(self, obj: _Obj, win: _Window, req: dict[int, list[tuple[int, int]]],
+               kind: str) -> None:
+        """Fill the requested page ranges of ``win``; decode what cannot be read."""
+        failed: list[tuple[int, int, int, np.ndarray | None]] = []
+        for i, ranges in req.items():
+            for p0, p1 in ranges:
+                if p1 <= p0:
+                    continue
+                bad = self._read_pages(obj, i, p0, p1, win.pages(i, p0, p1), kind)
+                if bad is None:
+                    failed.append((i, p0, p1, None))
+                elif bad.any():
+                    win.valid[i, p0 - win.row0:p1 - win.row0] = ~bad
+                    failed.append((i, p0, p1, bad))
+                else:
+                    win.valid[i, p0 - win.row0:p1 - win.row0] = True
+        for i, p0, p1, bad in failed:
+            self._recover(obj, win, i, p0, p1, bad, kind)
+
+    def _read_pages(self, obj: _Obj, i: int, p0: int, p1: int, out: np.ndarray,
+                    kind: str) -> np.ndarray | None:
+        """Read shard i pages [p0, p1) into ``out``, verified. Returns the mask
+        of pages failing their checksum, or None if the shard is unusable."""
+        if not self._is_usable(obj, i):
+            return None
+        n = p1 - p0
+        if obj.info is None or obj.info.vector[i] == 0:
+            out[:] = 0
+            return np.zeros(n, dtype=bool)
+        data_path, meta_path = self._abs(obj, i)
+        try:
+            raw = _pread_path(meta_path, 4 * n, sf.crc_offset(p0))
+            self.counters.add("meta_reads")
+            stored = np.zeros(n, dtype=np.uint32)
+            got = np.frombuffer(raw[: len(raw) // 4 * 4], dtype="<u4")
+            stored[: len(got)] = got
+            if not stored.any():
+                out[:] = 0      # all zero pages: nothing to read
+                return np.zeros(n, dtype=bool)
+            try:
+                fd = os.open(data_path, os.O_RDONLY)
+            except FileNotFoundError:
+                return np.ones(n, dtype=bool)
+            try:
+                got_n = os.preadv(fd, [out], p0 * PAGE)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self._osd_failed(obj.loc[i], e)
+            obj.usable[i] = False
+            return None
+        self.counters.add_many(((f"{kind}_shard_reads", 1), ("shard_reads", 1),
+                                ("shard_read_bytes", n * PAGE)))
+        if got_n < n * PAGE:
+            out[got_n:] = 0
+        return sf.page_crcs(out, n) != stored
+
+    def _recover(self, obj: _Obj, win: _Window, i: int, p0: int, p1: int,
+                 bad: np.ndarray | None, kind: str) -> None:
+        """Decode shard i's failed pages in [p0, p1) from K other shards, then
+        rewrite the pages that failed their checksum.
+
+        Pages are decoded run by run of failed pages, and row by row when a
+        run has no K helpers clean over all of it, so corruption scattered
+        over several shards decodes as long as every page row keeps K good
+        pages. A helper page that fails its checksum is decoded and
+        rewritten too."""
+        r0 = p0 - win.row0
+        todo = ~win.valid[i, r0:r0 + p1 - p0]      # a helper repair may have fixed some
+        if bad is not None:
+            todo &= bad
+        if not todo.any():
+            return
+        for f0, f1 in _runs(p0 + np.flatnonzero(todo)):
+            self._decode_span(obj, win, i, f0, f1, kind)
+        if bad is not None:
+            self._repair_pages(obj, win, i, p0 + np.flatnonzero(todo))
+
+    def _decode_span(self, obj: _Obj, win: _Window, i: int, f0: int, f1: int, kind: str) -> None:
+        """Fill shard i's pages [f0, f1) of ``win`` by decoding."""
+        r0, r1 = f0 - win.row0, f1 - win.row0
+        helpers: dict[int, np.ndarray] = {}
+        order = [j for j in range(self.width) if j != i]
+        order.sort(key=lambda j: (not win.valid[j, r0:r1].all(), j >= self.k))
+        for j in order:
+            if len(helpers) == self.k:
+                break
+            if win.valid[j, r0:r1].all():
+                helpers[j] = win.bufs[j, r0 * PAGE:r1 * PAGE]
+                continue
+            tmp = np.empty((f1 - f0) * PAGE, dtype=np.uint8)
+            b = self._read_pages(obj, j, f0, f1, tmp, kind)
+            if b is None:
+                continue
+            # keep what verified; pages already known stay as they are
+            fresh = ~b & ~win.valid[j, r0:r1]
+            win.bufs[j, r0 * PAGE:r1 * PAGE][np.repeat(fresh, PAGE)] = tmp[np.repeat(fresh, PAGE)]
+            win.valid[j, r0:r1] |= ~b
+            if b.any():
+                win.corrupt[j, r0:r1] |= b & ~win.valid[j, r0:r1]
+                continue
+            helpers[j] = win.bufs[j, r0 * PAGE:r1 * PAGE]
+        if len(helpers) < self.k:
+            if f1 - f0 > 1:
+                for p in range(f0, f1):
+                    if not win.valid[i, p - win.row0]:
+                        self._decode_span(obj, win, i, p, p + 1, kind)
+                return
+            raise DataUnavailable(
+                f"object {obj.name!r}: stripe {f0 // win.P}: only {len(helpers)} of the "
+                f"{self.k} shards needed are readable (shard {i} on osd.{obj.loc[i]} failed)")
+        # helper pages seen failing their crc in these rows are decoded too
+        corrupt = {j: np.flatnonzero(win.corrupt[j, r0:r1]) for j in range(self.width)
+                   if j != i and j not in helpers and win.corrupt[j, r0:r1].any()}
+        got = self.codec.decode(helpers, [i] + list(corrupt))
+        self.counters.add_many((("decodes", 1), ("degraded_reads", 1)))
+        win.bufs[i, r0 * PAGE:r1 * PAGE] = np.frombuffer(got[i], dtype=np.uint8)
+        win.valid[i, r0:r1] = True
+        for j, pages in corrupt.items():
+            rebuilt = np.frombuffer(got[j], dtype=np.uint8)
+            for p in pages:
+                win.bufs[j, (r0 + p) * PAGE:(r0 + p + 1) * PAGE] = rebuilt[p * PAGE:(p + 1) * PAGE]
+            win.valid[j, r0 + pages] = True
+            win.corrupt[j, r0 + pages] = False
+            self._repair_pages(obj, win, j, f0 + pages)
+
+    def _repair_pages(self, obj: _Obj, win: _Window, i: int, pages: np.ndarray) -> None:
+        """Rewrite pages of shard i whose checksum failed, from decoded bytes."""
+        n = len(pages)
+        self.counters.add("checksum_errors", n)
+        if self.readonly:
+            return
+        self.counters.add("checksum_repairs", n)
+        rd, rm = sf.rel_paths(obj.name, i)
+        osd = obj.loc[i]
+        ext = self._extents(obj.info.object_size, obj.info.chunk_size)[i]
+        ops = []
+        for run0, run1 in _runs(pages):
+            buf = win.pages(i, run0, run1)
+            stop = min(run1 * PAGE, ext)      # never pad the file past its extent
+            ops.append(FileOp(OP_WRITE, osd, rd, run0 * PAGE, buf[: stop - run0 * PAGE].tobytes()))
+            ops.append(FileOp(OP_WRITE, osd, rm, sf.crc_offset(run0),
+                              sf.page_crcs(buf).astype("<u4").tobytes()))
+        self._commit(obj, (ops, None), kind="repair")
+
+    # ------------------------------------------------------------ write path
+    def _write_locked(self, obj: _Obj, offset: int, data: memoryview, size_hint: int = 0,
+                      new_size: int | None = None, tail_ops: list[FileOp] | None = None,
+                      tail_touched: set[int] = frozenset()) -> None:
+        end = offset + len(data)
+        old_size = obj.info.object_size if obj.info else 0
+        size = max(old_size, end) if new_size is None else new_size
+        want_cs = self.pool.chunk_for(max(size, size_hint))
+        if obj.info is not None and want_cs != obj.info.chunk_size and self.pool.chunk_size == "auto" \
+                and new_size is None:
+            # the object outgrew its chunk size: restripe, data intact
+            content = np.zeros(size, dtype=np.uint8)
+            if old_size:
+                content[:old_size] = np.frombuffer(self._read_range(obj, 0, old_size, "write"),
+                                                   dtype=np.uint8)
+            content[offset:end] = np.frombuffer(data, dtype=np.uint8)
+            self._rewrite(obj, content, size, want_cs)
+            return
+        C = obj.info.chunk_size if obj.info else want_cs
+        if obj.info is None and not len(data):
+            self._rewrite(obj, np.zeros(0, np.uint8), size, C)
+            return
+        version = self._next_version(obj)
+        if not len(data):
+            ops, hdr = self._header_ops(obj, C, size, version, set())
+            self._commit(obj, ((tail_ops or []) + ops, hdr))
+            return
+        P, KC = C // PAGE, self.k * C
+        s0, s1 = offset // KC, (end - 1) // KC
+        win = _Window(self.width, self.k, C, s0, s1)
+        old_ext = self._extents(old_size, C)
+        new_ext = self._extents(size, C)
+        self._mark_known_zero(win, old_ext)
+
+        # changed bytes and pages of each data shard
+        chg = [self._shard_extent(offset, end, i, self.k, C) for i in range(self.k)]
+        degraded = obj.info is not None and not all(
+            self._is_usable(obj, j) for j in range(self.width))
+        if not self.codec.flags & FLAG_PARITY_DELTA:
+            degraded = True     # no deltas: reconstruct/full only
+
+        plans = []   # (stripe, mode, r0, r1) rows absolute
+        req: dict[int, list[tuple[int, int]]] = {}
+        for s in sorted({s0, s1}):
+            plans.append(self._plan_stripe(s, P, C, chg, old_ext, offset, end, degraded, req))
+        if s1 - s0 > 1:
+            plans.append((s0 + 1, "reconstruct", (s0 + 1) * P, s1 * P))
+        self._fetch(obj, win, req, "write")
+
+        # new data into the window, keeping the old copy of delta rows
+        delta_rows = [(r0, r1) for (_, mode, r0, r1) in plans if mode == "delta"]
+        old_copy = {(r0, r1): win.bufs[: self.k, (r0 - win.row0) * PAGE:(r1 - win.row0) * PAGE].copy()
+                    for r0, r1 in delta_rows}
+        self._overlay(win, data, offset, s0)
+
+        writes: dict[int, list[tuple[int, int]]] = {j: [] for j in range(self.width)}
+        for s, mode, r0, r1 in plans:
+            if r1 <= r0:
+                continue
+            a, b = (r0 - win.row0) * PAGE, (r1 - win.row0) * PAGE
+            if mode == "delta":
+                old = old_copy[(r0, r1)]
+                deltas = {i: np.bitwise_xor(old[i], win.bufs[i, a:b]) for i in range(self.k)
+                          if _overlaps(chg[i], r0 * PAGE, r1 * PAGE)}
+                pd = self.codec.parity_deltas(deltas)
+                for j in range(self.m):
+                    np.bitwise_xor(win.bufs[self.k + j, a:b], pd[j], out=win.bufs[self.k + j, a:b])
+            else:
+                par = self.codec.encode([win.bufs[i, a:b] for i in range(self.k)])
+                for j in range(self.m):
+                    win.bufs[self.k + j, a:b] = np.frombuffer(par[j], dtype=np.uint8)
+            self.counters.add(f"writes_{'reconstruct' if mode in ('reconstruct', 'degraded') else mode}")
+            for i in range(self.k):
+                if mode == "full":
+                    lo, hi = r0 * PAGE, r1 * PAGE
+                else:
+                    lo, hi = max(chg[i][0], r0 * PAGE), min(chg[i][1], r1 * PAGE)
+                if hi > lo:
+                    writes[i].append((lo // PAGE, -(-hi // PAGE)))
+            for j in range(self.k, self.width):
+                writes[j].append((r0, r1))
+
+        ops = []
+        touched = set()
+        for j in range(self.width):
+            lim = -(-new_ext[j] // PAGE)
+            runs = [(p0, min(p1, lim)) for p0, p1 in _merge(writes[j]) if min(p1, lim) > p0]
+            if not runs:
+                continue
+            touched.add(j)
+            if not self._writable(obj, j):
+                continue     # the vector will call it stale
+            osd = obj.loc[j]
+            rd, rm = sf.rel_paths(obj.name, j)
+            ops += self._drop_leftovers(obj, j)
+            for p0, p1 in runs:
+                buf = win.pages(j, p0, p1)
+                stop = min(p1 * PAGE, new_ext[j])
+                ops.append(FileOp(OP_WRITE, osd, rd, p0 * PAGE, buf[: stop - p0 * PAGE].tobytes()))
+                ops.append(FileOp(OP_WRITE, osd, rm, sf.crc_offset(p0),
+                                  sf.page_crcs(buf).astype("<u4").tobytes()))
+        hops, hdr = self._header_ops(obj, C, size, version, touched | tail_touched)
+        self._commit(obj, (ops + (tail_ops or []) + hops, hdr))
+
+    def _drop_leftovers(self, obj: _Obj, j: int) -> list[FileOp]:
+        """Before the first write of shard j in this incarnation of the object
+        (its vector entry is 0: it holds nothing), empty whatever file an
+        earlier incarnation left there while its OSD was down, so no old page
+        or checksum can show through the new shard."""
+        if obj.info is not None and obj.info.vector[j] != 0:
+            return []
+        rd, rm = sf.rel_paths(obj.name, j)
+        osd = obj.loc[j]
+        return [FileOp(OP_TRUNCATE, osd, rd, 0), FileOp(OP_TRUNCATE, osd, rm, sf.crc_offset(0))]
+
+    def _writable(self, obj: _Obj, j: int) -> bool:
+        """Shard j can take writes now: its OSD is up and it is current."""
+        if not self.osdmap.is_up(obj.loc[j]):
+            return False
+        return obj.info is None or self._is_usable(obj, j)
+
+    def _plan_stripe(self, s, P, C, chg, old_ext, offset, end, degraded, req):
+        """Choose the write mode of a (possibly partial) stripe and add the
+        page reads it needs to ``req``."""
+        base = s * C
+        rows_lo, rows_hi = None, None
+        full_pages, part_pages = {}, {}
+        for i in range(self.k):
+            lo, hi = max(chg[i][0], base), min(chg[i][1], base + C)
+            if hi <= lo:
+                continue
+            p_lo, p_hi = lo // PAGE, -(-hi // PAGE)
+            rows_lo = p_lo if rows_lo is None else min(rows_lo, p_lo)
+            rows_hi = p_hi if rows_hi is None else max(rows_hi, p_hi)
+            f_lo, f_hi = -(-lo // PAGE), hi // PAGE      # fully overwritten pages
+            full_pages[i] = (f_lo, max(f_lo, f_hi))
+            part_pages[i] = (p_lo, p_hi)
+        if rows_lo is None:
+            return (s, "reconstruct", 0, 0)
+        if offset <= s * self.k * C and end >= (s + 1) * self.k * C:
+            # the whole stripe is new: encode it, read nothing, whatever the mode
+            return (s, "reconstruct", s * P, (s + 1) * P)
+
+        def known(j, p0, p1):
+            """Pages of [p0, p1) of shard j that hold data (below its old extent)."""
+            lim = -(-old_ext[j] // PAGE)
+            return max(0, min(p1, lim) - p0)
+
+        def recon_reads(r0, r1):
+            n, rq = 0, {}
+            for i in range(self.k):
+                f_lo, f_hi = full_pages.get(i, (r1, r1))
+                f_lo, f_hi = max(f_lo, r0), min(f_hi, r1)
+                spans = [(r0, r1)] if f_hi <= f_lo else [(r0, f_lo), (f_hi, r1)]
+                for a, b in spans:
+                    cnt = known(i, a, b)
+                    if cnt:
+                        n += cnt
+                        rq.setdefault(i, []).append((a, a + cnt))
+            return n, rq
+
+        def delta_reads():
+            n, rq = 0, {}
+            for i, (p_lo, p_hi) in part_pages.items():
+                cnt = known(i, p_lo, p_hi)
+                if cnt:
+                    n += cnt
+                    rq.setdefault(i, []).append((p_lo, p_lo + cnt))
+            for j in range(self.k, self.width):
+                cnt = known(j, rows_lo, rows_hi)
+                if cnt:
+                    n += cnt
+                    rq.setdefault(j, []).append((rows_lo, rows_lo + cnt))
+            return n, rq
+
+        mode = self.write_mode
+        if mode == "mixed":
+            mode = self._rng.choice(("delta", "reconstruct", "full"))
+        if degraded and mode in ("delta", "auto"):
+            mode = "reconstruct"
+        if mode == "full":
+            r0, r1 = s * P, (s + 1) * P
+            _, rq = recon_reads(r0, r1)
+        elif mode == "reconstruct":
+            r0, r1 = rows_lo, rows_hi
+            _, rq = recon_reads(r0, r1)
+        else:
+            nd, rqd = delta_reads()
+            r0, r1 = rows_lo, rows_hi
+            if mode == "auto":
+                nr, rqr = recon_reads(r0, r1)
+                if nr < nd:
+                    mode, rq = "reconstruct", rqr
+                else:
+                    mode, rq = "delta", rqd
+            else:
+                rq = rqd
+        for j, ranges in rq.items():
+            req.setdefault(j, []).extend(ranges)
+        return (s, mode, r0, r1)
+
+    def _overlay(self, win: _Window, data: memoryview, offset: int, s0: int) -> None:
+        """Copy the written bytes into the data shards of the window."""
+        KC, C = self.k * win.C, win.C
+        src = np.frombuffer(data, dtype=np.uint8)
+        view = win.data_view()            # (stripe, chunk, byte), a view
+        a = offset - s0 * KC
+        b = a + len(src)
+        first_full = -(-a // KC)
+        last_full = b // KC               # exclusive
+        if first_full < last_full:
+            n = last_full - first_full
+            view[first_full:last_full] = src[first_full * KC - a:last_full * KC - a].reshape(n, self.k, C)
+            edges = [(a, first_full * KC), (last_full * KC, b)]
+        else:
+            edges = [(a, b)]
+        for x0, x1 in edges:
+            x = x0
+            while x < x1:
+                s, r = divmod(x, KC)
+                i, c = divmod(r, C)
+                n = min(C - c, x1 - x)
+                view[s, i, c:c + n] = src[x - a:x - a + n]
+                x += n
+
+    def _next_version(self, obj: _Obj) -> int:
+        if obj.info is None:
+            # versions are time-based so a re-created object never shares one
+            # with leftovers of an earlier incarnation
+            return time.time_ns()
+        return obj.info.object_version + 1
+
+    def _header_ops(self, obj: _Obj, C: int, size: int, version: int,
+                    touched: set[int]) -> tuple[list[FileOp], sf.ShardHeader]:
+        vec = list(obj.info.vector) if obj.info else [0] * self.width
+        for j in touched:
+            vec[j] = version
+        ops = []
+        info = sf.ShardHeader(shard=0, k=self.k, m=self.m, name=obj.name, info=True,
+                              object_version=version, object_size=size, chunk_size=C,
+                              vector=vec)
+        for j in sorted(set(self.info_shards) | touched):
+            if not self._writable(obj, j):
+                continue
+            osd = obj.loc[j]
+            h = sf.ShardHeader(shard=j, k=self.k, m=self.m, name=obj.name,
+                               shard_version=vec[j], info=j in self.info_shards,
+                               object_version=version, object_size=size, chunk_size=C,
+                               vector=vec)
+            ops.append(FileOp(OP_WRITE, osd, sf.rel_paths(obj.name, j)[1], 0, h.pack()))
+        return ops, info
+
+    def _unlink_ops(self, obj: _Obj) -> list[FileOp]:
+        ops = []
+        for j in range(self.width):
+            osd = obj.loc[j]
+            if self.osdmap.is_up(osd):
+                rd, rm = sf.rel_paths(obj.name, j)
+                ops += [FileOp(OP_UNLINK, osd, rd), FileOp(OP_UNLINK, osd, rm)]
+        return ops
+
+    def _rewrite(self, obj: _Obj, content: np.ndarray, size: int, C: int) -> None:
+        """Replace the whole object (put, restripe): no reads, every shard new."""
+        KC = self.k * C
+        version = self._next_version(obj)
+        ops = self._unlink_ops(obj) if obj.info is not None else []
+        stored = min(len(content), size)
+        nstripes = -(-stored // KC)
+        touched = set()
+        if nstripes:
+            win = _Window(self.width, self.k, C, 0, nstripes - 1)
+            self._overlay(win, memoryview(content[:stored]), 0, 0)
+            par = self.codec.encode([win.bufs[i] for i in range(self.k)])
+            for j in range(self.m):
+                win.bufs[self.k + j] = np.frombuffer(par[j], dtype=np.uint8)
+            data_ext = self._extents(stored, C)
+            for j in range(self.width):
+                n = data_ext[j]
+                if not n:
+                    continue
+                pages = -(-n // PAGE)
+                buf = win.bufs[j, : pages * PAGE]
+                crcs = sf.page_crcs(buf)
+                if not crcs.any():
+                    continue       # all zero: keep the shard a hole
+                touched.add(j)
+                osd = obj.loc[j]
+                if not self.osdmap.is_up(osd):
+                    continue
+                rd, rm = sf.rel_paths(obj.name, j)
+                ops += self._drop_leftovers(obj, j) if obj.info is None else []
+                ops.append(FileOp(OP_WRITE, osd, rd, 0, buf[:n].tobytes()))
+                ops.append(FileOp(OP_WRITE, osd, rm, sf.crc_offset(0), crcs.astype("<u4").tobytes()))
+        self.counters.add("writes_full")
+        obj.info = None       # a fresh vector: only the new content's shards
+        obj.usable = {}
+        hops, hdr = self._header_ops(obj, C, size, version, touched)
+        self._commit(obj, (ops + hops, hdr))
+
+    def _shrink(self, obj: _Obj, size: int) -> None:
+        """Cut the object to ``size``: zero the tail of the last kept stripe
+        (so parity stays right) and trim shard files, in one transaction."""
+        C = obj.info.chunk_size
+        KC = self.k * C
+        old = obj.info.object_size
+        stripe_end = min(old, -(-size // KC) * KC)
+        ext = self._extents(size, C)
+        old_ext = self._extents(old, C)
+        # every shard that loses bytes takes the new version, so a copy that
+        # could not be trimmed now (its OSD is down) is stale, never current
+        # with its old tail still in it
+        shrunk = {j for j in range(self.width) if ext[j] < old_ext[j] and obj.info.vector[j]}
+        trims = []
+        for j in range(self.width):
+            osd = obj.loc[j]
+            if not self.osdmap.is_up(osd):
+                continue
+            rd, rm = sf.rel_paths(obj.name, j)
+            keep = -(-ext[j] // PAGE)
+            trims.append(FileOp(OP_TRUNCATE, osd, rd, ext[j]))
+            trims.append(FileOp(OP_TRUNCATE, osd, rm, sf.crc_offset(keep)))
+        if stripe_end > size:
+            self._write_locked(obj, size, memoryview(bytes(stripe_end - size)),
+                               new_size=size, tail_ops=trims, tail_touched=shrunk)
+        else:
+            ops, hdr = self._header_ops(obj, C, size, obj.info.object_version + 1, shrunk)
+            self._commit(obj, (trims + ops, hdr))
+
+    # ---------------------------------------------------------------- commit
+    def _commit(self, obj: _Obj, txn: tuple[list[FileOp], sf.ShardHeader | None],
+                kind: str = "write") -> None:
+        ops, hdr = txn
+        if self.readonly:
+            raise StoreError("store opened read-only")
+        rec = Record(obj.name, obj.slot, ops)
+        self._dirty = True
+        with self.locks.commit_gate():
+            self.locks.set_inflight(obj.slot, True)
+            self._crashpoint()
+            ticket, nbytes = self.journal.append(rec)
+            self._crashpoint()
+            if self.journal.wait_durable(ticket):
+                self.counters.add("fsyncs")
+            self.counters.add_many((("journal_records", 1), ("journal_bytes", nbytes)))
+            self._crashpoint()
+            self._apply(rec, counted=True, kind=kind)
+            self.locks.set_inflight(obj.slot, False)
+        if hdr is not None:
+            obj.info = hdr
+            obj.usable = {}
+        if self.journal.size() > JOURNAL_LIMIT:
+            self.checkpoint()
+
+    def _apply(self, rec: Record, counted: bool, kind: str = "write") -> None:
+        for op in rec.ops:
+            path = self.osdmap.paths.get(op.osd)
+            if path is None or not self.osdmap.is_up(op.osd) or not _shard_relpath(op.path):
+                continue
+            full = os.path.join(path, op.path)
+            try:
+                if op.type == OP_WRITE:
+                    _pwrite_path(full, op.data, op.offset)
+                elif op.type == OP_TRUNCATE:
+                    try:
+                        if os.stat(full).st_size > op.offset:
+                            os.truncate(full, op.offset)
+                    except FileNotFoundError:
+                        pass
+                elif op.type == OP_UNLINK:
+                    try:
+                        os.unlink(full)
+                    except FileNotFoundError:
+                        pass
+            except OSError as e:
+                if not os.path.isdir(path):
+                    self.osdmap.refresh()
+                self._osd_failed(op.osd, e)
+                continue
+            if counted and op.type == OP_WRITE:
+                if op.path.endswith(".meta"):
+                    self.counters.add("meta_writes")
+                else:
+                    self.counters.add_many((("shard_writes", 1), (f"{kind}_shard_writes", 1),
+                                            ("shard_write_bytes", len(op.data))))
+            self._crashpoint()
+
+    def _crashpoint(self) -> None:
+        """Fault injection for crash tests: ECFS_CRASH_AT=N SIGKILLs this
+        process at the Nth point between journal and apply steps."""
+        if not self._crash_at:
+            return
+        with self._crash_lock:
+            self._crash_n += 1
+            if self._crash_n == self._crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ helpers
+def amplification(c: dict[str, int]) -> dict[str, float]:
+    ops = c["client_read_ops"] + c["client_write_ops"]
+    cb = c["client_read_bytes"] + c["client_write_bytes"]
+    return {
+        "shard_ios_per_op": (c["shard_reads"] + c["shard_writes"]) / ops if ops else 0.0,
+        "shard_reads_per_read": c["read_shard_reads"] / c["client_read_ops"] if c["client_read_ops"] else 0.0,
+        "shard_ios_per_write": (c["write_shard_reads"] + c["write_shard_writes"]) / c["client_write_ops"]
+        if c["client_write_ops"] else 0.0,
+        "byte_amplification": (c["shard_read_bytes"] + c["shard_write_bytes"]) / cb if cb else 0.0,
+    }
+
+
+def _listdir(p: str) -> list[str]:
+    try:
+        return os.listdir(p)
+    except OSError:
+        return []
+
+
+def _pread_path(path: str, n: int, off: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_path(path: str, data, off: int) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        # create the fan-out directory only: a missing OSD directory (or its
+        # objects/) is a failed OSD, never silently recreated
+        try:
+            os.mkdir(os.path.dirname(path), 0o700)
+        except FileExistsError:
+            pass
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        mv = memoryview(data)
+        while len(mv):
+            n = os.pwrite(fd, mv, off)
+            mv, off = mv[n:], off + n
+    finally:
+        os.close(fd)
+
+
+def _shard_relpath(p: str) -> bool:
+    """A journal op may only name a shard file under the OSD's objects/."""
+    parts = p.split("/")
+    return len(parts) == 3 and parts[0] == "objects" and ".." not in parts and "" not in parts
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous runs [a, b) of sorted page numbers."""
+    if not len(pages):
+        return []
+    breaks = np.flatnonzero(np.diff(pages) != 1)
+    starts = np.concatenate(([0], breaks + 1))
+    ends = np.concatenate((breaks, [len(pages) - 1]))
+    return [(int(pages[s]), int(pages[e]) + 1) for s, e in zip(starts, ends)]
+
+
+def _overlaps(rng: tuple[int, int], a: int, b: int) -> bool:
+    return rng[1] > rng[0] and rng[0] < b and rng[1] > a

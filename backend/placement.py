@@ -1,0 +1,50 @@
+"""Placement: object name -> ordered list of K+M distinct OSD ids.
+
+Every OSD draws a hash of (object name, OSD id), as in CRUSH's straw2, and
+the draws pick a seeded random sample of K+M OSDs in order: walking the OSDs
+by ascending id, OSD number t (0-based) takes shard position ``draw % (t+1)``
+if that is below K+M (reservoir sampling, Algorithm R; the first K+M OSDs
+are shuffled in "inside-out" Fisher-Yates style). Every OSD, and every OSD
+at every shard position, is equally likely.
+
+Growing the map with a new OSD of a higher id than the others (ids are
+handed out 0, 1, 2, ...) changes a placement only where the new OSD's draw
+lands in 0..K+M-1: it takes that one position and no other shard moves, so
+about 1/(N+1) of all shards move, all of them to the new OSD and none
+between two old ones. (Rendezvous "highest draw per position" cannot
+promise that: an OSD displaced from one position can win a later one.)
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from functools import lru_cache
+
+_PACK = struct.Struct("<I")
+
+
+def _draw(name: bytes, osd: int) -> int:
+    return int.from_bytes(hashlib.blake2b(name + _PACK.pack(osd), digest_size=8).digest(), "little")
+
+
+def place(name: str, width: int, osds: tuple[int, ...]) -> list[int]:
+    """The OSD of each shard 0..width-1 of object ``name``."""
+    return list(_place(name.encode(), width, tuple(osds)))
+
+
+@lru_cache(maxsize=65536)
+def _place(name: bytes, width: int, osds: tuple[int, ...]) -> tuple[int, ...]:
+    if width > len(osds):
+        raise ValueError("more shards than OSDs")
+    chosen: list[int] = []
+    for t, osd in enumerate(sorted(osds)):
+        j = _draw(name, osd) % (t + 1)
+        if t < width:
+            if j == t:
+                chosen.append(osd)
+            else:
+                chosen.append(chosen[j])
+                chosen[j] = osd
+        elif j < width:
+            chosen[j] = osd
+    return tuple(chosen)

@@ -1,0 +1,189 @@
+"""``ecfs init``, ``ecfs status``, ``ecfs osd ...``: the pool."""
+from __future__ import annotations
+
+import os
+
+from backend import counters
+from backend.errors import InvalidArgument, NotFound
+from backend.objectstore import amplification
+from backend.osdmap import OsdMap
+from backend.pool import WRITE_MODES, create_store, load_pool
+
+from .cli import add_json, wants_json
+from .output import print_json, print_table
+from .units import format_size, parse_size
+
+
+def register(sub) -> None:
+    p = sub.add_parser("init", help="create a store")
+    p.add_argument("--k", type=int, default=4, help="data chunks per stripe (default 4)")
+    p.add_argument("--m", type=int, default=2, help="parity chunks per stripe (default 2)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--osds", type=int, default=None,
+                   help="number of OSD directories STORE/osd.N (default K+M)")
+    g.add_argument("--osd-dir", nargs="+", action="extend", default=None, metavar="PATH",
+                   help="OSD directories, one per OSD (each may be on its own disk)")
+    p.add_argument("--plugin", default="isa_l_rs_vand",
+                   help="erasure code plugin (isa_l_rs_vand, liberasurecode_rs_vand, isa_l_rs_cauchy)")
+    p.add_argument("--chunk-size", default="auto", help="auto, or 4K..1M in 4K steps")
+    p.add_argument("--object-size", default="4M", help="default image object size (4M)")
+    p.add_argument("--write-mode", default="auto", choices=WRITE_MODES,
+                   help="parity update policy (default auto)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("status", help="pool, OSDs, health, I/O counters")
+    add_json(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("osd", help="OSD directories")
+    osub = p.add_subparsers(dest="osd_cmd", metavar="ls|down|up", parser_class=p.__class__)
+    osub.required = True
+    q = osub.add_parser("ls", help="list OSDs")
+    add_json(q)
+    q.set_defaults(func=cmd_osd_ls)
+    q = osub.add_parser("down", help="mark an OSD down")
+    q.add_argument("id", type=_osd_id)
+    q.set_defaults(func=cmd_osd_down)
+    q = osub.add_parser("up", help="mark an OSD up again")
+    q.add_argument("id", type=_osd_id)
+    q.set_defaults(func=cmd_osd_up)
+
+
+def _osd_id(text: str) -> int:
+    t = text[4:] if text.startswith("osd.") else text
+    if not t.isdigit():
+        raise InvalidArgument(f"invalid OSD id {text!r} (use N or osd.N)")
+    return int(t)
+
+
+def cmd_init(args) -> int:
+    cs = args.chunk_size
+    if cs != "auto":
+        cs = parse_size(cs, what="chunk size")
+    obj_size = parse_size(args.object_size, what="object size")
+    cfg = create_store(args.store, k=args.k, m=args.m, osds=args.osds, osd_dirs=args.osd_dir,
+                       plugin=args.plugin, chunk_size=cs, object_size=obj_size,
+                       write_mode=args.write_mode)
+    print(f"created store {os.path.abspath(args.store)}: {cfg.k}+{cfg.m} {cfg.plugin} over "
+          f"{len(cfg.osds)} OSDs, chunk size {cfg.chunk_size}")
+    return 0
+
+
+def _osd_rows(store: str, pool, osdmap: OsdMap, usage: bool = True) -> list[dict]:
+    return [{"id": s.id, "path": s.path, "up": s.up, "status": "up" if s.up else "down",
+             "reason": s.reason, "bytes": osdmap.usage(s.id) if usage and s.up else 0}
+            for s in sorted(osdmap.states.values(), key=lambda s: s.id)]
+
+
+def health(pool, osdmap: OsdMap) -> tuple[str, str]:
+    down = [s for s in osdmap.states.values() if not s.up]
+    if not down:
+        return "HEALTH_OK", ""
+    names = ", ".join(f"osd.{s.id} ({s.reason})" for s in sorted(down, key=lambda s: s.id))
+    if len(down) > pool.m:
+        return "HEALTH_ERR", f"{len(down)} OSDs down, more than M={pool.m}: data unavailable: {names}"
+    return "HEALTH_DEGRADED", f"{len(down)} OSD{'s' if len(down) > 1 else ''} down: {names}"
+
+
+def _count_objects(osdmap: OsdMap, pool) -> tuple[int, int]:
+    """(objects, images), from the info-shard sidecars of the up OSDs."""
+    from backend import shardfile as sf
+    names = set()
+    for osd in osdmap.up_ids():
+        root = os.path.join(osdmap.paths[osd], "objects")
+        for sub in _ls(root):
+            for f in _ls(os.path.join(root, sub)):
+                if f.endswith(".meta"):
+                    parsed = sf.parse_shard_filename(f[:-5])
+                    if parsed and (parsed[1] == 0 or parsed[1] >= pool.k):
+                        names.add(parsed[0])
+    images = sum(1 for n in names if n.startswith("rbd_header."))
+    return len(names), images
+
+
+def _ls(p):
+    try:
+        return os.listdir(p)
+    except OSError:
+        return []
+
+
+def cmd_status(args) -> int:
+    pool = load_pool(args.store)
+    osdmap = OsdMap(args.store, pool)
+    osds = _osd_rows(args.store, pool, osdmap)
+    h, reason = health(pool, osdmap)
+    nobj, nimg = _count_objects(osdmap, pool)
+    ctr = counters.totals(args.store)
+    amp = amplification(ctr)
+    free = osdmap.free_bytes()
+    usable = sum(f for f, _ in free.values()) * pool.k // (pool.k + pool.m)
+    if wants_json(args):
+        print_json({
+            "store": os.path.abspath(args.store), "fsid": pool.fsid,
+            "format_version": pool.format_version,
+            "pool": {"k": pool.k, "m": pool.m, "plugin": pool.plugin,
+                     "chunk_size": pool.chunk_size, "object_size": pool.object_size,
+                     "write_mode": pool.write_mode},
+            "health": {"status": h, "reason": reason},
+            "osds": osds, "objects": nobj, "images": nimg,
+            "usable_bytes": usable, "counters": ctr, "amplification": amp,
+        })
+        return 0
+    print(f"store:   {os.path.abspath(args.store)} (fsid {pool.fsid})")
+    print(f"health:  {h}" + (f": {reason}" if reason else ""))
+    print(f"pool:    {pool.k}+{pool.m} {pool.plugin}, chunk size {pool.chunk_size}, "
+          f"object size {format_size(pool.object_size)}, write mode {pool.write_mode}")
+    up = sum(1 for o in osds if o["up"])
+    print(f"osds:    {len(osds)} total, {up} up, {len(osds) - up} down")
+    print(f"data:    {nobj} objects, {nimg} images, usable capacity {format_size(usable)}")
+    print()
+    print_table(["ID", "STATUS", "BYTES", "PATH"],
+                [[f"osd.{o['id']}", o["status"] + (f" ({o['reason']})" if o["reason"] else ""),
+                  o["bytes"], o["path"]] for o in osds])
+    print()
+    print("io:")
+    for k, v in ctr.items():
+        print(f"  {k:22} {v}")
+    print("amplification:")
+    for k, v in amp.items():
+        print(f"  {k:22} {v:.2f}")
+    return 0
+
+
+def cmd_osd_ls(args) -> int:
+    pool = load_pool(args.store)
+    osdmap = OsdMap(args.store, pool)
+    rows = _osd_rows(args.store, pool, osdmap)
+    if wants_json(args):
+        print_json(rows)
+        return 0
+    print_table(["ID", "STATUS", "BYTES", "PATH"],
+                [[f"osd.{o['id']}", o["status"] + (f" ({o['reason']})" if o["reason"] else ""),
+                  o["bytes"], o["path"]] for o in rows])
+    return 0
+
+
+def _check_osd(pool, osd: int) -> None:
+    if osd not in {e.id for e in pool.osds}:
+        raise NotFound(f"no osd.{osd} in this store (have osd.0..osd.{len(pool.osds) - 1})")
+
+
+def cmd_osd_down(args) -> int:
+    pool = load_pool(args.store)
+    _check_osd(pool, args.id)
+    OsdMap(args.store, pool).mark_down(args.id, "marked down")
+    print(f"marked down osd.{args.id}")
+    return 0
+
+
+def cmd_osd_up(args) -> int:
+    pool = load_pool(args.store)
+    _check_osd(pool, args.id)
+    osdmap = OsdMap(args.store, pool)
+    osdmap.mark_up(args.id)
+    st = osdmap.states[args.id]
+    if not st.up:
+        raise InvalidArgument(f"osd.{args.id} stays down: {st.reason}")
+    print(f"marked up osd.{args.id}")
+    return 0

@@ -1,0 +1,4 @@
+"""rbdlike: images on top of objects (the librbd layer).
+
+Imports ``backend`` only; never ``ecfs``.
+"""

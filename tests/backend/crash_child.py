@@ -1,0 +1,54 @@
+"""Child process of the crash tests: runs an IOGen stream against a store.
+
+    python -m tests.backend.crash_child STORE SIDEFILE SEED NOPS K MAXSIZE [TRACEFILE]
+
+Before each mutating op it appends "start I" to SIDEFILE and after it
+returns "done I" (plain write(2): the kernel keeps it when the process is
+SIGKILLed). With ECFS_CRASH_AT=N the store kills the process at its Nth
+crash point. With TRACEFILE, each crash point passed is recorded as
+"function:line" (used to aim N at each phase of a commit).
+"""
+import json
+import os
+import sys
+
+from backend.objectstore import ObjectStore
+
+from .iogen import IOGen, run_op, Model
+
+NAMES = ("a", "b")
+
+
+def gen(seed: int, k: int, max_size: int) -> IOGen:
+    return IOGen(seed, k=k, names=NAMES, max_size=max_size, reads=False,
+                 weights={"remove": 2})
+
+
+def main() -> None:
+    store, side, seed, nops, k, max_size = sys.argv[1:7]
+    trace_file = sys.argv[7] if len(sys.argv) > 7 else None
+    trace = []
+    if trace_file:
+        orig = ObjectStore._crashpoint
+
+        def traced(self):
+            f = sys._getframe(1)
+            trace.append(f"{f.f_code.co_name}:{f.f_lineno}")
+            orig(self)
+        ObjectStore._crashpoint = traced
+    s = ObjectStore(store)
+    s._rng.seed(int(seed))      # write_mode "mixed": the same choices every run
+    fd = os.open(side, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    model = Model()
+    for op in gen(int(seed), int(k), int(max_size)).ops(int(nops)):
+        os.write(fd, f"start {op.index}\n".encode())
+        run_op(s, op, model)
+        os.write(fd, f"done {op.index}\n".encode())
+    s.close()
+    if trace_file:
+        with open(trace_file, "w") as f:
+            json.dump(trace, f)
+
+
+if __name__ == "__main__":
+    main()
