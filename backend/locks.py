@@ -1,11 +1,16 @@
 """Locks that keep concurrent writers of one store correct.
 
-* Object locks. An object hashes to one of 2**20 slots. Cross-process, a
-  slot is one byte of ``STORE/locks`` locked with fcntl (POSIX record locks,
-  released by the kernel when a process dies). POSIX locks belong to the
-  process, not the thread, so inside a process each slot is also guarded by
-  a threading lock (one of 4096, by slot) and a process never holds one
-  slot twice.
+* Stripe and metadata locks. An object hashes to one of 2**20 slots; slot
+  S owns the bytes [S << 32, (S + 1) << 32) of ``STORE/locks``. Byte
+  ``S << 32 | s`` stands for stripe s, the last byte of the range for the
+  object's metadata (its headers, and the commit of a transaction).
+  Cross-process these are fcntl record locks (released by the kernel when
+  a process dies). POSIX locks belong to the process, not the thread, so
+  inside a process the same ranges are also held in an in-process range
+  table, and no two threads of a process ever hold overlapping ranges.
+  An I/O locks the stripes it touches; its commit takes the metadata lock
+  too (always in that order), so disjoint stripes of one object are read,
+  planned and encoded in parallel and commit one after the other.
 * In-flight markers. ``STORE/inflight`` has a byte per slot, set while a
   transaction on that slot is between "appended to the journal" and
   "applied". A holder that finds it set knows the previous holder died in
@@ -27,6 +32,8 @@ from contextlib import contextmanager
 
 SLOTS = 1 << 20
 _INPROC = 4096
+ALL_STRIPES = (0, (1 << 32) - 1)      # every stripe; the last byte is the meta lock
+_META = (1 << 32) - 1
 
 
 def slot_of(name: str) -> int:
@@ -44,20 +51,45 @@ class StoreLocks:
         self._ckptfd = os.open(os.path.join(store_dir, "ckpt.lock"), mode, 0o600) \
             if not readonly else None
         self._mutex = [threading.Lock() for _ in range(_INPROC)]
+        self._ranges = threading.Condition()
+        self._held: dict[int, list[tuple[int, int]]] = {}
         self._gate = threading.Condition()
         self._gate_users = 0
 
     @contextmanager
-    def object(self, slot: int):
-        m = self._mutex[slot % _INPROC]
-        with m:
+    def stripes(self, slot: int, first: int, stop: int):
+        """Exclusive hold of stripes [first, stop) of the objects in ``slot``."""
+        with self._ranges:
+            while any(a < stop and first < b for a, b in self._held.get(slot, ())):
+                self._ranges.wait()
+            self._held.setdefault(slot, []).append((first, stop))
+        try:
             if self._lockfd is not None:
-                fcntl.lockf(self._lockfd, fcntl.LOCK_EX, 1, slot)
+                fcntl.lockf(self._lockfd, fcntl.LOCK_EX, stop - first, (slot << 32) | first)
             try:
                 yield
             finally:
                 if self._lockfd is not None:
-                    fcntl.lockf(self._lockfd, fcntl.LOCK_UN, 1, slot)
+                    fcntl.lockf(self._lockfd, fcntl.LOCK_UN, stop - first, (slot << 32) | first)
+        finally:
+            with self._ranges:
+                held = self._held[slot]
+                held.remove((first, stop))
+                if not held:
+                    del self._held[slot]
+                self._ranges.notify_all()
+
+    @contextmanager
+    def meta(self, slot: int):
+        """Exclusive hold of the metadata of the objects in ``slot``."""
+        with self._mutex[slot % _INPROC]:
+            if self._lockfd is not None:
+                fcntl.lockf(self._lockfd, fcntl.LOCK_EX, 1, (slot << 32) | _META)
+            try:
+                yield
+            finally:
+                if self._lockfd is not None:
+                    fcntl.lockf(self._lockfd, fcntl.LOCK_UN, 1, (slot << 32) | _META)
 
     def inflight(self, slot: int) -> bool:
         return os.pread(self._inflight, 1, slot) == b"\x01"

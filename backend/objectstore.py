@@ -47,6 +47,7 @@ import random
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +57,7 @@ from .codec import FLAG_PARITY_DELTA, Codec
 from .counters import Counters
 from .errors import DataUnavailable, InvalidArgument, NotFound, StoreError, TooBig
 from .journal import OP_TRUNCATE, OP_UNLINK, OP_WRITE, FileOp, Journal, Record
-from .locks import StoreLocks, slot_of
+from .locks import ALL_STRIPES, StoreLocks, slot_of
 from .osdmap import OsdMap
 from .placement import place
 from .pool import MAX_OBJECT_SIZE, load_pool
@@ -96,6 +97,7 @@ class _Obj:
     info: sf.ShardHeader | None = None     # from the first good info shard
     usable: dict[int, bool] = field(default_factory=dict)
     bad_header: set[int] = field(default_factory=set)
+    whole: bool = True                     # all stripes locked (no one else can commit)
 
 
 class _Window:
@@ -138,6 +140,7 @@ class ObjectStore:
         self._crash_lock = threading.Lock()
         self._dirty = False
         self._closed = False
+        self._chunk_hint: dict[str, int] = {}   # lock hint only; checked once locked
         if readonly:
             self.counters = Counters(None)
             self.locks = None
@@ -159,7 +162,7 @@ class ObjectStore:
         validate_name(name)
         if offset < 0 or length < 0:
             raise InvalidArgument("offset and length must not be negative")
-        with self._object(name) as obj:
+        with self._locked(name, offset, offset + length) as obj:
             if obj.info is None:
                 raise NotFound(f"object {name!r} does not exist")
             size = obj.info.object_size
@@ -178,7 +181,7 @@ class ObjectStore:
             raise InvalidArgument("offset must not be negative")
         if offset + len(data) > MAX_OBJECT_SIZE:
             raise TooBig(f"write past the object size limit ({MAX_OBJECT_SIZE} bytes)")
-        with self._object(name) as obj:
+        with self._locked(name, offset, offset + len(data), size_hint=size_hint) as obj:
             self.counters.add_many((("client_write_ops", 1), ("client_write_bytes", len(data))))
             self._write_locked(obj, offset, data, size_hint=size_hint)
 
@@ -188,7 +191,7 @@ class ObjectStore:
         data = memoryview(data).cast("B")
         if len(data) > MAX_OBJECT_SIZE:
             raise TooBig(f"object larger than the limit ({MAX_OBJECT_SIZE} bytes)")
-        with self._object(name) as obj:
+        with self._locked(name) as obj:
             self.counters.add_many((("client_write_ops", 1), ("client_write_bytes", len(data))))
             self._rewrite(obj, np.frombuffer(data, dtype=np.uint8), len(data),
                           self.pool.chunk_for(len(data)))
@@ -197,7 +200,7 @@ class ObjectStore:
         validate_name(name)
         if size < 0 or size > MAX_OBJECT_SIZE:
             raise InvalidArgument(f"size must be within 0..{MAX_OBJECT_SIZE}")
-        with self._object(name) as obj:
+        with self._locked(name) as obj:
             if obj.info is None:
                 raise NotFound(f"object {name!r} does not exist")
             self.counters.add("client_other_ops")
@@ -215,11 +218,12 @@ class ObjectStore:
 
     def remove(self, name: str) -> None:
         validate_name(name)
-        with self._object(name) as obj:
+        with self._locked(name) as obj:
             if obj.info is None:
                 raise NotFound(f"object {name!r} does not exist")
             self.counters.add("client_other_ops")
             self._commit(obj, (self._unlink_ops(obj), None))
+            obj.info = None
 
     def stat(self, name: str) -> ObjectStat:
         validate_name(name)
@@ -345,42 +349,78 @@ class ObjectStore:
                 continue
 
     # ----------------------------------------------------------- object view
-    class _Ctx:
-        def __init__(self, store: "ObjectStore", name: str):
-            self.store, self.name = store, name
+    @contextmanager
+    def _locked(self, name: str, offset: int = 0, end: int | None = None, size_hint: int = 0):
+        """Lock the stripes of object bytes [offset, end) (all stripes when
+        ``end`` is None, the object is new or unknown here, or the write
+        would restripe it) and yield the object's view, loaded under its
+        metadata lock after replaying a dead writer's transaction if any."""
+        slot = slot_of(name)
+        if self.locks is None:
+            yield self._load(name, slot)
+            return
+        C = self._chunk_hint.get(name) if end is not None else None
+        while True:
+            if C is None:
+                first, stop = ALL_STRIPES
+            else:
+                KC = self.k * C
+                first, stop = offset // KC, max(offset, end - 1) // KC + 1
+            with self.locks.stripes(slot, first, stop):
+                with self.locks.meta(slot):
+                    if self.locks.inflight(slot):
+                        self._replay(slot)
+                    obj = self._load(name, slot)
+                obj.whole = C is None
+                if obj.info is not None:
+                    self._remember_chunk(name, obj.info.chunk_size)
+                if C is None or (obj.info is not None and obj.info.chunk_size == C
+                                 and self._chunk_after(obj, end, size_hint) == C):
+                    try:
+                        yield obj
+                    finally:
+                        # a commit leaves the new header in obj.info
+                        if obj.info is not None:
+                            self._remember_chunk(name, obj.info.chunk_size)
+                        else:
+                            self._chunk_hint.pop(name, None)
+                    return
+            C = None      # chunk size changed, or will: take every stripe
 
-        def __enter__(self) -> _Obj:
-            s = self.store
-            slot = slot_of(self.name)
-            self._lock = s.locks.object(slot) if s.locks else None
-            if self._lock:
-                self._lock.__enter__()
-                if s.locks.inflight(slot):
-                    s._replay(slot)
-            try:
-                return s._load(self.name, slot)
-            except BaseException:
-                if self._lock:
-                    self._lock.__exit__(None, None, None)
-                raise
+    def _chunk_after(self, obj: _Obj, end: int, size_hint: int) -> int:
+        """The chunk size the object has after a write ending at ``end``."""
+        if self.pool.chunk_size != "auto":
+            return obj.info.chunk_size
+        return self.pool.chunk_for(max(obj.info.object_size, end, size_hint))
 
-        def __exit__(self, *exc):
-            if self._lock:
-                self._lock.__exit__(*exc)
-
-    def _object(self, name: str) -> "_Ctx":
-        return self._Ctx(self, name)
+    def _remember_chunk(self, name: str, C: int) -> None:
+        if len(self._chunk_hint) > 65536:
+            self._chunk_hint.clear()
+        self._chunk_hint[name] = C
 
     def _load(self, name: str, slot: int | None = None) -> _Obj:
         """The object's view, with the newest info header of its M+1 info
         shards (one that was away while the object changed is older)."""
         obj = _Obj(name, slot if slot is not None else slot_of(name),
                    place(name, self.width, self.osdmap.ids))
+        hdrs = {}
         for i in self.info_shards:
-            hdr = self._header(obj, i)
+            hdr = hdrs[i] = self._header(obj, i)
             if hdr is not None and hdr.info and (
                     obj.info is None or hdr.object_version > obj.info.object_version):
                 obj.info = hdr
+        if obj.info is not None:
+            # Judge every shard now, from headers read together: a writer of
+            # other stripes may rewrite them while this view is in use.
+            for i in range(self.width):
+                want = obj.info.vector[i]
+                if not self.osdmap.is_up(obj.loc[i]):
+                    obj.usable[i] = False
+                elif want == 0:
+                    obj.usable[i] = True
+                else:
+                    hdr = hdrs[i] if i in hdrs else self._header(obj, i)
+                    obj.usable[i] = hdr is not None and hdr.shard_version >= want
         return obj
 
     def _header(self, obj: _Obj, i: int) -> sf.ShardHeader | None:
@@ -405,7 +445,10 @@ class ObjectStore:
             return None
 
     def _is_usable(self, obj: _Obj, i: int) -> bool:
-        """Shard i holds the version the vector asks for (or need hold nothing)."""
+        """Shard i holds the version the vector asks for (or need hold nothing).
+
+        A newer shard version than the vector's is current too: another
+        writer of other stripes committed after this view was loaded."""
         u = obj.usable.get(i)
         if u is not None:
             return u
@@ -416,7 +459,7 @@ class ObjectStore:
             u = True      # never written in this incarnation: all zeros
         else:
             hdr = obj.info if i == obj.info.shard else self._header(obj, i)
-            u = hdr is not None and hdr.shard_version == want
+            u = hdr is not None and hdr.shard_version >= want
         obj.usable[i] = u
         return u
 
@@ -649,10 +692,12 @@ class ObjectStore:
         if obj.info is None and not len(data):
             self._rewrite(obj, np.zeros(0, np.uint8), size, C)
             return
-        version = self._next_version(obj)
         if not len(data):
-            ops, hdr = self._header_ops(obj, C, size, version, set())
-            self._commit(obj, ((tail_ops or []) + ops, hdr))
+            def grow(cur: _Obj):
+                final = max(size, cur.info.object_size) if new_size is None else new_size
+                hops, hdr = self._header_ops(cur, C, final, self._next_version(cur), set())
+                return (tail_ops or []) + hops, hdr
+            self._commit(obj, grow)
             return
         P, KC = C // PAGE, self.k * C
         s0, s1 = offset // KC, (end - 1) // KC
@@ -709,27 +754,35 @@ class ObjectStore:
             for j in range(self.k, self.width):
                 writes[j].append((r0, r1))
 
-        ops = []
-        touched = set()
+        shard_ops: dict[int, list[FileOp]] = {}
         for j in range(self.width):
             lim = -(-new_ext[j] // PAGE)
             runs = [(p0, min(p1, lim)) for p0, p1 in _merge(writes[j]) if min(p1, lim) > p0]
             if not runs:
                 continue
-            touched.add(j)
-            if not self._writable(obj, j):
-                continue     # the vector will call it stale
-            osd = obj.loc[j]
             rd, rm = sf.rel_paths(obj.name, j)
-            ops += self._drop_leftovers(obj, j)
+            jops = shard_ops[j] = []
             for p0, p1 in runs:
                 buf = win.pages(j, p0, p1)
                 stop = min(p1 * PAGE, new_ext[j])
-                ops.append(FileOp(OP_WRITE, osd, rd, p0 * PAGE, buf[: stop - p0 * PAGE].tobytes()))
-                ops.append(FileOp(OP_WRITE, osd, rm, sf.crc_offset(p0),
-                                  sf.page_crcs(buf).astype("<u4").tobytes()))
-        hops, hdr = self._header_ops(obj, C, size, version, touched | tail_touched)
-        self._commit(obj, (ops + (tail_ops or []) + hops, hdr))
+                jops.append(FileOp(OP_WRITE, obj.loc[j], rd, p0 * PAGE, buf[: stop - p0 * PAGE].tobytes()))
+                jops.append(FileOp(OP_WRITE, obj.loc[j], rm, sf.crc_offset(p0),
+                                   sf.page_crcs(buf).astype("<u4").tobytes()))
+        touched = set(shard_ops) | set(tail_touched)
+
+        def build(cur: _Obj):
+            # cur: the object as it is now, under the metadata lock; writers
+            # of other stripes may have committed since it was loaded
+            cur_size = cur.info.object_size if cur.info else 0
+            final = max(cur_size, end) if new_size is None else new_size
+            ops = []
+            for j, jops in shard_ops.items():
+                if self._writable(cur, j):     # else the vector calls it stale
+                    ops += self._drop_leftovers(cur, j) + jops
+            hops, hdr = self._header_ops(cur, C, final, self._next_version(cur), touched)
+            return ops + (tail_ops or []) + hops, hdr
+
+        self._commit(obj, build)
 
     def _drop_leftovers(self, obj: _Obj, j: int) -> list[FileOp]:
         """Before the first write of shard j in this incarnation of the object
@@ -861,6 +914,12 @@ class ObjectStore:
 
     def _header_ops(self, obj: _Obj, C: int, size: int, version: int,
                     touched: set[int]) -> tuple[list[FileOp], sf.ShardHeader]:
+        writable = [j for j in range(self.width) if self._writable(obj, j)]
+        if len(writable) < self.k or not set(writable) & set(self.info_shards):
+            # fewer than K current shards could take it: the write could
+            # never be read back, so it is refused
+            raise DataUnavailable(f"object {obj.name!r}: only {len(writable)} of {self.width} "
+                                  f"shards can be written (need {self.k} and an info shard)")
         vec = list(obj.info.vector) if obj.info else [0] * self.width
         for j in touched:
             vec[j] = version
@@ -956,13 +1015,25 @@ class ObjectStore:
             self._commit(obj, (trims + ops, hdr))
 
     # ---------------------------------------------------------------- commit
-    def _commit(self, obj: _Obj, txn: tuple[list[FileOp], sf.ShardHeader | None],
-                kind: str = "write") -> None:
-        ops, hdr = txn
+    def _commit(self, obj: _Obj, txn, kind: str = "write") -> None:
+        """Journal, sync and apply a transaction under the object's metadata
+        lock. ``txn`` is (ops, new info header or None), or a function of
+        the object's current view returning that: a writer holding only
+        some stripes builds its header from what is committed now."""
         if self.readonly:
             raise StoreError("store opened read-only")
-        rec = Record(obj.name, obj.slot, ops)
         self._dirty = True
+        with self.locks.meta(obj.slot):
+            if callable(txn):
+                cur = obj if obj.whole else self._load(obj.name, obj.slot)
+                txn = txn(cur)
+            ops, hdr = txn
+            self._commit_locked(obj, Record(obj.name, obj.slot, ops), hdr, kind)
+        if self.journal.size() > JOURNAL_LIMIT:
+            self.checkpoint()
+
+    def _commit_locked(self, obj: _Obj, rec: Record, hdr: sf.ShardHeader | None,
+                       kind: str) -> None:
         with self.locks.commit_gate():
             self.locks.set_inflight(obj.slot, True)
             self._crashpoint()
@@ -977,8 +1048,6 @@ class ObjectStore:
         if hdr is not None:
             obj.info = hdr
             obj.usable = {}
-        if self.journal.size() > JOURNAL_LIMIT:
-            self.checkpoint()
 
     def _apply(self, rec: Record, counted: bool, kind: str = "write") -> None:
         for op in rec.ops:

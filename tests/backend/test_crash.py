@@ -40,17 +40,17 @@ def _run_child(store, side, seed, k, max_size, crash_at=None, trace=None):
 def _phases(trace):
     """Label each crash point: before-append / before-fsync / before-apply /
     apply-first / apply-mid / apply-last / replay."""
-    commit_lines = sorted({int(t.split(":")[1]) for t in trace if t.startswith("_commit:")})
+    commit_lines = sorted({int(t.split(":")[1]) for t in trace if t.startswith("_commit_locked:")})
     assert len(commit_lines) == 3, commit_lines
     names = dict(zip(commit_lines, ("before-append", "before-fsync", "before-apply")))
     out = []
     for n, t in enumerate(trace):
         fn, line = t.split(":")
-        if fn == "_commit":
+        if fn == "_commit_locked":
             out.append(names[int(line)])
         elif fn == "_apply":
             prev = out[-1] if out else ""
-            nxt = trace[n + 1] if n + 1 < len(trace) else "_commit:0"
+            nxt = trace[n + 1] if n + 1 < len(trace) else "_commit_locked:0"
             last = not nxt.startswith("_apply")
             out.append("apply-last" if last else
                        "apply-first" if prev == "before-apply" else "apply-mid")

@@ -21,7 +21,7 @@ SIZE = 384 << 10
 def test_concurrent_writers(make_store, mode, chunk, monkeypatch):
     d, s = make_store(k=4, m=2, chunk_size=chunk, write_mode=mode)
     # record the order in which the store applies writes to each object (it
-    # holds the object's lock for the whole of _write_locked)
+    # holds the locks of the stripes it writes for the whole of _write_locked)
     order = {n: [] for n in NAMES}
     orig = ObjectStore._write_locked
 
@@ -150,5 +150,35 @@ def test_two_processes_share_a_store(make_store):
                     want.extend(bytes(off + lane - len(want)))
                 want[off:off + lane] = block_data(p, w, off, lane)
         assert s.read(name, 0, 1 << 20) == bytes(want), name
+    s.close()
+    check_parity(d)
+
+
+def test_disjoint_stripes_proceed_while_a_stripe_is_locked(make_store):
+    """A writer of stripe 5 is not held up by a holder of stripe 0 of the same
+    object; a writer of stripe 0 is, and goes on once it is released."""
+    from backend.locks import slot_of
+    d, s = make_store(k=4, m=2, chunk_size=4096, write_mode="delta")
+    KC = 4 * 4096
+    s.write("obj", 0, bytes(8 * KC))
+    slot = slot_of("obj")
+    done = {}
+
+    def writer(stripe):
+        s.write("obj", stripe * KC + 100, b"x" * 50)
+        done[stripe] = True
+
+    with s.locks.stripes(slot, 0, 1):
+        t5 = threading.Thread(target=writer, args=(5,))
+        t0 = threading.Thread(target=writer, args=(0,))
+        t0.start()
+        t5.start()
+        t5.join(timeout=60)
+        assert done.get(5), "a write to stripe 5 waited for the holder of stripe 0"
+        assert not done.get(0)
+    t0.join(timeout=60)
+    assert done.get(0)
+    got = s.read("obj", 0, 8 * KC)
+    assert got[100:150] == b"x" * 50 and got[5 * KC + 100:5 * KC + 150] == b"x" * 50
     s.close()
     check_parity(d)
