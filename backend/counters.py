@@ -28,6 +28,7 @@ NAMES = (
     "journal_records", "journal_bytes", "fsyncs",
     "decodes", "degraded_reads", "checksum_errors", "checksum_repairs",
     "writes_full", "writes_delta", "writes_reconstruct",
+    "recovery_shard_reads", "recovery_shard_writes",
 )
 # Room to add counters without changing the file format.
 SLOTS = 64

@@ -34,9 +34,10 @@ Write-back seam: ``read``/``write``/``flush`` is the whole interface the
 image layer uses; the stripe cache will implement the same three calls and
 sit between, handing ``write`` batches down on flush.
 
-Concurrency: an object is locked (in-process and across processes) for the
-duration of each operation, so writes to one object apply in order;
-different objects proceed in parallel.
+Concurrency: each operation locks the stripes it touches (in-process and
+across processes, backend/locks.py), so writes to one stripe apply in order
+while disjoint stripes, of one object or of many, proceed in parallel;
+commits of one object serialize on its metadata lock.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ from .counters import Counters
 from .errors import DataUnavailable, InvalidArgument, NotFound, StoreError, TooBig
 from .journal import OP_TRUNCATE, OP_UNLINK, OP_WRITE, FileOp, Journal, Record
 from .locks import ALL_STRIPES, StoreLocks, slot_of
+from .missed import MissedLog
 from .osdmap import OsdMap
 from .placement import place
 from .pool import MAX_OBJECT_SIZE, load_pool
@@ -141,6 +143,8 @@ class ObjectStore:
         self._dirty = False
         self._closed = False
         self._chunk_hint: dict[str, int] = {}   # lock hint only; checked once locked
+        self._recovering: set[int] = set()      # down OSDs this process is rebuilding
+        self.missed = None if readonly else MissedLog(self.store)
         if readonly:
             self.counters = Counters(None)
             self.locks = None
@@ -221,6 +225,10 @@ class ObjectStore:
         with self._locked(name) as obj:
             if obj.info is None:
                 raise NotFound(f"object {name!r} does not exist")
+            up = sum(1 for osd in obj.loc if self.osdmap.is_up(osd))
+            if up < self.k:
+                raise DataUnavailable(f"object {name!r}: only {up} of its {self.width} OSDs "
+                                      f"are up (need {self.k}); not removed")
             self.counters.add("client_other_ops")
             self._commit(obj, (self._unlink_ops(obj), None))
             obj.info = None
@@ -977,7 +985,9 @@ class ObjectStore:
                     continue
                 rd, rm = sf.rel_paths(obj.name, j)
                 ops += self._drop_leftovers(obj, j) if obj.info is None else []
-                ops.append(FileOp(OP_WRITE, osd, rd, 0, buf[:n].tobytes()))
+                for a, b in _runs(np.flatnonzero(crcs)):
+                    # sparse: runs of non-zero pages only
+                    ops.append(FileOp(OP_WRITE, osd, rd, a * PAGE, buf[a * PAGE:min(b * PAGE, n)].tobytes()))
                 ops.append(FileOp(OP_WRITE, osd, rm, sf.crc_offset(0), crcs.astype("<u4").tobytes()))
         self.counters.add("writes_full")
         obj.info = None       # a fresh vector: only the new content's shards
@@ -1035,6 +1045,7 @@ class ObjectStore:
     def _commit_locked(self, obj: _Obj, rec: Record, hdr: sf.ShardHeader | None,
                        kind: str) -> None:
         with self.locks.commit_gate():
+            self._note_missed(obj)
             self.locks.set_inflight(obj.slot, True)
             self._crashpoint()
             ticket, nbytes = self.journal.append(rec)
@@ -1052,7 +1063,8 @@ class ObjectStore:
     def _apply(self, rec: Record, counted: bool, kind: str = "write") -> None:
         for op in rec.ops:
             path = self.osdmap.paths.get(op.osd)
-            if path is None or not self.osdmap.is_up(op.osd) or not _shard_relpath(op.path):
+            if path is None or not _shard_relpath(op.path) or not (
+                    self.osdmap.is_up(op.osd) or op.osd in self._recovering):
                 continue
             full = os.path.join(path, op.path)
             try:
@@ -1070,6 +1082,8 @@ class ObjectStore:
                     except FileNotFoundError:
                         pass
             except OSError as e:
+                if op.osd in self._recovering:
+                    raise StoreError(f"osd.{op.osd}: cannot write {full}: {e.strerror or e}")
                 if not os.path.isdir(path):
                     self.osdmap.refresh()
                 self._osd_failed(op.osd, e)
@@ -1081,6 +1095,21 @@ class ObjectStore:
                     self.counters.add_many((("shard_writes", 1), (f"{kind}_shard_writes", 1),
                                             ("shard_write_bytes", len(op.data))))
             self._crashpoint()
+
+    def _note_missed(self, obj: _Obj) -> None:
+        """Before a transaction is journaled: every OSD of the object that
+        is away misses it; log that, so its return rebuilds this object."""
+        for osd in set(obj.loc):
+            if not self.osdmap.is_up(osd) and osd not in self._recovering:
+                self.missed.record(osd, obj.name)
+
+    def begin_recovery(self, osd: int) -> None:
+        """Let transactions write to ``osd`` although it is not up
+        (backend/recovery.py rebuilds its shards)."""
+        self._recovering.add(osd)
+
+    def end_recovery(self, osd: int) -> None:
+        self._recovering.discard(osd)
 
     def _crashpoint(self) -> None:
         """Fault injection for crash tests: ECFS_CRASH_AT=N SIGKILLs this

@@ -215,17 +215,3 @@ def test_shrink_while_down_then_grow(make_store, cut):
     assert s.read("t", 0, 65536) == want
     s.close()
     check_parity(d, allow_stale=True)
-
-
-@pytest.mark.xfail(strict=True, reason="removing an object while an OSD holding one of its "
-                   "info shards is down leaves that shard behind; after 'osd up' the object "
-                   "is listed again (needs tombstones or the osd-up recovery of a later issue)")
-def test_remove_while_down_stays_removed(make_store):
-    d, s = make_store(k=K, m=M, chunk_size=4096)
-    s.write_full("x", os.urandom(40000))
-    o = osd_of(d, "x", 0)
-    s.osdmap.mark_down(o, "test")
-    s.remove("x")
-    assert s.list() == [] and not s.exists("x")
-    s.osdmap.mark_up(o)
-    assert s.list() == [] and not s.exists("x")

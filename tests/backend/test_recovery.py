@@ -1,0 +1,157 @@
+"""An OSD that comes back recovers exactly what it missed (backend/recovery.py)."""
+import os
+import random
+
+import pytest
+
+from backend.errors import DataUnavailable, StoreError
+from backend.recovery import recover_osd
+
+from .iogen import IOGen, Model, run_op, verify_all
+from .util import check_parity, osd_of, shard_paths
+
+K, M = 4, 2
+
+
+def _fill(s, names, size=200_000, seed=1):
+    rng = random.Random(seed)
+    model = Model()
+    for n in names:
+        data = rng.randbytes(size)
+        s.write_full(n, data)
+        model.objs[n] = bytearray(data)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["delta", "full"])
+def test_up_rebuilds_only_what_changed_then_any_m_others_may_fail(make_store, mode):
+    d, s = make_store(k=K, m=M, chunk_size="auto", write_mode=mode)
+    names = [f"o{i}" for i in range(12)]
+    model = _fill(s, names)
+    victim = 3
+    s.osdmap.mark_down(victim, "test")
+    gen = IOGen(7, k=K, names=("o0", "o1", "o2", "new1", "new2"), max_size=1 << 20)
+    ops = list(gen.ops(50))
+    for op in ops:
+        run_op(s, op, model)
+    logged = set(s.missed.read(victim)[0])
+    changed = {op.name for op in ops if op.mutates}
+    touching = {n for n in changed if victim in _osds(d, n)}
+    assert logged == touching, "the missed log must list exactly the objects changed on the OSD"
+    assert check_parity(d, allow_stale=True).stale_shards > 0
+
+    before = s.counters.snapshot()
+    res = recover_osd(s, victim)
+    after = s.counters.snapshot()
+    assert s.osdmap.is_up(victim)
+    assert res.objects == len(logged)
+    assert s.missed.behind() == {}
+    # untouched objects cost nothing: at most K shard reads per rebuilt page row
+    assert after["recovery_shard_writes"] - before["recovery_shard_writes"] > 0
+    rep = check_parity(d)          # every shard current, parity right, crcs right
+    assert rep.stale_shards == 0
+
+    # now any M *other* OSDs may go: the returned OSD's shards must be current
+    for others in ([o for o in range(6) if o != victim][:M], [o for o in range(6) if o != victim][-M:]):
+        for o in others:
+            s.osdmap.mark_down(o, "test")
+        verify_all(s, model)
+        for o in others:
+            s.osdmap.mark_up(o)
+
+
+def test_shard_zero_alone_changed_then_parity_osds_fail(make_store):
+    """The reviewer's case: a write that changes only data shard 0 (an info
+    shard) and the parity while shard 0's OSD is away; after 'osd up' the
+    OSDs of both parity shards fail: the read must return the new bytes."""
+    d, s = make_store(k=K, m=M, chunk_size=4096)
+    old = os.urandom(4 * 4096)
+    s.write_full("x", old)
+    x0 = osd_of(d, "x", 0)
+    s.osdmap.mark_down(x0, "test")
+    s.write("x", 100, b"N" * 50)
+    recover_osd(s, x0)
+    for j in (K, K + 1):
+        s.osdmap.mark_down(osd_of(d, "x", j), "test")
+    want = old[:100] + b"N" * 50 + old[150:]
+    assert s.read("x", 0, len(old)) == want
+
+
+def test_remove_while_down_stays_removed(make_store):
+    d, s = make_store(k=K, m=M, chunk_size=4096)
+    s.write_full("x", os.urandom(40000))
+    o = osd_of(d, "x", 0)
+    s.osdmap.mark_down(o, "test")
+    s.remove("x")
+    assert s.list() == [] and not s.exists("x")
+    res = recover_osd(s, o)
+    assert res.removed == 1
+    assert s.list() == [] and not s.exists("x")
+    assert not any(os.path.exists(p) for p in shard_paths(d, "x", 0))
+
+
+def test_recreated_while_down_and_sparse(make_store):
+    """An object removed and written anew (with a hole where the returning
+    OSD's shard is) while that OSD was away: its old shard is dropped, the
+    rebuilt shard is sparse."""
+    d, s = make_store(k=K, m=M, chunk_size=4096)
+    s.write_full("y", os.urandom(16 * 4096))
+    o = osd_of(d, "y", 1)
+    s.osdmap.mark_down(o, "test")
+    s.remove("y")
+    s.write("y", 0, b"a" * 4096)
+    s.write("y", 3 * 4096, b"d" * 4096)
+    recover_osd(s, o)
+    data, _ = shard_paths(d, "y", 1)
+    assert not os.path.exists(data) or os.path.getsize(data) == 0
+    check_parity(d)
+    want = b"a" * 4096 + bytes(8192) + b"d" * 4096
+    assert s.read("y", 0, 1 << 20) == want
+
+
+def test_up_is_idempotent_and_refuses_a_missing_directory(make_store):
+    d, s = make_store(k=K, m=M, chunk_size=4096)
+    s.write_full("z", os.urandom(30000))
+    o = osd_of(d, "z", 2)
+    s.osdmap.mark_down(o, "test")
+    s.write("z", 2 * 4096 + 7, b"q" * 10)      # lands in shard 2
+    path = s.osdmap.paths[o]
+    os.rename(path, path + ".away")
+    with pytest.raises(StoreError, match="missing"):
+        recover_osd(s, o)
+    assert not s.osdmap.is_up(o) and s.missed.pending(o) == 1
+    os.rename(path + ".away", path)
+    assert recover_osd(s, o).rebuilt == 1
+    assert recover_osd(s, o).objects == 0
+    check_parity(d)
+
+
+def test_recovery_needs_k_other_shards(make_store):
+    d, s = make_store(k=K, m=M, chunk_size=4096)
+    s.write_full("w", os.urandom(30000))
+    o = osd_of(d, "w", 1)
+    s.osdmap.mark_down(o, "test")
+    s.write("w", 5000, b"r" * 10)
+    for j in (0, 2):
+        s.osdmap.mark_down(osd_of(d, "w", j), "test")
+    with pytest.raises(DataUnavailable):
+        recover_osd(s, o)
+    assert not s.osdmap.is_up(o) and s.missed.pending(o) == 1
+
+
+def test_writes_and_removes_need_k_shards(make_store):
+    d, s = make_store(k=K, m=M, chunk_size=4096)
+    s.write_full("v", os.urandom(30000))
+    for j in range(M + 1):
+        s.osdmap.mark_down(osd_of(d, "v", j), "test")
+    with pytest.raises(DataUnavailable):
+        s.write("v", 0, b"x")
+    with pytest.raises(DataUnavailable):
+        s.remove("v")
+    for j in range(M + 1):
+        s.osdmap.mark_up(osd_of(d, "v", j))
+    assert s.exists("v")
+
+
+def _osds(d, name):
+    return {osd_of(d, name, j) for j in range(K + M)}
