@@ -41,7 +41,8 @@ _REC = struct.Struct("<4sIII")
 _OP = struct.Struct("<BHHQI")
 _NAME = struct.Struct("<H")
 
-OP_WRITE, OP_TRUNCATE, OP_UNLINK = 1, 2, 3
+OP_WRITE, OP_TRUNCATE, OP_UNLINK, OP_PUNCH = 1, 2, 3, 4
+PUNCH_LEN = struct.Struct("<Q")     # OP_PUNCH data: the length of the hole
 
 
 @dataclass

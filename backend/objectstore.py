@@ -57,7 +57,7 @@ from . import shardfile as sf
 from .codec import FLAG_PARITY_DELTA, Codec
 from .counters import Counters
 from .errors import DataUnavailable, InvalidArgument, NotFound, StoreError, TooBig
-from .journal import OP_TRUNCATE, OP_UNLINK, OP_WRITE, FileOp, Journal, Record
+from .journal import OP_PUNCH, OP_TRUNCATE, OP_UNLINK, OP_WRITE, PUNCH_LEN, FileOp, Journal, Record
 from .locks import ALL_STRIPES, StoreLocks, slot_of
 from .missed import MissedLog
 from .osdmap import OsdMap
@@ -188,6 +188,22 @@ class ObjectStore:
         with self._locked(name, offset, offset + len(data), size_hint=size_hint) as obj:
             self.counters.add_many((("client_write_ops", 1), ("client_write_bytes", len(data))))
             self._write_locked(obj, offset, data, size_hint=size_hint)
+
+    def zero(self, name: str, offset: int, length: int) -> None:
+        """Make bytes [offset, offset+length) of the object read as zeros,
+        deallocating the shard pages that become all zero (discard). Never
+        grows the object; a missing object is left missing."""
+        validate_name(name)
+        if offset < 0 or length < 0:
+            raise InvalidArgument("offset and length must not be negative")
+        with self._locked(name, offset, offset + max(length, 1)) as obj:
+            if obj.info is None:
+                return
+            end = min(offset + length, obj.info.object_size)
+            if end <= offset:
+                return
+            self.counters.add("client_other_ops")
+            self._write_locked(obj, offset, memoryview(bytes(end - offset)))
 
     def write_full(self, name: str, data) -> None:
         """Replace the object's whole content (rados put)."""
@@ -772,10 +788,11 @@ class ObjectStore:
             jops = shard_ops[j] = []
             for p0, p1 in runs:
                 buf = win.pages(j, p0, p1)
+                crcs = sf.page_crcs(buf)
                 stop = min(p1 * PAGE, new_ext[j])
-                jops.append(FileOp(OP_WRITE, obj.loc[j], rd, p0 * PAGE, buf[: stop - p0 * PAGE].tobytes()))
+                jops += _page_ops(obj.loc[j], rd, p0, buf, crcs, stop)
                 jops.append(FileOp(OP_WRITE, obj.loc[j], rm, sf.crc_offset(p0),
-                                   sf.page_crcs(buf).astype("<u4").tobytes()))
+                                   crcs.astype("<u4").tobytes()))
         touched = set(shard_ops) | set(tail_touched)
 
         def build(cur: _Obj):
@@ -1081,6 +1098,8 @@ class ObjectStore:
                         os.unlink(full)
                     except FileNotFoundError:
                         pass
+                elif op.type == OP_PUNCH:
+                    sf.punch_hole(full, op.offset, PUNCH_LEN.unpack(op.data)[0])
             except OSError as e:
                 if op.osd in self._recovering:
                     raise StoreError(f"osd.{op.osd}: cannot write {full}: {e.strerror or e}")
@@ -1088,12 +1107,13 @@ class ObjectStore:
                     self.osdmap.refresh()
                 self._osd_failed(op.osd, e)
                 continue
-            if counted and op.type == OP_WRITE:
+            if counted and op.type in (OP_WRITE, OP_PUNCH):
                 if op.path.endswith(".meta"):
                     self.counters.add("meta_writes")
                 else:
+                    nbytes = len(op.data) if op.type == OP_WRITE else 0
                     self.counters.add_many((("shard_writes", 1), (f"{kind}_shard_writes", 1),
-                                            ("shard_write_bytes", len(op.data))))
+                                            ("shard_write_bytes", nbytes)))
             self._crashpoint()
 
     def _note_missed(self, obj: _Obj) -> None:
@@ -1174,6 +1194,25 @@ def _shard_relpath(p: str) -> bool:
     """A journal op may only name a shard file under the OSD's objects/."""
     parts = p.split("/")
     return len(parts) == 3 and parts[0] == "objects" and ".." not in parts and "" not in parts
+
+
+def _page_ops(osd: int, path: str, p0: int, buf: np.ndarray, crcs: np.ndarray,
+              stop: int) -> list[FileOp]:
+    """Write pages p0.. of a shard (bytes up to ``stop``): runs of all-zero
+    pages (stored crc 0) become holes, the others one pwrite per run."""
+    zero = crcs == 0
+    edges = np.flatnonzero(np.diff(zero.astype(np.int8))) + 1
+    bounds = [0, *edges.tolist(), len(zero)]
+    ops = []
+    for a, b in zip(bounds, bounds[1:]):
+        lo, hi = (p0 + a) * PAGE, min((p0 + b) * PAGE, stop)
+        if hi <= lo:
+            continue
+        if zero[a]:
+            ops.append(FileOp(OP_PUNCH, osd, path, lo, PUNCH_LEN.pack(hi - lo)))
+        else:
+            ops.append(FileOp(OP_WRITE, osd, path, lo, buf[a * PAGE:hi - p0 * PAGE].tobytes()))
+    return ops
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -26,6 +26,7 @@ metadata: their I/O is counted apart from shard reads and writes.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -167,6 +168,40 @@ def page_crcs(buf, pages: int | None = None) -> np.ndarray:
         vals[full + 1:] = ZERO_PAGE_CRC
     vals ^= np.uint32(ZERO_PAGE_CRC)
     return vals
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
+_libc = None
+
+
+def punch_hole(path: str, offset: int, length: int) -> None:
+    """Deallocate [offset, offset+length) of a shard file (reads as zeros);
+    where the file system cannot punch holes, write the zeros instead."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        return          # nothing there: already a hole
+    try:
+        size = os.fstat(fd).st_size
+        length = min(length, size - offset)
+        if length <= 0:
+            return
+        if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+            import ctypes
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise OSError(err, os.strerror(err), path)
+            zeros = bytes(min(length, 1 << 20))
+            pos, end = offset, offset + length
+            while pos < end:
+                pos += os.pwrite(fd, zeros[: end - pos], pos)
+    finally:
+        os.close(fd)
 
 
 def crc_offset(page: int) -> int:

@@ -37,3 +37,24 @@ def test_put_of_mostly_zeros_writes_only_the_data(make_store):
     s.write_full("p", bytes(blob))
     assert _allocated(d) < 512 * 1024
     assert s.read("p", 0, 4 << 20) == bytes(blob)
+
+
+def test_zero_deallocates_and_keeps_parity(make_store):
+    from .util import check_parity
+    for mode in ("delta", "full"):
+        d, s = make_store(k=4, m=2, chunk_size="auto", write_mode=mode, name=f"z{mode}")
+        data = bytearray(os.urandom(1 << 20))
+        s.write_full("z", bytes(data))
+        before = _allocated(d)
+        s.zero("z", 4096 + 17, 700_000)
+        data[4096 + 17:4096 + 17 + 700_000] = bytes(700_000)
+        assert s.read("z", 0, 1 << 20) == bytes(data)
+        assert s.stat("z").size == 1 << 20
+        assert _allocated(d) < before - 600_000, "zeroed pages were not deallocated"
+        s.zero("z", (1 << 20) - 10, 1 << 20)          # past the end: no growth
+        data[-10:] = bytes(10)
+        assert s.stat("z").size == 1 << 20
+        assert s.read("z", 0, 1 << 20) == bytes(data)
+        s.zero("nosuch", 0, 100)
+        assert not s.exists("nosuch")
+        check_parity(d)
