@@ -144,6 +144,7 @@ class ObjectStore:
         self._closed = False
         self._chunk_hint: dict[str, int] = {}   # lock hint only; checked once locked
         self._recovering: set[int] = set()      # down OSDs this process is rebuilding
+        self._guards: dict[str, object] = {}    # name prefix -> check run before each commit
         self.missed = None if readonly else MissedLog(self.store)
         if readonly:
             self.counters = Counters(None)
@@ -1062,6 +1063,9 @@ class ObjectStore:
     def _commit_locked(self, obj: _Obj, rec: Record, hdr: sf.ShardHeader | None,
                        kind: str) -> None:
         with self.locks.commit_gate():
+            for prefix, check in list(self._guards.items()):
+                if obj.name.startswith(prefix):
+                    check()         # e.g. an image's lock epoch (fencing): may raise
             self._note_missed(obj)
             self.locks.set_inflight(obj.slot, True)
             self._crashpoint()
@@ -1122,6 +1126,16 @@ class ObjectStore:
         for osd in set(obj.loc):
             if not self.osdmap.is_up(osd) and osd not in self._recovering:
                 self.missed.record(osd, obj.name)
+
+    def add_guard(self, prefix: str, check) -> None:
+        """Run ``check()`` before committing any transaction on an object
+        whose name starts with ``prefix``, under the commit gate (a
+        checkpoint-gate holder sees no commit between its change and the
+        checks that follow). An exception from it aborts the transaction."""
+        self._guards[prefix] = check
+
+    def remove_guard(self, prefix: str) -> None:
+        self._guards.pop(prefix, None)
 
     def begin_recovery(self, osd: int) -> None:
         """Let transactions write to ``osd`` although it is not up

@@ -1,0 +1,145 @@
+"""The image header: what an image is, kept as one object in the pool.
+
+An image NAME with id ID is the object ``rbd_header.ID`` (a JSON document,
+docs/format-image-header.md) plus data objects ``rbd_data.ID.<16 hex
+objno>``, object maps ``rbd_object_map.ID[.<snap id>]`` and the directory
+entry in ``rbd_directory``. Being objects, they are erasure coded like the
+data and survive the loss of any M OSDs. A header is replaced whole with
+``write_full`` (atomic in the object store); read-modify-write cycles are
+serialized by the caller (rbdlike.directory.header_lock).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from backend.errors import InvalidArgument, NotFound, StoreError
+
+FORMAT_VERSION = 1
+MIN_OBJECT_SIZE = 4 << 10
+MAX_OBJECT_SIZE = 32 << 20
+MAX_IMAGE_SIZE = 1 << 50                   # 1 PiB, far past anything a test makes
+MAX_NAME = 250
+
+FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff", "shared")
+DEFAULT_FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff")
+
+
+def header_object(image_id: str) -> str:
+    return f"rbd_header.{image_id}"
+
+
+def data_object(image_id: str, objno: int) -> str:
+    return f"rbd_data.{image_id}.{objno:016x}"
+
+
+def validate_image_name(name: str, what: str = "image") -> None:
+    raw = name.encode("utf-8", "surrogateescape")
+    if not 1 <= len(raw) <= MAX_NAME:
+        raise InvalidArgument(f"{what} name must be 1..{MAX_NAME} bytes")
+    bad = [c for c in ("\0", "/", "@") if c in name]
+    if bad:
+        raise InvalidArgument(f"{what} name {name!r} must not contain {bad[0]!r}")
+    if name == ".snap":
+        raise InvalidArgument(f"{what} name '.snap' is reserved")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} name must be valid UTF-8")
+
+
+def validate_object_size(n: int) -> None:
+    if n < MIN_OBJECT_SIZE or n > MAX_OBJECT_SIZE or n & (n - 1):
+        raise InvalidArgument(f"object size must be a power of two in 4K..32M (got {n})")
+
+
+def validate_features(features) -> tuple[str, ...]:
+    fs = tuple(dict.fromkeys(features))
+    for f in fs:
+        if f not in FEATURES:
+            raise InvalidArgument(f"unknown image feature {f!r} (known: {', '.join(FEATURES)})")
+    if "shared" in fs and ("exclusive-lock" in fs or "object-map" in fs):
+        raise InvalidArgument("a shared image has no exclusive-lock and no object-map")
+    if "object-map" in fs and "exclusive-lock" not in fs:
+        raise InvalidArgument("object-map requires exclusive-lock")
+    if "fast-diff" in fs and "object-map" not in fs:
+        raise InvalidArgument("fast-diff requires object-map")
+    return fs
+
+
+@dataclass
+class Snapshot:
+    id: int
+    name: str
+    size: int
+    timestamp: float
+    protected: bool = False
+
+
+@dataclass
+class Parent:
+    image_id: str
+    image_name: str
+    snap_id: int
+    snap_name: str
+    overlap: int
+
+
+@dataclass
+class ImageHeader:
+    name: str
+    id: str
+    size: int
+    object_size: int
+    features: list[str]
+    created: float
+    snapshots: list[Snapshot] = field(default_factory=list)
+    snap_seq: int = 0
+    parent: Parent | None = None
+    object_map_invalid: bool = False
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_objects(self) -> int:
+        return -(-self.size // self.object_size)
+
+    def has(self, feature: str) -> bool:
+        return feature in self.features
+
+    def snap(self, name: str) -> Snapshot:
+        for s in self.snapshots:
+            if s.name == name:
+                return s
+        raise NotFound(f"image {self.name!r} has no snapshot {name!r}")
+
+    def snap_by_id(self, snap_id: int) -> Snapshot | None:
+        return next((s for s in self.snapshots if s.id == snap_id), None)
+
+    def encode(self) -> bytes:
+        d = asdict(self)
+        return (json.dumps(d, sort_keys=True, indent=1) + "\n").encode()
+
+    @classmethod
+    def decode(cls, raw: bytes, where: str) -> "ImageHeader":
+        try:
+            d = json.loads(raw)
+            if not isinstance(d, dict):
+                raise ValueError("not an object")
+            v = d.get("format_version")
+            if not isinstance(v, int):
+                raise ValueError("no format_version")
+            if v > FORMAT_VERSION:
+                raise StoreError(f"{where}: image header format {v} is newer than this "
+                                 f"ecfs knows ({FORMAT_VERSION})")
+            d["snapshots"] = [Snapshot(**s) for s in d.get("snapshots", [])]
+            if d.get("parent") is not None:
+                d["parent"] = Parent(**d["parent"])
+            h = cls(**d)
+            if not (isinstance(h.size, int) and isinstance(h.object_size, int) and h.size >= 0):
+                raise ValueError("bad size")
+            validate_object_size(h.object_size)
+            return h
+        except StoreError:
+            raise
+        except (ValueError, TypeError, InvalidArgument) as e:
+            raise StoreError(f"{where}: damaged image header ({e})")
