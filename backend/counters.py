@@ -7,16 +7,27 @@ kernel keeps the file even if the process is SIGKILLed. ``total.ctr`` holds
 what finished processes counted; a closing process, or the next opener for
 a dead one, folds its file into it. ``ecfs status`` sums all files and
 writes nothing.
+
+File format (docs/formats.md): a 16-byte header (magic ``ECFSCTRS``, u8
+format 1, 7 zero bytes), then ``SLOTS`` little-endian u64 in ``NAMES``
+order. An empty file reads as zeros (``total.ctr`` before anything was
+folded into it); any other size, or a wrong magic, is a damaged file and a
+StoreError naming it. A live file is written whole under a temporary name
+and renamed into place, so a reader never sees it half made.
 """
 from __future__ import annotations
 
 import fcntl
 import glob
 import os
+import struct
 import threading
+import time
 import uuid
 
 import numpy as np
+
+from .errors import StoreError
 
 NAMES = (
     "client_read_ops", "client_read_bytes", "client_write_ops", "client_write_bytes",
@@ -29,21 +40,43 @@ NAMES = (
     "decodes", "degraded_reads", "checksum_errors", "checksum_repairs",
     "writes_full", "writes_delta", "writes_reconstruct",
     "recovery_shard_reads", "recovery_shard_writes",
+    "cache_hits",
 )
 # Room to add counters without changing the file format.
 SLOTS = 64
 IDX = {n: i for i, n in enumerate(NAMES)}
 
 
+MAGIC = b"ECFSCTRS"
+FORMAT = 1
+HEADER = struct.Struct("<8sB7x")
+FILE_SIZE = HEADER.size + SLOTS * 8
+
+
 def _read(path: str) -> np.ndarray:
-    try:
-        raw = open(path, "rb").read()
-    except FileNotFoundError:
-        return np.zeros(SLOTS, dtype="<u8")
+    """The counts in one counters file (zeros if it is gone or empty)."""
     arr = np.zeros(SLOTS, dtype="<u8")
-    got = np.frombuffer(raw[: SLOTS * 8], dtype="<u8")
-    arr[: len(got)] = got
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(FILE_SIZE + 1)
+    except FileNotFoundError:
+        return arr
+    except OSError as e:
+        raise StoreError(f"cannot read {path}: {(e.strerror or str(e)).lower()}")
+    if not raw:
+        return arr
+    if len(raw) != FILE_SIZE or raw[:8] != MAGIC:
+        raise StoreError(f"{path} is damaged (not an ecfs counters file); remove it to "
+                         f"reset the I/O counters")
+    if raw[8] > FORMAT:
+        raise StoreError(f"{path}: counters format {raw[8]} is newer than this ecfs "
+                         f"supports ({FORMAT}); upgrade ecfs")
+    arr[:] = np.frombuffer(raw, dtype="<u8", offset=HEADER.size, count=SLOTS)
     return arr
+
+
+def _image(arr: np.ndarray) -> bytes:
+    return HEADER.pack(MAGIC, FORMAT) + arr.astype("<u8").tobytes()
 
 
 def _as_dict(arr: np.ndarray) -> dict[str, int]:
@@ -68,13 +101,21 @@ class Counters:
             self._arr = np.zeros(SLOTS, dtype="<u8")
             self._fd = None
             return
-        os.makedirs(self._dir, exist_ok=True)
-        self._fold_dead()
-        self.path = os.path.join(self._dir, f"{uuid.uuid4().hex}.ctr")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        os.ftruncate(self._fd, SLOTS * 8)
-        self._arr = np.memmap(self.path, dtype="<u8", mode="r+", shape=(SLOTS,))
+        try:
+            os.makedirs(self._dir, exist_ok=True)
+            self._fold_dead()
+            name = uuid.uuid4().hex
+            tmp = os.path.join(self._dir, f".{name}.tmp")
+            self.path = os.path.join(self._dir, f"{name}.ctr")
+            self._fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            os.pwrite(self._fd, _image(np.zeros(SLOTS, dtype="<u8")), 0)
+            os.rename(tmp, self.path)
+        except OSError as e:
+            raise StoreError(f"cannot open the I/O counters in {self._dir}: "
+                             f"{e.strerror or e}")
+        self._arr = np.memmap(self.path, dtype="<u8", mode="r+", offset=HEADER.size,
+                              shape=(SLOTS,))
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -84,6 +125,17 @@ class Counters:
         with self._lock:
             for name, n in pairs:
                 self._arr[IDX[name]] += n
+
+    def mark(self) -> np.ndarray:
+        """This process's counts now, to ``rewind`` to."""
+        with self._lock:
+            return np.array(self._arr)
+
+    def rewind(self, mark: np.ndarray) -> None:
+        """Forget what was counted since ``mark`` (a command that failed
+        with a user error changed nothing, its I/O counts included)."""
+        with self._lock:
+            self._arr[:] = mark
 
     def snapshot(self) -> dict[str, int]:
         """This process's counts since it opened the store."""
@@ -111,8 +163,10 @@ class Counters:
                     continue
                 acc += _read(p)
                 dead.append((p, pfd))
+            for p in glob.glob(os.path.join(self._dir, ".*.tmp")):
+                _unlink_if_unlocked(p)      # left by a process killed while opening
             if dead:
-                os.pwrite(fd, acc.tobytes(), 0)
+                os.pwrite(fd, _image(acc), 0)
                 os.fsync(fd)
                 for p, pfd in dead:
                     os.unlink(p)
@@ -128,3 +182,21 @@ class Counters:
         os.close(self._fd)
         self._fd = None
         self._fold_dead()
+
+
+def _unlink_if_unlocked(path: str) -> None:
+    """Remove a stale temporary file: unlocked, and old enough that its
+    maker is not between creating and locking it."""
+    try:
+        if time.time() - os.stat(path).st_mtime < 60:
+            return
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -70,3 +70,11 @@ class Inconsistent(EcfsError):
 
     errno = errno.EIO
     exit_code = 4
+
+
+class OutputError(EcfsError):
+    """The command's output could not be written (stdout or an output file):
+    a full disk, a closed terminal, an I/O error. Exit code 74 (EX_IOERR)."""
+
+    errno = errno.EIO
+    exit_code = 74

@@ -1,10 +1,14 @@
 """OSD directories and their up/down state.
 
 An OSD is down when the admin marked it down (``osdmap.json``), when its
-directory or its ``osd.json`` is missing or names another store, or when an
-I/O call on it failed (then it is marked down in ``osdmap.json`` too, so it
-stays down until ``ecfs osd up``). Reads and writes skip down OSDs; the
-shards they hold are rebuilt from the others.
+directory, its ``osd.json`` or its ``objects/`` is missing or damaged, or
+names another store, or when an I/O call on it failed (then it is marked
+down in ``osdmap.json`` too, so it stays down until ``ecfs osd up``). Reads
+and writes skip down OSDs; the shards they hold are rebuilt from the others.
+
+``osdmap.json`` is ``{"down": [ids], "reasons": {"id": "why"}}``. A missing
+file means no OSD is marked down; a damaged one (not JSON, another shape,
+unknown OSD ids) is a StoreError naming it, never read as "all up".
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 
+from .errors import StoreError
 from .pool import OSD_FILE, PoolConfig, osd_abspath, write_json_atomic
 
 
@@ -38,15 +43,37 @@ class OsdMap:
     def _mapfile(self) -> str:
         return os.path.join(self.store, "osdmap.json")
 
-    def _admin_down(self) -> dict[int, str]:
+    def _read_map(self) -> tuple[set[int], dict[str, str]]:
+        """(ids marked down, reasons) from osdmap.json, checked."""
+        path = self._mapfile()
         try:
-            with open(self._mapfile()) as f:
+            with open(path) as f:
                 d = json.load(f)
-            return {int(k): v for k, v in d.get("reasons", {}).items()} | \
-                {int(i): d.get("reasons", {}).get(str(i), "marked down")
-                 for i in d.get("down", [])}
-        except (OSError, ValueError):
-            return {}
+        except FileNotFoundError:
+            return set(), {}
+        except PermissionError:
+            raise StoreError(f"cannot read {path}: permission denied")
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path} is damaged ({getattr(e, 'strerror', None) or e}); "
+                             f"expected {{\"down\": [ids], \"reasons\": {{...}}}}")
+        down = d.get("down", []) if isinstance(d, dict) else None
+        reasons = d.get("reasons", {}) if isinstance(d, dict) else None
+        if not isinstance(down, list) or not isinstance(reasons, dict) \
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in down) \
+                or not all(isinstance(k, str) and k.isdigit() and isinstance(v, str)
+                           for k, v in reasons.items()):
+            raise StoreError(f"{path} is damaged: expected "
+                             f"{{\"down\": [ids], \"reasons\": {{\"id\": \"why\"}}}}")
+        unknown = sorted((set(down) | {int(k) for k in reasons}) - set(self.paths))
+        if unknown:
+            raise StoreError(f"{path} is damaged: it names osd.{unknown[0]}, "
+                             f"which this store does not have")
+        return set(down), dict(reasons)
+
+    def _admin_down(self) -> dict[int, str]:
+        down, reasons = self._read_map()
+        return {int(k): v for k, v in reasons.items()} | \
+            {i: reasons.get(str(i), "marked down") for i in down}
 
     def refresh(self) -> None:
         admin = self._admin_down()
@@ -54,20 +81,36 @@ class OsdMap:
         for i, p in self.paths.items():
             if i in admin:
                 states[i] = OsdState(i, p, False, admin[i])
-                continue
-            try:
-                with open(os.path.join(p, OSD_FILE)) as f:
-                    d = json.load(f)
-                if d.get("fsid") != self.pool.fsid or d.get("osd_id") != i:
-                    states[i] = OsdState(i, p, False, "directory belongs to another OSD")
-                else:
-                    states[i] = OsdState(i, p, True)
-            except FileNotFoundError:
-                states[i] = OsdState(i, p, False, "directory missing")
-            except (OSError, ValueError) as e:
-                states[i] = OsdState(i, p, False, f"unreadable: {e}")
+            else:
+                why = self._check_dir(i, p)
+                states[i] = OsdState(i, p, not why, why)
         with self._lock:
             self.states = states
+
+    def _check_dir(self, i: int, p: str) -> str:
+        """Why OSD directory ``p`` cannot serve as osd.i ('' if it can)."""
+        if not os.path.isdir(p):
+            return "directory missing" if not os.path.lexists(p) else "not a directory"
+        try:
+            with open(os.path.join(p, OSD_FILE)) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            return f"{OSD_FILE} missing"
+        except PermissionError:
+            return f"{OSD_FILE} unreadable: permission denied"
+        except OSError as e:
+            return f"{OSD_FILE} unreadable: {e.strerror or e}"
+        except ValueError:
+            return f"{OSD_FILE} damaged"
+        if not isinstance(d, dict):
+            return f"{OSD_FILE} damaged"
+        if d.get("fsid") != self.pool.fsid:
+            return "directory belongs to another store"
+        if d.get("osd_id") != i:
+            return "directory belongs to another OSD"
+        if not os.path.isdir(os.path.join(p, "objects")):
+            return "objects/ missing"
+        return ""
 
     def is_up(self, osd: int) -> bool:
         return self.states[osd].up
@@ -90,16 +133,16 @@ class OsdMap:
 
     def _edit(self, fn) -> None:
         path = self._mapfile()
-        lfd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            lfd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot update {path}: {e.strerror or e}")
         try:
             fcntl.flock(lfd, fcntl.LOCK_EX)
-            try:
-                with open(path) as f:
-                    d = json.load(f)
-            except (OSError, ValueError):
-                d = {}
-            down, reasons = fn(set(d.get("down", [])), dict(d.get("reasons", {})))
+            down, reasons = fn(*self._read_map())
             write_json_atomic(path, {"down": sorted(down), "reasons": reasons})
+        except OSError as e:
+            raise StoreError(f"cannot update {path}: {e.strerror or e}")
         finally:
             os.close(lfd)
 

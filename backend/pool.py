@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
 
@@ -85,40 +86,85 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def load_pool(store: str) -> PoolConfig:
+    """Read and check ``STORE/pool.json``; anything damaged or of the wrong
+    type is a StoreError naming the file."""
     path = pool_path(store)
     try:
         with open(path) as f:
             d = json.load(f)
     except FileNotFoundError:
         raise NotFound(f"no ecfs store at {store} (run 'ecfs init')")
+    except PermissionError:
+        raise StoreError(f"cannot read {path}: permission denied")
     except (OSError, ValueError) as e:
-        raise StoreError(f"cannot read {path}: {e}")
-    if not isinstance(d, dict) or not isinstance(d.get("format_version"), int):
+        raise StoreError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+    if not isinstance(d, dict) or not _is_int(d.get("format_version")):
         raise StoreError(f"{path}: no integer format_version: not an ecfs pool config")
     if d["format_version"] > FORMAT_VERSION:
         raise StoreError(f"store format {d['format_version']} is newer than this ecfs "
                          f"supports ({FORMAT_VERSION}); upgrade ecfs")
+    if d["format_version"] < 1:
+        raise StoreError(f"{path}: bad format_version {d['format_version']}")
+
+    def bad(what: str):
+        return StoreError(f"{path}: damaged pool config: {what}")
+
+    for key in ("fsid", "k", "m", "plugin", "chunk_size", "object_size", "osds"):
+        if key not in d:
+            raise bad(f"no {key!r}")
+    for key in ("k", "m", "object_size"):
+        if not _is_int(d[key]):
+            raise bad(f"{key} must be an integer (got {d[key]!r})")
+    if not isinstance(d["fsid"], str) or not d["fsid"]:
+        raise bad(f"fsid must be a string (got {d['fsid']!r})")
+    if not isinstance(d["plugin"], str):
+        raise bad(f"plugin must be a string (got {d['plugin']!r})")
+    cs = d["chunk_size"]
+    if cs != "auto" and not _is_int(cs):
+        raise bad(f"chunk_size must be \"auto\" or an integer (got {cs!r})")
+    wm = d.get("write_mode", "auto")
+    if wm not in WRITE_MODES:
+        raise bad(f"write_mode must be one of {', '.join(WRITE_MODES)} (got {wm!r})")
+    if not isinstance(d["osds"], list):
+        raise bad("osds must be a list")
+    osds = []
+    for o in d["osds"]:
+        if not isinstance(o, dict) or not _is_int(o.get("id")) or o["id"] < 0 \
+                or not isinstance(o.get("path"), str) or not o["path"]:
+            raise bad(f"bad OSD entry {o!r} (want {{\"id\": N, \"path\": PATH}})")
+        osds.append(OsdEntry(o["id"], o["path"]))
+    ids = [o.id for o in osds]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise bad(f"osd.{dup[0]} is listed more than once")
+    cfg = PoolConfig(k=d["k"], m=d["m"], plugin=d["plugin"], chunk_size=cs,
+                     object_size=d["object_size"], osds=osds, write_mode=wm,
+                     fsid=d["fsid"], format_version=d["format_version"])
+    paths = [os.path.realpath(osd_abspath(store, o)) for o in osds]
+    if len(set(paths)) != len(paths):
+        raise bad("two OSDs share one directory")
     try:
-        osds = [OsdEntry(int(o["id"]), str(o["path"])) for o in d["osds"]]
-        cfg = PoolConfig(k=int(d["k"]), m=int(d["m"]), plugin=str(d["plugin"]),
-                         chunk_size=d["chunk_size"], object_size=int(d["object_size"]),
-                         osds=osds, write_mode=str(d.get("write_mode", "auto")),
-                         fsid=str(d["fsid"]), format_version=d["format_version"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise StoreError(f"{path}: damaged pool config ({e})")
-    validate_profile(cfg.k, cfg.m, len(cfg.osds), cfg.plugin, cfg.chunk_size, check_plugin=False)
+        validate_profile(cfg.k, cfg.m, len(cfg.osds), cfg.plugin, cfg.chunk_size,
+                         check_plugin=False)
+        validate_object_size(cfg.object_size)
+    except InvalidArgument as e:
+        raise bad(str(e))
     return cfg
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def validate_profile(k: int, m: int, n: int, plugin: str, chunk_size, check_plugin=True) -> None:
     if k < 2:
-        raise InvalidArgument(f"k must be at least 2 (got {k})")
+        raise InvalidArgument(f"K must be >= 2 (got {k})")
     if m < 1:
-        raise InvalidArgument(f"m must be at least 1 (got {m})")
+        raise InvalidArgument(f"M must be >= 1 (got {m})")
     if k + m > 64:
-        raise InvalidArgument(f"k+m must be at most 64 (got {k + m})")
+        raise InvalidArgument(f"K+M must be <= 64 (got {k + m})")
     if k + m > n:
-        raise InvalidArgument(f"k+m={k + m} needs at least that many OSDs (have {n})")
+        raise InvalidArgument(f"K+M={k + m} needs at least that many OSDs (have {n})")
     if plugin not in SUPPORTED_PLUGINS:
         raise InvalidArgument(f"unknown plugin {plugin!r} (supported: {', '.join(SUPPORTED_PLUGINS)})")
     if chunk_size != "auto":
@@ -129,62 +175,176 @@ def validate_profile(k: int, m: int, n: int, plugin: str, chunk_size, check_plug
         load_driver(plugin, k, m)
 
 
+def validate_object_size(size: int) -> None:
+    if size < 4096 or size > MAX_OBJECT_SIZE or size & (size - 1):
+        raise InvalidArgument(f"object size must be a power of two between 4K and 128M (got {size})")
+
+
 def osd_abspath(store: str, entry: OsdEntry) -> str:
     return entry.path if os.path.isabs(entry.path) else os.path.join(store, entry.path)
 
 
+# What the store directory holds for itself: no OSD directory may take these names.
+STORE_ENTRIES = ("pool.json", "osdmap.json", "osdmap.json.lock", "journal.log", "locks",
+                 "inflight", "ckpt.lock", "clients.lock", "counters", "missed")
+MAX_OSDS = 1024
+
+
+def _inside(path: str, parent: str) -> bool:
+    return path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _check_layout(store: str, paths: list[str]) -> None:
+    """OSD directories are distinct, do not nest, are not the store (nor
+    contain it), and inside the store take no name the store uses."""
+    rstore = os.path.realpath(store)
+    real = [os.path.realpath(p) for p in paths]
+    for p, rp in zip(paths, real):
+        if rp == rstore:
+            raise InvalidArgument(f"OSD directory {p} is the store directory itself")
+        if _inside(rstore, rp):
+            raise InvalidArgument(f"the store directory {store} is inside OSD directory {p}")
+        if _inside(rp, rstore) and os.path.relpath(rp, rstore).split(os.sep)[0] in STORE_ENTRIES:
+            raise InvalidArgument(f"OSD directory {p} takes a name the store uses for itself")
+    for i in range(len(real)):
+        for j in range(len(real)):
+            if i == j:
+                continue
+            if real[i] == real[j] and i < j:
+                raise InvalidArgument(f"the same OSD directory is given twice: {paths[j]}")
+            if _inside(real[i], real[j]):
+                raise InvalidArgument(f"OSD directory {paths[i]} is inside OSD directory {paths[j]}")
+
+
 def _usable_dir(path: str, what: str) -> None:
-    if os.path.exists(path):
+    """``path`` is an empty directory we may write in, or can be created."""
+    if os.path.lexists(path):
         if not os.path.isdir(path):
             raise InvalidArgument(f"{what} {path} exists and is not a directory")
-        extra = [e for e in os.listdir(path) if e != "lost+found"]
+        try:
+            extra = [e for e in os.listdir(path) if e != "lost+found"]
+        except OSError as e:
+            raise InvalidArgument(f"cannot read {what} {path}: {e.strerror}")
         if extra:
             raise Exists(f"{what} {path} is not empty")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InvalidArgument(f"cannot write in {what} {path}: permission denied")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InvalidArgument(f"cannot create {what} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"cannot create {what} {path}: {parent} is not writable "
+                              f"(permission denied)")
+
+
+class _Undo:
+    """What a store creation made, to take it away again on failure: the
+    directories it created (with all inside), and the contents it put into
+    directories that existed (and were empty)."""
+
+    def __init__(self):
+        self.created: list[str] = []
+        self.filled: list[str] = []
+
+    def makedirs(self, path: str) -> None:
+        missing = []
+        p = path
+        while not os.path.lexists(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        if not missing and path not in self.filled and not any(
+                path == c or _inside(path, c) for c in self.created):
+            self.filled.append(path)
+        for d in reversed(missing):
+            os.mkdir(d)
+            if not any(_inside(d, c) for c in self.created):
+                self.created.append(d)
+
+    def run(self) -> None:
+        for d in self.filled:
+            for e in _listdir(d):
+                if e == "lost+found":
+                    continue
+                p = os.path.join(d, e)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+        for d in reversed(self.created):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _listdir(p: str) -> list[str]:
+    try:
+        return os.listdir(p)
+    except OSError:
+        return []
 
 
 def create_store(store: str, *, k: int = 4, m: int = 2, osds: int | None = None,
                  osd_dirs: list[str] | None = None, plugin: str = "isa_l_rs_vand",
                  chunk_size="auto", object_size: int = 4 << 20,
-                 write_mode: str = "auto") -> PoolConfig:
-    """Create a store; validates everything before writing anything."""
+                 write_mode: str = "auto", finish=None) -> PoolConfig:
+    """Create a store. Everything is checked before anything is written; if
+    writing fails all the same, what this call created is removed again.
+    ``finish(store)`` runs last, under the same guarantee."""
     store = os.path.abspath(store)
     if os.path.exists(pool_path(store)):
         raise Exists(f"{store} already holds an ecfs store")
+    if write_mode not in WRITE_MODES:
+        raise InvalidArgument(f"unknown write mode {write_mode!r} ({', '.join(WRITE_MODES)})")
     if osd_dirs:
         if osds is not None and osds != len(osd_dirs):
             raise InvalidArgument("--osds and --osd-dir disagree on the number of OSDs")
-        paths = [os.path.abspath(p) for p in osd_dirs]
-        if len(set(paths)) != len(paths):
-            raise InvalidArgument("the same --osd-dir is given twice")
+        n = len(osd_dirs)
     else:
         n = k + m if osds is None else osds
-        if n < 1:
-            raise InvalidArgument(f"--osds must be positive (got {n})")
+        if osds is not None and osds < 1:
+            raise InvalidArgument(f"--osds must be positive (got {osds})")
+    validate_profile(k, m, n, plugin, chunk_size)
+    if n > MAX_OSDS:
+        raise InvalidArgument(f"at most {MAX_OSDS} OSDs (got {n})")
+    validate_object_size(object_size)
+    if osd_dirs:
+        paths = [os.path.abspath(p) for p in osd_dirs]
+    else:
         paths = [os.path.join(store, f"osd.{i}") for i in range(n)]
-    if write_mode not in WRITE_MODES:
-        raise InvalidArgument(f"unknown write mode {write_mode!r} ({', '.join(WRITE_MODES)})")
-    validate_profile(k, m, len(paths), plugin, chunk_size)
-    if object_size < 4096 or object_size > MAX_OBJECT_SIZE or object_size & (object_size - 1):
-        raise InvalidArgument("object size must be a power of two between 4K and 128M")
+    _check_layout(store, paths)
     _usable_dir(store, "store directory")
     for p in paths:
-        if not p.startswith(store + os.sep):
-            _usable_dir(p, "OSD directory")
+        _usable_dir(p, "OSD directory")
     entries = []
     for i, p in enumerate(paths):
-        rel = os.path.relpath(p, store) if p.startswith(store + os.sep) else p
+        rel = os.path.relpath(p, store) if _inside(p, store) else p
         entries.append(OsdEntry(i, rel))
     cfg = PoolConfig(k=k, m=m, plugin=plugin, chunk_size=chunk_size,
                      object_size=object_size, osds=entries, write_mode=write_mode)
+    undo = _Undo()
     try:
-        os.makedirs(store, exist_ok=True)
+        undo.makedirs(store)
         for e in entries:
             d = osd_abspath(store, e)
-            os.makedirs(os.path.join(d, "objects"), exist_ok=True)
+            undo.makedirs(d)
+            os.mkdir(os.path.join(d, "objects"))
             write_json_atomic(os.path.join(d, OSD_FILE),
                               {"format_version": FORMAT_VERSION, "fsid": cfg.fsid, "osd_id": e.id})
-        write_json_atomic(os.path.join(store, "osdmap.json"), {"down": []})
+        write_json_atomic(os.path.join(store, "osdmap.json"), {"down": [], "reasons": {}})
         write_json_atomic(pool_path(store), cfg.to_json())
+        if finish is not None:
+            finish(store)
     except OSError as e:
-        raise StoreError(f"cannot create store in {store}: {e.strerror or e}")
+        undo.run()
+        where = e.filename or store
+        if where.endswith(".tmp"):
+            where = where[:-4]
+        raise StoreError(f"cannot create {where}: {e.strerror or e}")
+    except BaseException:
+        undo.run()
+        raise
     return cfg

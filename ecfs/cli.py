@@ -12,7 +12,10 @@ import argparse
 import os
 import sys
 
-from backend.errors import EcfsError
+from backend.errors import EcfsError, OutputError
+
+from . import __version__
+from .output import drop_stdout, guard_stdout
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
@@ -22,11 +25,39 @@ class UsageError(Exception):
     pass
 
 
+class _Commands(argparse._SubParsersAction):
+    """Subcommands whose own --help opens with their one-line description,
+    and which take the global options after the verb too."""
+
+    def add_parser(self, name, **kwargs):
+        if kwargs.get("help") and "description" not in kwargs:
+            kwargs["description"] = kwargs["help"]
+        p = super().add_parser(name, **kwargs)
+        add_globals(p, top=False)
+        return p
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line, not a usage dump."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _Commands)
+
     def error(self, message: str):
         raise UsageError(message)
+
+
+def add_globals(p: argparse.ArgumentParser, top: bool) -> None:
+    """--store and --no-progress, before the verb (``top``) or after it, as
+    Ceph's tools take them anywhere. After the verb the default is
+    SUPPRESS, so a sub-parser never overwrites a value given before it."""
+    dflt = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    p.add_argument("--store", default=dflt(None), metavar="DIR",
+                   help="store directory (env ECFS_STORE; default /var/lib/ecfs for root, "
+                        "else ~/.local/share/ecfs)")
+    p.add_argument("--no-progress", action="store_true", default=dflt(False),
+                   help="no progress bars")
 
 
 def default_store() -> str:
@@ -38,10 +69,13 @@ def default_store() -> str:
     return os.path.join(os.path.expanduser("~"), ".local", "share", "ecfs")
 
 
-def add_json(p: argparse.ArgumentParser) -> None:
-    """--json, and --format json as Ceph's tools spell it."""
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--format", choices=["json", "plain"], default=None,
+def add_json(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """--json, and --format json as Ceph's tools spell it (also accepted
+    before the verb; commands without a listing ignore it, as Ceph's do)."""
+    p.add_argument("--json", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="machine-readable output")
+    p.add_argument("--format", choices=["json", "plain"],
+                   default=None if top else argparse.SUPPRESS,
                    help="output format (json = --json)")
 
 
@@ -52,11 +86,9 @@ def wants_json(args) -> bool:
 def build_parser() -> Parser:
     from . import cmd_pool, cmd_rados
     p = Parser(prog="ecfs", description="Erasure-coded block store with a FUSE face.")
-    p.add_argument("--store", default=None,
-                   help="store directory (env ECFS_STORE; default /var/lib/ecfs for root, "
-                        "else ~/.local/share/ecfs)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--version", action="version", version="ecfs 0.1.0")
+    add_globals(p, top=True)
+    add_json(p, top=True)
+    p.add_argument("--version", action="version", version=f"ecfs {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     cmd_pool.register(sub)
@@ -66,11 +98,29 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    with guard_stdout():
+        try:
+            rc = _run(argv)
+        except SystemExit as e:       # --help, --version
+            rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            drop_stdout()
+        except OutputError as e:
+            drop_stdout()
+            if not rc:                # else its error line is already out
+                _err(str(e))
+                rc = e.exit_code
+    return rc
+
+
+def _run(argv: list[str]) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         _late_positional(args, extra)
-        args.store = args.store or default_store()
+        args.store = os.path.abspath(args.store or default_store())
         args.progress = not args.no_progress
         rc = args.func(args)
     except UsageError as e:
@@ -79,25 +129,20 @@ def main(argv: list[str] | None = None) -> int:
     except EcfsError as e:
         _err(str(e))
         rc = e.exit_code
+        if isinstance(e, OutputError):
+            drop_stdout()
     except KeyboardInterrupt:
         _err("interrupted")
         rc = 130
     except BrokenPipeError:
         rc = 0
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
+        drop_stdout()
     except Exception as e:  # an internal error is still one line
         if os.environ.get("ECFS_DEBUG"):
             import traceback
             traceback.print_exc()
         _err(f"internal error: {type(e).__name__}: {e}")
         rc = EXIT_INTERNAL
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass
     return rc or 0
 
 

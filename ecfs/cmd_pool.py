@@ -5,7 +5,7 @@ import os
 
 from backend import counters
 from backend.errors import InvalidArgument, NotFound
-from backend.objectstore import amplification
+from backend.objectstore import ObjectStore, amplification
 from backend.osdmap import OsdMap
 from backend.pool import WRITE_MODES, create_store, load_pool
 
@@ -61,9 +61,12 @@ def cmd_init(args) -> int:
     if cs != "auto":
         cs = parse_size(cs, what="chunk size")
     obj_size = parse_size(args.object_size, what="object size")
+    # The first open makes the store's working files (journal, locks,
+    # counters), so that no later command, failed or not, adds files.
     cfg = create_store(args.store, k=args.k, m=args.m, osds=args.osds, osd_dirs=args.osd_dir,
                        plugin=args.plugin, chunk_size=cs, object_size=obj_size,
-                       write_mode=args.write_mode)
+                       write_mode=args.write_mode,
+                       finish=lambda store: ObjectStore(store).close())
     print(f"created store {os.path.abspath(args.store)}: {cfg.k}+{cfg.m} {cfg.plugin} over "
           f"{len(cfg.osds)} OSDs, chunk size {cfg.chunk_size}")
     return 0
@@ -85,35 +88,13 @@ def health(pool, osdmap: OsdMap) -> tuple[str, str]:
     return "HEALTH_DEGRADED", f"{len(down)} OSD{'s' if len(down) > 1 else ''} down: {names}"
 
 
-def _count_objects(osdmap: OsdMap, pool) -> tuple[int, int]:
-    """(objects, images), from the info-shard sidecars of the up OSDs."""
-    from backend import shardfile as sf
-    names = set()
-    for osd in osdmap.up_ids():
-        root = os.path.join(osdmap.paths[osd], "objects")
-        for sub in _ls(root):
-            for f in _ls(os.path.join(root, sub)):
-                if f.endswith(".meta"):
-                    parsed = sf.parse_shard_filename(f[:-5])
-                    if parsed and (parsed[1] == 0 or parsed[1] >= pool.k):
-                        names.add(parsed[0])
-    images = sum(1 for n in names if n.startswith("rbd_header."))
-    return len(names), images
-
-
-def _ls(p):
-    try:
-        return os.listdir(p)
-    except OSError:
-        return []
-
-
 def cmd_status(args) -> int:
-    pool = load_pool(args.store)
-    osdmap = OsdMap(args.store, pool)
+    st = ObjectStore(args.store, readonly=True)     # reads only, counts nothing
+    pool, osdmap = st.pool, st.osdmap
     osds = _osd_rows(args.store, pool, osdmap)
     h, reason = health(pool, osdmap)
-    nobj, nimg = _count_objects(osdmap, pool)
+    names = st.list()
+    nobj, nimg = len(names), sum(1 for n in names if n.startswith("rbd_header."))
     ctr = counters.totals(args.store)
     amp = amplification(ctr)
     free = osdmap.free_bytes()

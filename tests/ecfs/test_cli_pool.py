@@ -4,16 +4,7 @@ import os
 
 import pytest
 
-from .util import assert_user_error, ecfs, ecfs_json
-
-
-def tree(path):
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            out[p] = open(p, "rb").read()
-    return out
+from .util import assert_user_error, ecfs, ecfs_json, tree
 
 
 def test_init_default_profile(tmp_path):
@@ -22,7 +13,7 @@ def test_init_default_profile(tmp_path):
     cfg = json.loads((st / "pool.json").read_text())
     assert isinstance(cfg["format_version"], int)
     assert (cfg["k"], cfg["m"], cfg["plugin"], cfg["chunk_size"]) == (4, 2, "isa_l_rs_vand", "auto")
-    assert sorted(os.listdir(st)) >= [f"osd.{i}" for i in range(6)]
+    assert {f"osd.{i}" for i in range(6)} <= set(os.listdir(st))
     s = ecfs_json(st, "status")
     assert s["health"]["status"] == "HEALTH_OK"
     assert [o["id"] for o in s["osds"]] == list(range(6))
@@ -41,6 +32,9 @@ def test_init_into_existing_empty_dir_and_osd_dirs(tmp_path):
 
 @pytest.mark.parametrize("args,msg", [
     (["--k", "1"], "k must be"),
+    (["--k", "-3"], "K must be >= 2"),
+    (["--osds", "100000"], "at most"),
+    (["--object-size", "3M"], "object size"),
     (["--m", "0"], "m must be"),
     (["--k", "5", "--m", "2", "--osds", "6"], "needs at least"),
     (["--osds", "5"], "needs at least"),
@@ -56,6 +50,42 @@ def test_init_refuses_bad_profiles_and_writes_nothing(tmp_path, args, msg):
     p = ecfs(st, "init", *args, check=False)
     assert_user_error(p, msg)
     assert not st.exists()
+
+
+def test_init_refuses_overlapping_osd_dirs(tmp_path):
+    st, d = tmp_path / "s", tmp_path / "d"
+    for dirs, msg in [
+        ([d / "a", d / "a", d / "b"], "twice"),
+        ([d / "a", d / "a" / "x", d / "b"], "inside OSD directory"),
+        ([d / "a", d / "b" / "..", d / "b"], "inside OSD directory"),
+        ([st, d / "a", d / "b"], "store directory itself"),
+        ([tmp_path, d / "a", d / "b"], "inside OSD directory"),
+        ([st / "counters", d / "a", d / "b"], "store uses"),
+    ]:
+        p = ecfs(st, "init", "--k", "2", "--m", "1", "--osd-dir", *dirs, check=False)
+        assert_user_error(p, msg)
+        assert sorted(os.listdir(tmp_path)) == [], dirs
+
+
+def test_init_failing_late_removes_only_what_it_made(tmp_path):
+    """An OSD path that passes the checks but cannot be made (here under
+    /proc): everything created is taken away again, pre-existing empty
+    directories stay, and the message names the path that failed."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc")
+    st, pre = tmp_path / "s", tmp_path / "pre"
+    pre.mkdir()
+    (tmp_path / "keep").write_text("x")
+    bad = "/proc/ecfs-test-osd"
+    p = ecfs(st, "init", "--k", "2", "--m", "1",
+             "--osd-dir", tmp_path / "new" / "a", pre, bad, check=False)
+    assert_user_error(p, f"cannot create {bad}")
+    assert sorted(os.listdir(tmp_path)) == ["keep", "pre"]
+    assert os.listdir(pre) == []
+    st.mkdir()          # an existing empty store directory stays, emptied
+    p = ecfs(st, "init", "--k", "2", "--m", "1", "--osd-dir", pre, st / "o", bad, check=False)
+    assert_user_error(p, bad)
+    assert os.listdir(st) == [] and os.listdir(pre) == []
 
 
 def test_init_refuses_existing_store_unchanged(tmp_path):

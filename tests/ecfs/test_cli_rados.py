@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from .util import assert_user_error, ecfs, ecfs_json
+from .util import assert_user_error, ecfs, ecfs_json, tree
 
 
 @pytest.fixture
@@ -91,17 +91,66 @@ def test_rm_several_is_all_or_nothing(store):
     p = ecfs(store, "rados", "rm", "a", "missing", check=False)
     assert_user_error(p, "missing")
     assert ecfs_json(store, "rados", "ls") == ["a"]
+    ecfs(store, "rados", "rm", "a", "a")       # one name twice: removed once, no error
+    assert ecfs_json(store, "rados", "ls") == []
+
+
+def test_bad_paths_are_refused_before_any_io(store, tmp_path):
+    """Output and input paths are checked before an object is read, and
+    rm checks every name without counting: counters and files unchanged."""
+    ecfs(store, "rados", "put", "a2", "-", input=b"two")
+    ecfs(store, "rados", "put", "obj", "-", input=b"payload")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    before_ctr = ecfs_json(store, "status")["counters"]
+    before = tree(tmp_path)
+    for args, msg in [
+        (["get", "obj", "/nonexistent/dir/x"], "no such directory"),
+        (["get", "obj", outdir], "directory"),
+        (["read", "obj", "--length", "1", outdir], "directory"),
+        (["read", "obj", "--length", "1", "/nonexistent/dir/x"], "no such directory"),
+        (["rm", "a2", "nosuch"], "nosuch"),
+        (["put", "x", outdir], "directory"),
+        (["bench", "1", "write", "-t", "100000"], "at most 1024"),
+    ]:
+        assert_user_error(ecfs(store, "rados", *args, check=False), msg)
+    assert ecfs_json(store, "status")["counters"] == before_ctr
+    assert tree(tmp_path) == before
+    assert ecfs_json(store, "rados", "ls") == ["a2", "obj"]
+
+
+def test_sizes_take_binary_unit_spellings(store):
+    data = os.urandom(3 * 4096)
+    ecfs(store, "rados", "put", "u", "-", input=data)
+    for off, length in (("4Ki", "4KiB"), ("4k", "4KB")):
+        got = ecfs(store, "rados", "read", "u", "--offset", off, "--length", length).stdout
+        assert got == data[4096:8192]
 
 
 def test_bench_write_seq_rand(store):
     out = ecfs(store, "rados", "bench", "1", "write", "-b", "4K", "-t", "2", "--no-cleanup").stdout.decode()
-    assert "Total writes made:" in out and "Bandwidth (MB/sec):" in out
+    lines = out.splitlines()
+    # rados bench's layout: header, per-second rows, summary
+    assert lines[0].startswith("Maintaining 2 concurrent writes of 4096 bytes to objects of size 4096")
+    assert lines[2].split() == ["sec", "Cur", "ops", "started", "finished", "avg", "MB/s",
+                                "cur", "MB/s", "last", "lat(s)", "avg", "lat(s)"]
+    rows = [ln.split() for ln in lines[3:] if ln.split() and ln.split()[0].isdigit()]
+    assert [r[0] for r in rows[:2]] == ["0", "1"] and all(len(r) == 8 for r in rows)
+    summary = dict(ln.split(":", 1) for ln in lines if ":" in ln and not ln.startswith("Object prefix"))
+    for key in ("Total time run", "Total writes made", "Write size", "Object size",
+                "Bandwidth (MB/sec)", "Stddev Bandwidth", "Average IOPS", "Stddev IOPS",
+                "Average Latency(s)", "Max latency(s)", "Min latency(s)"):
+        assert key in summary, key
+    assert int(summary["Write size"]) == 4096 and int(summary["Total writes made"]) > 0
+    assert "Cleaning up" not in out
     r = ecfs_json(store, "rados", "bench", "1", "seq")
     assert r["ops"] > 0 and r["shard_reads_per_op"] == pytest.approx(1.0)
     r = ecfs_json(store, "rados", "bench", "1", "rand", "-t", "2")
     assert r["ops"] > 0
-    w = ecfs_json(store, "rados", "bench", "1", "write", "-b", "64K", "-t", "2")
-    assert w["ops"] > 0
+    out = ecfs(store, "rados", "bench", "1", "write", "-b", "64K", "-t", "2").stdout.decode()
+    assert "Total writes made:" in out
+    assert "Cleaning up (deleting benchmark objects)" in out
+    assert "Clean up completed and total clean up time :" in out
     names = ecfs_json(store, "rados", "ls")
     # the cleaned-up run left nothing; the --no-cleanup one left its objects
     assert "benchmark_last_metadata" in names

@@ -1,23 +1,38 @@
 """Run the ecfs command as a user would, from this checkout."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import struct
 import subprocess
 import sys
+import termios
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def ecfs(store, *args, input=None, check=True, env=None):
-    """Run ``ecfs --store STORE ARGS``; returns CompletedProcess (bytes)."""
+def _env(env=None):
     e = dict(os.environ, PYTHONPATH=ROOT)
     e.pop("ECFS_STORE", None)
     if env:
         e.update(env)
-    cmd = [sys.executable, "-m", "ecfs.cli"] + (["--store", str(store)] if store else []) + \
+    return e
+
+
+def _cmd(store, args, prefix=("-m", "ecfs.cli")):
+    return [sys.executable, *prefix] + (["--store", str(store)] if store else []) + \
         [str(a) for a in args]
-    p = subprocess.run(cmd, input=input, capture_output=True, env=e, cwd=ROOT, timeout=120)
+
+
+def ecfs(store, *args, input=None, check=True, env=None, stdout=None):
+    """Run ``ecfs --store STORE ARGS``; returns CompletedProcess (bytes).
+    ``stdout``: a file to write to instead of capturing it."""
+    cmd = _cmd(store, args)
+    p = subprocess.run(cmd, input=input, env=_env(env), cwd=ROOT, timeout=120,
+                       stdout=subprocess.PIPE if stdout is None else stdout,
+                       stderr=subprocess.PIPE)
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} failed ({p.returncode}): {p.stderr.decode()}")
     return p
@@ -25,6 +40,65 @@ def ecfs(store, *args, input=None, check=True, env=None):
 
 def ecfs_json(store, *args):
     return json.loads(ecfs(store, *args, "--json").stdout)
+
+
+def ecfs_tty(store, *args):
+    """Run with stderr on a pseudo-terminal (120 columns), as a user at a
+    shell sees it. Returns (returncode, stdout bytes, stderr text)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    p = subprocess.Popen(_cmd(store, args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=slave, env=_env(), cwd=ROOT)
+    os.close(slave)
+    chunks = []
+
+    def drain():
+        while True:
+            try:
+                b = os.read(master, 65536)
+            except OSError:        # EIO: the child closed its end
+                return
+            if not b:
+                return
+            chunks.append(b)
+
+    t = threading.Thread(target=drain)
+    t.start()
+    out = p.communicate(timeout=120)[0]
+    t.join(timeout=30)
+    os.close(master)
+    return p.returncode, out, b"".join(chunks).decode(errors="replace")
+
+
+# Run as another user. The interpreter may live where that user cannot
+# reach (a pyenv under /root), so start as root, import everything, then
+# drop to the user before running the command.
+_AS_USER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import fcntl, json, traceback, tqdm
+import ecfs.cli, ecfs.cmd_pool, ecfs.cmd_rados, ecfs.progress, backend.objectstore
+os.setgroups([]); os.setgid({gid}); os.setuid({uid})
+sys.exit(ecfs.cli.main(sys.argv[1:]))
+"""
+
+
+def ecfs_as(uid, gid, store, *args):
+    code = _AS_USER.format(root=ROOT, uid=uid, gid=gid)
+    cmd = _cmd(store, args, prefix=("-c", code))
+    return subprocess.run(cmd, capture_output=True, env=_env(), cwd="/", timeout=120)
+
+
+def tree(path):
+    """{file: content} under ``path`` (directories as None)."""
+    out = {}
+    for d, dirs, files in os.walk(path):
+        for x in dirs:
+            out[os.path.join(d, x)] = None
+        for f in files:
+            p = os.path.join(d, f)
+            out[p] = open(p, "rb").read()
+    return out
 
 
 def assert_user_error(p, contains=""):
