@@ -313,7 +313,8 @@ class _Stats:
 
 
 def _bench_loop(args, stats: _Stats, op, label: str, bs: int, stop_after=None) -> dict:
-    deadline = time.monotonic() + args.seconds
+    t0 = time.monotonic()
+    deadline = t0 + args.seconds    # so a run lasts at least until its last row
     errors: list[BaseException] = []
 
     def worker():
@@ -338,7 +339,6 @@ def _bench_loop(args, stats: _Stats, op, label: str, bs: int, stop_after=None) -
     quiet = wants_json(args)
     bw_hist: list[float] = []      # MiB/s of each whole second
     iops_hist: list[int] = []
-    t0 = time.monotonic()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.threads)]
     for t in threads:
         t.start()
