@@ -56,7 +56,7 @@ import numpy as np
 from . import shardfile as sf
 from .codec import FLAG_PARITY_DELTA, Codec
 from .counters import Counters
-from .errors import DataUnavailable, InvalidArgument, NotFound, StoreError, TooBig
+from .errors import DataUnavailable, EcfsError, InvalidArgument, NotFound, StoreError, TooBig
 from .journal import OP_PUNCH, OP_TRUNCATE, OP_UNLINK, OP_WRITE, PUNCH_LEN, FileOp, Journal, Record
 from .locks import ALL_STRIPES, StoreLocks, slot_of
 from .missed import MissedLog
@@ -157,6 +157,7 @@ class ObjectStore:
         except (OSError, ValueError) as e:
             raise StoreError(f"cannot open store {self.store}: {e}")
         self.counters = Counters(self.store)
+        self._counts_at_open = self.counters.mark()
         self._clients_fd = os.open(os.path.join(self.store, "clients.lock"),
                                    os.O_RDWR | os.O_CREAT, 0o600)
         self._open_recovery()
@@ -326,7 +327,10 @@ class ObjectStore:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if isinstance(exc, EcfsError) and getattr(self, "_counts_at_open", None) is not None:
+            # a command failing on bad input leaves the counters as they were
+            self.counters.rewind(self._counts_at_open)
         self.close()
 
     def amplification(self) -> dict[str, float]:
@@ -494,7 +498,12 @@ class ObjectStore:
         return os.path.join(d, rd), os.path.join(d, rm)
 
     def _osd_failed(self, osd: int, e: OSError) -> None:
-        self.osdmap.mark_down(osd, f"I/O error: {e.strerror or e}")
+        why = f"I/O error: {e.strerror or e}"
+        if self.readonly:      # a read-only view writes nothing, the OSD map included
+            from .osdmap import OsdState
+            self.osdmap.states[osd] = OsdState(osd, self.osdmap.paths[osd], False, why)
+            return
+        self.osdmap.mark_down(osd, why)
 
     # ---------------------------------------------------------------- layout
     @staticmethod

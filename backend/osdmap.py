@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 
 from .errors import StoreError
+from .missed import MissedLog
 from .pool import OSD_FILE, PoolConfig, osd_abspath, write_json_atomic
 
 
@@ -84,6 +85,12 @@ class OsdMap:
             else:
                 why = self._check_dir(i, p)
                 states[i] = OsdState(i, p, not why, why)
+        # an OSD that missed writes stays out until 'osd up' rebuilt them,
+        # even if its directory is back (backend/missed.py)
+        for i in MissedLog(self.store).behind():
+            if i in states and states[i].up:
+                states[i] = OsdState(i, states[i].path, False,
+                                     f"behind: missed writes to recover (run 'ecfs osd up {i}')")
         with self._lock:
             self.states = states
 

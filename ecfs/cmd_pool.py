@@ -9,6 +9,7 @@ from backend.objectstore import ObjectStore, amplification
 from backend.osdmap import OsdMap
 from backend.pool import WRITE_MODES, create_store, load_pool
 
+from . import progress
 from .cli import add_json, wants_json
 from .output import print_json, print_table
 from .units import format_size, parse_size
@@ -159,12 +160,20 @@ def cmd_osd_down(args) -> int:
 
 
 def cmd_osd_up(args) -> int:
+    """Bring an OSD back: rebuild what it missed while away, then mark it up."""
+    from backend.objectstore import ObjectStore
+    from backend.recovery import recover_osd
     pool = load_pool(args.store)
     _check_osd(pool, args.id)
-    osdmap = OsdMap(args.store, pool)
-    osdmap.mark_up(args.id)
-    st = osdmap.states[args.id]
-    if not st.up:
-        raise InvalidArgument(f"osd.{args.id} stays down: {st.reason}")
-    print(f"marked up osd.{args.id}")
+    with ObjectStore(args.store) as s:
+        pending = s.missed.pending(args.id)
+        with progress.bar(args, total=pending or None, desc=f"Recovering osd.{args.id}",
+                          unit="obj") as bar:
+            res = recover_osd(s, args.id, progress=lambda done, total: bar.update(1))
+        st = s.osdmap.states[args.id]
+        if not st.up:
+            raise InvalidArgument(f"osd.{args.id} stays down: {st.reason}")
+    print(f"marked up osd.{args.id}: {res.objects} objects recovered "
+          f"({res.rebuilt} shards rebuilt, {res.headers} headers rewritten, "
+          f"{res.removed} removed objects cleaned)")
     return 0

@@ -1,0 +1,428 @@
+"""``ecfs rbd ...``: images, as the ``rbd`` tool handles them.
+
+This step covers create, ls, info, rm, rename, resize, export, import, du,
+status, lock ls|rm and object-map check|rebuild; snapshots, clones and
+diffs follow with the rest of the images issue.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from backend.errors import InvalidArgument, NotFound
+from backend.objectstore import ObjectStore
+from rbdlike import directory
+from rbdlike.exclusive_lock import break_lock, owner
+from rbdlike.image import Image, load_header
+from rbdlike.objectmap import ObjectMap
+from rbdlike.rbd import RBD, object_map_check, object_map_rebuild
+
+from . import progress
+from .cli import add_json, wants_json
+from .output import print_json, print_table
+from .units import format_size, parse_size
+
+IO_CHUNK = 4 << 20
+
+
+def register(sub) -> None:
+    p = sub.add_parser("rbd", help="images (like the rbd tool)")
+    rs = p.add_subparsers(dest="rbd_cmd", metavar="VERB", parser_class=p.__class__)
+    rs.required = True
+    q = rs.add_parser("create", help="create an image")
+    q.add_argument("name")
+    q.add_argument("--size", "-s", required=True, help="size (a bare number is MiB)")
+    q.add_argument("--object-size", default=None, help="object size, a power of two 4K..32M")
+    q.add_argument("--image-shared", action="store_true",
+                   help="no exclusive lock, no object map: several writers at once")
+    q.add_argument("--image-feature", action="append", default=None, metavar="FEATURE",
+                   help="feature to enable (repeat or comma-separate)")
+    q.set_defaults(func=cmd_create)
+    q = rs.add_parser("ls", help="list images")
+    q.add_argument("-l", "--long", action="store_true", help="with size and lock")
+    add_json(q)
+    q.set_defaults(func=cmd_ls)
+    q = rs.add_parser("info", help="show an image's header")
+    q.add_argument("name")
+    add_json(q)
+    q.set_defaults(func=cmd_info)
+    q = rs.add_parser("rm", help="remove an image and its data")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_rm)
+    q = rs.add_parser("rename", help="rename an image")
+    q.add_argument("old")
+    q.add_argument("new")
+    q.set_defaults(func=cmd_rename)
+    q = rs.add_parser("resize", help="grow or (with --allow-shrink) shrink an image")
+    q.add_argument("name")
+    q.add_argument("--size", "-s", required=True, help="new size (a bare number is MiB)")
+    q.add_argument("--allow-shrink", action="store_true", help="allow making it smaller")
+    q.set_defaults(func=cmd_resize)
+    q = rs.add_parser("export", help="write an image's bytes to FILE (or - for stdout)")
+    q.add_argument("name")
+    q.add_argument("file")
+    q.set_defaults(func=cmd_export)
+    q = rs.add_parser("import", help="create image NAME from FILE (or - for stdin), sparse")
+    q.add_argument("file")
+    q.add_argument("name")
+    q.add_argument("--object-size", default=None, help="object size, a power of two 4K..32M")
+    q.add_argument("--image-shared", action="store_true", help="import as a shared image")
+    q.set_defaults(func=cmd_import)
+    q = rs.add_parser("du", help="provisioned and used space, from the object maps")
+    q.add_argument("name", nargs="?")
+    add_json(q)
+    q.set_defaults(func=cmd_du)
+    q = rs.add_parser("status", help="an image's lock owner")
+    q.add_argument("name")
+    add_json(q)
+    q.set_defaults(func=cmd_status)
+    q = rs.add_parser("lock", help="the exclusive lock: ls | rm")
+    ls = q.add_subparsers(dest="lock_cmd", metavar="ls|rm", parser_class=p.__class__)
+    ls.required = True
+    r = ls.add_parser("ls", help="show the lock owner")
+    r.add_argument("name")
+    add_json(r)
+    r.set_defaults(func=cmd_lock_ls)
+    r = ls.add_parser("rm", help="break the lock and fence its owner")
+    r.add_argument("name")
+    r.add_argument("rest", nargs="*", help=argparse_suppress())
+    r.set_defaults(func=cmd_lock_rm)
+    q = rs.add_parser("object-map", help="the object map: check | rebuild")
+    os_ = q.add_subparsers(dest="om_cmd", metavar="check|rebuild", parser_class=p.__class__)
+    os_.required = True
+    r = os_.add_parser("check", help="compare the map with the objects")
+    r.add_argument("name")
+    r.set_defaults(func=cmd_om_check)
+    r = os_.add_parser("rebuild", help="regenerate the map from the objects")
+    r.add_argument("name")
+    r.set_defaults(func=cmd_om_rebuild)
+
+
+def argparse_suppress():
+    import argparse
+    return argparse.SUPPRESS
+
+
+def _open(args) -> ObjectStore:
+    return ObjectStore(args.store)
+
+
+def _size(text: str) -> int:
+    return parse_size(text, default_unit="M", what="size")
+
+
+def _features(args) -> list[str] | None:
+    if not args.image_feature:
+        return None
+    out = []
+    for f in args.image_feature:
+        out += [x.strip() for x in f.split(",") if x.strip()]
+    return out
+
+
+def cmd_create(args) -> int:
+    size = _size(args.size)
+    osz = parse_size(args.object_size, what="object size") if args.object_size else 4 << 20
+    with _open(args) as s:
+        RBD().create(s, args.name, size, object_size=osz, features=_features(args),
+                     shared=args.image_shared)
+    return 0
+
+
+def cmd_ls(args) -> int:
+    with _open(args) as s:
+        names = RBD().list(s)
+        if not args.long and not wants_json(args):
+            for n in names:
+                print(n)
+            return 0
+        rows = []
+        for n in names:
+            image_id = directory.lookup(s, n)
+            h = load_header(s, image_id, n)
+            o = owner(s, image_id)
+            rows.append({"image": n, "id": image_id, "size": h.size, "format": 2,
+                         "lock_type": "exclusive" if o else ""})
+    if wants_json(args):
+        print_json(rows if args.long else [r["image"] for r in rows])
+    else:
+        print_table(["NAME", "SIZE", "PARENT", "FMT", "PROT", "LOCK"],
+                    [[r["image"], format_size(r["size"]), "", 2, "",
+                      "excl" if r["lock_type"] else ""] for r in rows])
+    return 0
+
+
+def cmd_info(args) -> int:
+    with _open(args) as s:
+        image_id = directory.lookup(s, args.name)
+        h = load_header(s, image_id, args.name)
+        m = ObjectMap(s, image_id)
+        present = None
+        if h.has("object-map") and m.load(h.num_objects) and not h.object_map_invalid:
+            present = m.count()
+        o = owner(s, image_id)
+    info = {"name": h.name, "id": h.id, "size": h.size, "objects": h.num_objects,
+            "order": h.object_size.bit_length() - 1, "object_size": h.object_size,
+            "block_name_prefix": f"rbd_data.{h.id}", "format": 2,
+            "features": h.features, "flags": ["object map invalid"] if h.object_map_invalid else [],
+            "snapshot_count": len(h.snapshots), "objects_present": present,
+            "create_timestamp": time.ctime(h.created),
+            "parent": None if h.parent is None else
+            {"image": h.parent.image_name, "snapshot": h.parent.snap_name,
+             "overlap": h.parent.overlap},
+            "lock_owner": None if o is None else {"pid": o.pid, "host": o.host,
+                                                  "cookie": o.cookie, "epoch": o.epoch}}
+    if wants_json(args):
+        print_json(info)
+        return 0
+    print(f"rbd image '{h.name}':")
+    print(f"\tsize {format_size(h.size)} in {h.num_objects} objects")
+    print(f"\torder {info['order']} ({format_size(h.object_size)} objects)")
+    print(f"\tsnapshot_count: {len(h.snapshots)}")
+    print(f"\tid: {h.id}")
+    print(f"\tblock_name_prefix: rbd_data.{h.id}")
+    print("\tformat: 2")
+    print(f"\tfeatures: {', '.join(h.features)}")
+    print(f"\tflags: {', '.join(info['flags'])}")
+    print(f"\tcreate_timestamp: {info['create_timestamp']}")
+    print(f"\tobjects: {present if present is not None else 'unknown (no valid object map)'}")
+    if h.parent is not None:
+        print(f"\tparent: {h.parent.image_name}@{h.parent.snap_name}")
+        print(f"\toverlap: {format_size(h.parent.overlap)}")
+    print(f"\tlock owner: {'none' if o is None else f'pid {o.pid} on {o.host} (epoch {o.epoch})'}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    with _open(args) as s:
+        with progress.bar(args, total=None, desc="Removing image", unit="obj") as bar:
+            RBD().remove(s, args.name, progress=lambda done, total: bar.update(1))
+    return 0
+
+
+def cmd_rename(args) -> int:
+    with _open(args) as s:
+        RBD().rename(s, args.old, args.new)
+    return 0
+
+
+def cmd_resize(args) -> int:
+    size = _size(args.size)
+    with _open(args) as s:
+        with Image(s, args.name) as img:
+            img.resize(size, allow_shrink=args.allow_shrink)
+    return 0
+
+
+def cmd_export(args) -> int:
+    out_path = None if args.file == "-" else args.file
+    if out_path is not None:
+        _check_output(out_path)
+    with _open(args) as s:
+        with Image(s, args.name, read_only=True) as img:
+            size = img.size()
+            bar = progress.bar(args, total=size, desc="Exporting image")
+            tmp = None
+            try:
+                if out_path is None:
+                    out = sys.stdout.buffer
+                else:
+                    tmp = f"{out_path}.ecfs-tmp.{os.getpid()}"
+                    out = open(tmp, "wb")
+                with (out if out_path is not None else _nullctx()):
+                    pos = 0
+                    while pos < size:
+                        n = min(IO_CHUNK, size - pos)
+                        buf = img.read(pos, n)
+                        if out_path is not None:
+                            _write_sparse(out, pos, buf)
+                        else:
+                            out.write(buf)
+                        pos += n
+                        bar.update(n)
+                    if out_path is not None:
+                        out.truncate(size)
+                if tmp:
+                    os.replace(tmp, out_path)
+                    tmp = None
+            finally:
+                bar.close()
+                if tmp:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
+    return 0
+
+
+def cmd_import(args) -> int:
+    osz = parse_size(args.object_size, what="object size") if args.object_size else 4 << 20
+    if args.file == "-":
+        src, size = sys.stdin.buffer, None
+    else:
+        try:
+            src = open(args.file, "rb")
+        except OSError as e:
+            raise InvalidArgument(f"cannot open {args.file}: {e.strerror}")
+        size = os.fstat(src.fileno()).st_size
+    with _open(args) as s:
+        if size is None:
+            # stdin: spool, since the image size must be known up front
+            import tempfile
+            spool = tempfile.TemporaryFile()
+            while True:
+                b = src.read(IO_CHUNK)
+                if not b:
+                    break
+                spool.write(b)
+            size = spool.tell()
+            spool.seek(0)
+            src = spool
+        RBD().create(s, args.name, size, object_size=osz, shared=args.image_shared)
+        ok = False
+        bar = progress.bar(args, total=size, desc="Importing image")
+        try:
+            with Image(s, args.name) as img:
+                pos = 0
+                while pos < size:
+                    n = min(osz - pos % osz, size - pos)
+                    buf = src.read(n)
+                    if len(buf) < n:
+                        raise InvalidArgument(f"{args.file}: shorter than expected")
+                    if np.frombuffer(buf, np.uint8).any():   # all-zero runs are skipped, as rbd does
+                        img.write(buf, pos)
+                    pos += n
+                    bar.update(n)
+            ok = True
+        finally:
+            bar.close()
+            if not ok:
+                try:
+                    RBD().remove(s, args.name)
+                except Exception:
+                    pass
+    return 0
+
+
+def cmd_du(args) -> int:
+    rows = []
+    with _open(args) as s:
+        names = [args.name] if args.name else RBD().list(s)
+        for n in names:
+            image_id = directory.lookup(s, n)
+            h = load_header(s, image_id, n)
+            m = ObjectMap(s, image_id)
+            if h.has("object-map") and m.load(h.num_objects) and not h.object_map_invalid:
+                used = m.count() * h.object_size
+            else:
+                used = sum(s.stat(x).size for x in s.list(f"rbd_data.{image_id}."))
+            rows.append({"name": n, "provisioned_size": h.size, "used_size": min(used, h.size)})
+    if wants_json(args):
+        print_json({"images": rows,
+                    "total_provisioned_size": sum(r["provisioned_size"] for r in rows),
+                    "total_used_size": sum(r["used_size"] for r in rows)})
+        return 0
+    print_table(["NAME", "PROVISIONED", "USED"],
+                [[r["name"], format_size(r["provisioned_size"]), format_size(r["used_size"])]
+                 for r in rows] +
+                ([["<TOTAL>", format_size(sum(r["provisioned_size"] for r in rows)),
+                   format_size(sum(r["used_size"] for r in rows))]] if len(rows) > 1 else []))
+    return 0
+
+
+def cmd_status(args) -> int:
+    with _open(args) as s:
+        image_id = directory.lookup(s, args.name)
+        o = owner(s, image_id)
+    if wants_json(args):
+        print_json({"watchers": [] if o is None else
+                    [{"pid": o.pid, "host": o.host, "cookie": o.cookie}],
+                    "lock_owner": None if o is None else o.pid})
+        return 0
+    if o is None:
+        print("Watchers: none")
+    else:
+        print("Watchers:")
+        print(f"\twatcher=pid {o.pid} on {o.host} cookie={o.cookie} (lock owner)")
+    return 0
+
+
+def cmd_lock_ls(args) -> int:
+    with _open(args) as s:
+        image_id = directory.lookup(s, args.name)
+        o = owner(s, image_id)
+    if wants_json(args):
+        print_json([] if o is None else [{"id": f"auto {o.cookie}", "locker": f"pid.{o.pid}",
+                                          "address": o.host, "epoch": o.epoch}])
+        return 0
+    if o is None:
+        return 0
+    print("There is 1 exclusive lock on this image.")
+    print_table(["Locker", "ID", "Address"], [[f"pid.{o.pid}", f"auto {o.cookie}", o.host]])
+    return 0
+
+
+def cmd_lock_rm(args) -> int:
+    with _open(args) as s:
+        image_id = directory.lookup(s, args.name)
+        if owner(s, image_id) is None:
+            raise NotFound(f"image {args.name!r} is not locked")
+        break_lock(s, image_id)
+    return 0
+
+
+def cmd_om_check(args) -> int:
+    with _open(args) as s:
+        problems = object_map_check(s, args.name)
+    for p in problems:
+        print(p)
+    if problems:
+        from backend.errors import Inconsistent
+        raise Inconsistent(f"object map of {args.name!r}: {len(problems)} problem(s); "
+                           f"run 'ecfs rbd object-map rebuild {args.name}'")
+    return 0
+
+
+def cmd_om_rebuild(args) -> int:
+    with _open(args) as s:
+        n = object_map_rebuild(s, args.name)
+    print(f"object map rebuilt: {n} objects present")
+    return 0
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+SPARSE_BLOCK = 64 << 10
+
+
+def _write_sparse(out, pos: int, buf: bytes) -> None:
+    """Write ``buf`` at ``pos`` leaving all-zero 64 KiB blocks as holes."""
+    a = np.frombuffer(buf, np.uint8)
+    nblk = -(-len(a) // SPARSE_BLOCK)
+    padded = np.zeros(nblk * SPARSE_BLOCK, np.uint8)
+    padded[:len(a)] = a
+    nz = padded.reshape(nblk, SPARSE_BLOCK).any(axis=1)
+    edges = np.flatnonzero(np.diff(nz.astype(np.int8))) + 1
+    bounds = [0, *edges.tolist(), nblk]
+    for b0, b1 in zip(bounds, bounds[1:]):
+        if nz[b0]:
+            lo, hi = b0 * SPARSE_BLOCK, min(b1 * SPARSE_BLOCK, len(a))
+            out.seek(pos + lo)
+            out.write(buf[lo:hi])
+
+
+def _check_output(path: str) -> None:
+    if os.path.isdir(path):
+        raise InvalidArgument(f"{path} is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InvalidArgument(f"cannot write {path}: no such directory {parent}")

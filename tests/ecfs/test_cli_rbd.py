@@ -1,0 +1,101 @@
+"""ecfs rbd ... (images) as a user runs it."""
+import json
+import os
+
+import pytest
+
+from .util import assert_user_error, ecfs, ecfs_json
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def store(tmp_path):
+    st = tmp_path / "s"
+    ecfs(st, "init")
+    return st
+
+
+def _state(store):
+    """What a failed command must not change: counters, objects, images."""
+    st = ecfs_json(store, "status")
+    return st["counters"], st["objects"], st["images"]
+
+
+def test_create_info_ls_resize_rename_rm(store):
+    ecfs(store, "rbd", "create", "a", "--size", "100")           # MiB, as rbd
+    ecfs(store, "rbd", "create", "b", "--size", "1G", "--object-size", "1M")
+    info = ecfs_json(store, "rbd", "info", "a")
+    assert info["size"] == 100 * MiB and info["object_size"] == 4 * MiB
+    assert info["features"] == ["layering", "exclusive-lock", "object-map", "fast-diff"]
+    assert info["snapshot_count"] == 0 and info["lock_owner"] is None
+    text = ecfs(store, "rbd", "info", "b").stdout.decode()
+    assert "size 1 GiB in 1024 objects" in text and "order 20" in text
+    assert ecfs(store, "rbd", "ls").stdout.decode().split() == ["a", "b"]
+    assert json.loads(ecfs(store, "rbd", "ls", "--format", "json").stdout) == ["a", "b"]
+    ecfs(store, "rbd", "resize", "a", "--size", "200")
+    assert ecfs_json(store, "rbd", "info", "a")["size"] == 200 * MiB
+    ecfs(store, "rbd", "rename", "a", "c")
+    ecfs(store, "rbd", "rm", "c")
+    assert ecfs(store, "rbd", "ls").stdout.decode().split() == ["b"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("rbd", "create", "x", "--size", "-1"), "size"),
+    (("rbd", "create", "x", "--size", "10Q"), "size"),
+    (("rbd", "create", "x/y", "--size", "1"), "name"),
+    (("rbd", "create", "x", "--size", "1", "--object-size", "3M"), "object size"),
+    (("rbd", "create", "x", "--size", "1", "--image-feature", "bogus"), "feature"),
+    (("rbd", "create", "b", "--size", "1"), "exists"),
+    (("rbd", "info", "nosuch"), "does not exist"),
+    (("rbd", "rm", "nosuch"), "does not exist"),
+    (("rbd", "resize", "b", "--size", "1"), "allow-shrink"),
+    (("rbd", "rename", "b", "bad@name"), "name"),
+    (("rbd", "export", "nosuch", "/tmp/x"), "does not exist"),
+    (("rbd", "import", "/nonexistent/file", "y"), "nonexistent"),
+])
+def test_bad_input_is_one_line_and_changes_nothing(store, args, msg):
+    ecfs(store, "rbd", "create", "b", "--size", "10")
+    before = _state(store)
+    p = ecfs(store, *args, check=False)
+    assert_user_error(p, msg)
+    assert _state(store) == before
+    assert ecfs(store, "rbd", "ls").stdout.decode().split() == ["b"]
+    assert ecfs_json(store, "rbd", "info", "b")["size"] == 10 * MiB
+
+
+def test_import_export_sparse_round_trip(store, tmp_path):
+    src = tmp_path / "in.img"
+    with open(src, "wb") as f:
+        f.write(os.urandom(MiB))
+        f.seek(9 * MiB)
+        f.write(os.urandom(5000))
+    ecfs(store, "rbd", "import", src, "im")
+    info = ecfs_json(store, "rbd", "info", "im")
+    assert info["size"] == 9 * MiB + 5000
+    assert info["objects_present"] == 2          # the all-zero object was not written
+    out = tmp_path / "out.img"
+    ecfs(store, "rbd", "export", "im", out)
+    assert out.read_bytes() == src.read_bytes()
+    assert os.stat(out).st_blocks * 512 < 3 * MiB   # sparse
+    assert ecfs(store, "rbd", "export", "im", "-").stdout == src.read_bytes()
+    ecfs(store, "rbd", "import", "-", "piped", input=src.read_bytes())
+    assert ecfs(store, "rbd", "export", "piped", "-").stdout == src.read_bytes()
+    du = ecfs_json(store, "rbd", "du", "im")
+    assert du["images"][0]["used_size"] == 8 * MiB and du["images"][0]["provisioned_size"] == 9 * MiB + 5000
+
+
+def test_object_map_check_and_rebuild(store):
+    ecfs(store, "rbd", "create", "m", "--size", "12")
+    image_id = ecfs_json(store, "rbd", "info", "m")["id"]
+    ecfs(store, "rados", "put", f"rbd_object_map.{image_id}", "-", input=b"junk")
+    p = ecfs(store, "rbd", "object-map", "check", "m", check=False)
+    assert p.returncode != 0 and b"invalid" in p.stdout
+    ecfs(store, "rbd", "object-map", "rebuild", "m")
+    ecfs(store, "rbd", "object-map", "check", "m")
+
+
+def test_lock_ls_and_rm_without_owner(store):
+    ecfs(store, "rbd", "create", "l", "--size", "4")
+    assert ecfs(store, "rbd", "lock", "ls", "l").stdout == b""
+    assert_user_error(ecfs(store, "rbd", "lock", "rm", "l", check=False), "not locked")
