@@ -1,8 +1,9 @@
 """``ecfs rbd ...``: images, as the ``rbd`` tool handles them.
 
-This step covers create, ls, info, rm, rename, resize, export, import, du,
-status, lock ls|rm and object-map check|rebuild; snapshots, clones and
-diffs follow with the rest of the images issue.
+Here: create, ls, info, rm, rename, resize, export, import, du, status,
+lock ls|rm and object-map check|rebuild. Snapshots, clones and image
+maintenance are in cmd_rbd_snap, diffs in cmd_rbd_diff, bench in
+cmd_rbd_bench.
 """
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def register(sub) -> None:
     q.add_argument("-l", "--long", action="store_true", help="with size and lock")
     add_json(q)
     q.set_defaults(func=cmd_ls)
-    q = rs.add_parser("info", help="show an image's header")
-    q.add_argument("name")
+    q = rs.add_parser("info", help="show an image's (or a snapshot's) header")
+    q.add_argument("name", metavar="NAME[@SNAP]")
     add_json(q)
     q.set_defaults(func=cmd_info)
     q = rs.add_parser("rm", help="remove an image and its data")
@@ -61,8 +62,9 @@ def register(sub) -> None:
     q.add_argument("--size", "-s", required=True, help="new size (a bare number is MiB)")
     q.add_argument("--allow-shrink", action="store_true", help="allow making it smaller")
     q.set_defaults(func=cmd_resize)
-    q = rs.add_parser("export", help="write an image's bytes to FILE (or - for stdout)")
-    q.add_argument("name")
+    q = rs.add_parser("export", help="write an image's (or a snapshot's) bytes to FILE "
+                                     "(or - for stdout)")
+    q.add_argument("name", metavar="NAME[@SNAP]")
     q.add_argument("file")
     q.set_defaults(func=cmd_export)
     q = rs.add_parser("import", help="create image NAME from FILE (or - for stdin), sparse")
@@ -99,6 +101,10 @@ def register(sub) -> None:
     r = os_.add_parser("rebuild", help="regenerate the map from the objects")
     r.add_argument("name")
     r.set_defaults(func=cmd_om_rebuild)
+    from . import cmd_rbd_bench, cmd_rbd_diff, cmd_rbd_snap
+    cmd_rbd_snap.register(rs, p.__class__)
+    cmd_rbd_diff.register(rs, p.__class__)
+    cmd_rbd_bench.register(rs, p.__class__)
 
 
 def argparse_suppress():
@@ -133,6 +139,7 @@ def cmd_create(args) -> int:
 
 
 def cmd_ls(args) -> int:
+    from rbdlike.layering import parent_name
     with _open(args) as s:
         names = RBD().list(s)
         if not args.long and not wants_json(args):
@@ -144,42 +151,70 @@ def cmd_ls(args) -> int:
             image_id = directory.lookup(s, n)
             h = load_header(s, image_id, n)
             o = owner(s, image_id)
+            par = None if h.parent is None else f"{parent_name(s, h.parent)}@{h.parent.snap_name}"
             rows.append({"image": n, "id": image_id, "size": h.size, "format": 2,
-                         "lock_type": "exclusive" if o else ""})
+                         "parent": par, "lock_type": "exclusive" if o else ""})
+            if args.long:
+                for sn in sorted(h.snapshots, key=lambda x: x.id):
+                    sp = None if sn.parent is None else \
+                        f"{parent_name(s, sn.parent)}@{sn.parent.snap_name}"
+                    rows.append({"image": n, "id": image_id, "snapshot": sn.name,
+                                 "snapshot_id": sn.id, "size": sn.size, "format": 2,
+                                 "parent": sp, "protected": "true" if sn.protected else "false"})
     if wants_json(args):
-        print_json(rows if args.long else [r["image"] for r in rows])
+        out = []
+        for r in rows:
+            d = {k: v for k, v in r.items() if v is not None and k != "parent"}
+            if r.get("parent"):
+                pi, _, ps = r["parent"].partition("@")
+                d["parent"] = {"pool": "ecfs", "image": pi, "snapshot": ps}
+            out.append(d)
+        print_json(out if args.long else [r["image"] for r in rows])
     else:
         print_table(["NAME", "SIZE", "PARENT", "FMT", "PROT", "LOCK"],
-                    [[r["image"], format_size(r["size"]), "", 2, "",
-                      "excl" if r["lock_type"] else ""] for r in rows])
+                    [[r["image"] + (f"@{r['snapshot']}" if "snapshot" in r else ""),
+                      format_size(r["size"]), r.get("parent") or "", 2,
+                      ("yes" if r["protected"] == "true" else "") if "snapshot" in r else "",
+                      "excl" if r.get("lock_type") else ""] for r in rows])
     return 0
 
 
 def cmd_info(args) -> int:
+    from rbdlike.layering import children, parent_name
+    from .cmd_rbd_snap import image_spec
+    name, snap = image_spec(args.name)
     with _open(args) as s:
-        image_id = directory.lookup(s, args.name)
-        h = load_header(s, image_id, args.name)
-        m = ObjectMap(s, image_id)
+        image_id = directory.lookup(s, name)
+        h = load_header(s, image_id, name)
+        sn = h.snap(snap) if snap is not None else None
+        size = sn.size if sn else h.size
+        nobj = -(-size // h.object_size)
+        m = ObjectMap(s, image_id, sn.id if sn else None)
         present = None
-        if h.has("object-map") and m.load(h.num_objects) and not h.object_map_invalid:
+        if h.has("object-map") and m.load(nobj) and not (h.object_map_invalid and not sn):
             present = m.count()
         o = owner(s, image_id)
-    info = {"name": h.name, "id": h.id, "size": h.size, "objects": h.num_objects,
+        par = sn.parent if sn else h.parent
+        pname = parent_name(s, par) if par else None
+        kids = children(s, image_id, sn.id) if sn else []
+    info = {"name": h.name, "id": h.id, "size": size, "objects": nobj,
             "order": h.object_size.bit_length() - 1, "object_size": h.object_size,
             "block_name_prefix": f"rbd_data.{h.id}", "format": 2,
             "features": h.features, "flags": ["object map invalid"] if h.object_map_invalid else [],
             "snapshot_count": len(h.snapshots), "objects_present": present,
             "create_timestamp": time.ctime(h.created),
-            "parent": None if h.parent is None else
-            {"image": h.parent.image_name, "snapshot": h.parent.snap_name,
-             "overlap": h.parent.overlap},
+            "parent": None if par is None else
+            {"pool": "ecfs", "image": pname, "snapshot": par.snap_name, "overlap": par.overlap},
             "lock_owner": None if o is None else {"pid": o.pid, "host": o.host,
                                                   "cookie": o.cookie, "epoch": o.epoch}}
+    if sn is not None:
+        info["protected"] = "true" if sn.protected else "false"
+        info["snapshot"] = sn.name
     if wants_json(args):
         print_json(info)
         return 0
     print(f"rbd image '{h.name}':")
-    print(f"\tsize {format_size(h.size)} in {h.num_objects} objects")
+    print(f"\tsize {format_size(size)} in {nobj} objects")
     print(f"\torder {info['order']} ({format_size(h.object_size)} objects)")
     print(f"\tsnapshot_count: {len(h.snapshots)}")
     print(f"\tid: {h.id}")
@@ -188,10 +223,14 @@ def cmd_info(args) -> int:
     print(f"\tfeatures: {', '.join(h.features)}")
     print(f"\tflags: {', '.join(info['flags'])}")
     print(f"\tcreate_timestamp: {info['create_timestamp']}")
+    if sn is not None:
+        print(f"\tprotected: {'True' if sn.protected else 'False'}")
+        if kids:
+            print(f"\tchildren: {', '.join(kids)}")
     print(f"\tobjects: {present if present is not None else 'unknown (no valid object map)'}")
-    if h.parent is not None:
-        print(f"\tparent: {h.parent.image_name}@{h.parent.snap_name}")
-        print(f"\toverlap: {format_size(h.parent.overlap)}")
+    if par is not None:
+        print(f"\tparent: {pname}@{par.snap_name}")
+        print(f"\toverlap: {format_size(par.overlap)}")
     print(f"\tlock owner: {'none' if o is None else f'pid {o.pid} on {o.host} (epoch {o.epoch})'}")
     return 0
 
@@ -221,8 +260,10 @@ def cmd_export(args) -> int:
     out_path = None if args.file == "-" else args.file
     if out_path is not None:
         _check_output(out_path)
+    from .cmd_rbd_snap import image_spec
+    name, snap = image_spec(args.name)
     with _open(args) as s:
-        with Image(s, args.name, read_only=True) as img:
+        with Image(s, name, snapshot=snap, read_only=True) as img:
             size = img.size()
             bar = progress.bar(args, total=size, desc="Exporting image")
             tmp = None
@@ -312,25 +353,56 @@ def cmd_du(args) -> int:
     with _open(args) as s:
         names = [args.name] if args.name else RBD().list(s)
         for n in names:
-            image_id = directory.lookup(s, n)
-            h = load_header(s, image_id, n)
-            m = ObjectMap(s, image_id)
-            if h.has("object-map") and m.load(h.num_objects) and not h.object_map_invalid:
-                used = m.count() * h.object_size
-            else:
-                used = sum(s.stat(x).size for x in s.list(f"rbd_data.{image_id}."))
-            rows.append({"name": n, "provisioned_size": h.size, "used_size": min(used, h.size)})
+            rows += _du_rows(s, n)
+    heads = [r for r in rows if "snapshot" not in r]
+    total_prov = sum(r["provisioned_size"] for r in heads)
+    total_used = sum(r["used_size"] for r in rows)
     if wants_json(args):
-        print_json({"images": rows,
-                    "total_provisioned_size": sum(r["provisioned_size"] for r in rows),
-                    "total_used_size": sum(r["used_size"] for r in rows)})
+        print_json({"images": rows, "total_provisioned_size": total_prov,
+                    "total_used_size": total_used})
         return 0
     print_table(["NAME", "PROVISIONED", "USED"],
-                [[r["name"], format_size(r["provisioned_size"]), format_size(r["used_size"])]
+                [[r["name"] + (f"@{r['snapshot']}" if "snapshot" in r else ""),
+                  format_size(r["provisioned_size"]), format_size(r["used_size"])]
                  for r in rows] +
-                ([["<TOTAL>", format_size(sum(r["provisioned_size"] for r in rows)),
-                   format_size(sum(r["used_size"] for r in rows))]] if len(rows) > 1 else []))
+                ([["<TOTAL>", format_size(total_prov), format_size(total_used)]]
+                 if len(rows) > 1 else []))
     return 0
+
+
+def _du_rows(s, name: str) -> list[dict]:
+    """rbd du's rows for one image: each snapshot, then the head. With
+    fast-diff maps, a snapshot's (or the head's) used space is what changed
+    since the snapshot before it, from the maps alone (no data I/O)."""
+    from rbdlike.objectmap import EXISTS, NONEXISTENT
+    image_id = directory.lookup(s, name)
+    h = load_header(s, image_id, name)
+    osz = h.object_size
+    snaps = sorted(h.snapshots, key=lambda x: x.id)
+    points = [(sn, ObjectMap(s, image_id, sn.id), sn.size) for sn in snaps]
+    points.append((None, ObjectMap(s, image_id), h.size))
+    ok = h.has("object-map") and not h.object_map_invalid and \
+        all(m.load(-(-size // osz)) for _, m, size in points)
+    rows = []
+    if ok:
+        prev = np.zeros(0, dtype=np.uint8)
+        for sn, m, size in points:
+            st = m.states
+            before = np.zeros(len(st), dtype=np.uint8)
+            k = min(len(prev), len(st))
+            before[:k] = prev[:k]
+            changed = (st != NONEXISTENT) & ((before == NONEXISTENT) | (st == EXISTS))
+            used = min(int(np.count_nonzero(changed)) * osz, size)
+            row = {"name": name, "provisioned_size": size, "used_size": used}
+            if sn is not None:
+                row = {"name": name, "snapshot": sn.name, "snapshot_id": sn.id,
+                       "provisioned_size": size, "used_size": used}
+            rows.append(row)
+            prev = st
+        return rows
+    used = sum(s.stat(x).size for x in s.list(f"rbd_data.{image_id}.")
+               if len(x) == len(f"rbd_data.{image_id}.") + 16)
+    return [{"name": name, "provisioned_size": h.size, "used_size": min(used, h.size)}]
 
 
 def cmd_status(args) -> int:

@@ -33,6 +33,12 @@ def data_object(image_id: str, objno: int) -> str:
     return f"rbd_data.{image_id}.{objno:016x}"
 
 
+def clone_object(image_id: str, objno: int, clone_id: int) -> str:
+    """Where object ``objno`` keeps its content as of snapshot ``clone_id``
+    (copy-on-write, rbdlike.snapshot)."""
+    return f"rbd_data.{image_id}.{objno:016x}.{clone_id:08x}"
+
+
 def validate_image_name(name: str, what: str = "image") -> None:
     raw = name.encode("utf-8", "surrogateescape")
     if not 1 <= len(raw) <= MAX_NAME:
@@ -68,21 +74,22 @@ def validate_features(features) -> tuple[str, ...]:
 
 
 @dataclass
-class Snapshot:
-    id: int
-    name: str
-    size: int
-    timestamp: float
-    protected: bool = False
-
-
-@dataclass
 class Parent:
     image_id: str
     image_name: str
     snap_id: int
     snap_name: str
     overlap: int
+
+
+@dataclass
+class Snapshot:
+    id: int
+    name: str
+    size: int
+    timestamp: float
+    protected: bool = False
+    parent: Parent | None = None      # the image's parent when the snapshot was taken
 
 
 @dataclass
@@ -97,6 +104,10 @@ class ImageHeader:
     snap_seq: int = 0
     parent: Parent | None = None
     object_map_invalid: bool = False
+    # ids of removed snapshots whose copy-on-write clones older snapshots still read
+    clone_ids: list[int] = field(default_factory=list)
+    # a snapshot being created: {"id", "name", "timestamp"} (finished by the next writer)
+    snap_pending: dict | None = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -115,6 +126,14 @@ class ImageHeader:
     def snap_by_id(self, snap_id: int) -> Snapshot | None:
         return next((s for s in self.snapshots if s.id == snap_id), None)
 
+    def newest_snap_id(self) -> int | None:
+        return max((s.id for s in self.snapshots), default=None)
+
+    def clone_candidates(self, from_id: int) -> list[int]:
+        """Ids a copy-on-write clone of some object may carry, >= from_id."""
+        ids = {s.id for s in self.snapshots} | set(self.clone_ids)
+        return sorted(i for i in ids if i >= from_id)
+
     def encode(self) -> bytes:
         d = asdict(self)
         return (json.dumps(d, sort_keys=True, indent=1) + "\n").encode()
@@ -131,7 +150,12 @@ class ImageHeader:
             if v > FORMAT_VERSION:
                 raise StoreError(f"{where}: image header format {v} is newer than this "
                                  f"ecfs knows ({FORMAT_VERSION})")
-            d["snapshots"] = [Snapshot(**s) for s in d.get("snapshots", [])]
+            snaps = []
+            for sd in d.get("snapshots", []):
+                if sd.get("parent") is not None:
+                    sd["parent"] = Parent(**sd["parent"])
+                snaps.append(Snapshot(**sd))
+            d["snapshots"] = snaps
             if d.get("parent") is not None:
                 d["parent"] = Parent(**d["parent"])
             h = cls(**d)

@@ -1,5 +1,6 @@
 """Image management (the shape of python-rbd's ``rbd.RBD``): create, list,
-remove, rename, and the object-map check and rebuild."""
+remove, rename, clone, and the image-wide maintenance that needs no open
+image: object-map check and rebuild, feature enable and disable."""
 from __future__ import annotations
 
 import time
@@ -9,19 +10,20 @@ import numpy as np
 
 from backend.errors import Busy, Exists, InvalidArgument, NotFound
 
-from . import directory
+from . import directory, layering
 from .exclusive_lock import ExclusiveLock, owner
-from .header import (DEFAULT_FEATURES, MAX_IMAGE_SIZE, ImageHeader, data_object, header_object,
+from .header import (DEFAULT_FEATURES, FEATURES, MAX_IMAGE_SIZE, ImageHeader, Parent, clone_object,
+                     data_object, header_object,
                      validate_features, validate_image_name, validate_object_size)
 from .image import load_header, save_header
-from .objectmap import EXISTS, NONEXISTENT, ObjectMap
+from .objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, ObjectMap
 
 DEFAULT_OBJECT_SIZE = 4 << 20
 
 
 class RBD:
     def create(self, store, name: str, size: int, object_size: int = DEFAULT_OBJECT_SIZE,
-               features=None, shared: bool = False) -> str:
+               features=None, shared: bool = False, parent: Parent | None = None) -> str:
         """Create an image; returns its id."""
         validate_image_name(name)
         if not isinstance(size, int) or size < 0 or size > MAX_IMAGE_SIZE:
@@ -31,8 +33,10 @@ class RBD:
             features = ["layering", "shared"] if features is None else list(features) + ["shared"]
         feats = validate_features(DEFAULT_FEATURES if features is None else features)
         image_id = uuid.uuid4().hex[:12]
+        if parent is not None and "layering" not in feats:
+            raise InvalidArgument("a clone needs the layering feature")
         hdr = ImageHeader(name=name, id=image_id, size=size, object_size=object_size,
-                          features=list(feats), created=time.time())
+                          features=list(feats), created=time.time(), parent=parent)
         with directory.directory_lock(store):
             images = directory.load(store)
             if name in images:
@@ -45,6 +49,32 @@ class RBD:
             images[name] = image_id
             directory.save(store, images)
         return image_id
+
+    def clone(self, store, parent_name: str, snap_name: str, child_name: str,
+              features=None, object_size: int | None = None) -> str:
+        """Create ``child_name`` as a copy-on-write clone of the protected
+        snapshot ``parent_name@snap_name``; returns the child's id."""
+        validate_image_name(child_name)
+        pid = directory.lookup(store, parent_name)
+        ph = load_header(store, pid, parent_name)
+        snap = ph.snap(snap_name)
+        if not ph.has("layering"):
+            raise InvalidArgument(f"image {parent_name!r} has no layering feature")
+        if not snap.protected:
+            raise InvalidArgument(f"snapshot {parent_name}@{snap_name} is not protected "
+                                  f"('ecfs rbd snap protect {parent_name}@{snap_name}' first)")
+        osz = ph.object_size if object_size is None else object_size
+        if osz != ph.object_size:
+            raise InvalidArgument(f"a clone has its parent's object size ({ph.object_size})")
+        link = Parent(image_id=pid, image_name=parent_name, snap_id=snap.id,
+                      snap_name=snap_name, overlap=snap.size)
+        return self.create(store, child_name, snap.size, object_size=osz, features=features,
+                           parent=link)
+
+    def children(self, store, parent_name: str, snap_name: str) -> list[str]:
+        pid = directory.lookup(store, parent_name)
+        snap = load_header(store, pid, parent_name).snap(snap_name)
+        return layering.children(store, pid, snap.id)
 
     def list(self, store) -> list[str]:
         return sorted(directory.load(store))
@@ -111,7 +141,7 @@ def object_map_check(store, name: str) -> list[str]:
     problems = []
     if hdr.object_map_invalid:
         problems.append("object map is flagged invalid")
-    present = _present_objects(store, image_id, hdr.num_objects)
+    present = present_objects(store, image_id, hdr.num_objects)
     for objno in range(hdr.num_objects):
         st = int(m.states[objno])
         if objno in present and st == NONEXISTENT:
@@ -129,22 +159,35 @@ def object_map_rebuild(store, name: str) -> int:
     lock = ExclusiveLock(store, image_id, name)
     lock.acquire()
     try:
-        present = _present_objects(store, image_id, hdr.num_objects)
         m = ObjectMap(store, image_id)
-        m.states = np.zeros(hdr.num_objects, dtype=np.uint8)
-        for objno in present:
-            m.states[objno] = EXISTS
+        m.states = rebuilt_states(store, hdr)
         m.save()
+        present = np.count_nonzero(m.states)
         with directory.header_lock(store, image_id):
             h = load_header(store, image_id, name)
             h.object_map_invalid = False
             save_header(store, h)
-        return len(present)
+        return int(present)
     finally:
         lock.release()
 
 
-def _present_objects(store, image_id: str, num_objects: int) -> set[int]:
+def rebuilt_states(store, hdr) -> np.ndarray:
+    """Head object-map states regenerated from the objects present. With
+    snapshots, an object counts as written since the newest one (EXISTS)
+    only if its copy for that snapshot exists; otherwise EXISTS_CLEAN, so
+    the next write still preserves it first."""
+    states = np.zeros(hdr.num_objects, dtype=np.uint8)
+    newest = hdr.newest_snap_id()
+    for objno in present_objects(store, hdr.id, hdr.num_objects):
+        if newest is None or store.exists(clone_object(hdr.id, objno, newest)):
+            states[objno] = EXISTS
+        else:
+            states[objno] = EXISTS_CLEAN
+    return states
+
+
+def present_objects(store, image_id: str, num_objects: int) -> set[int]:
     prefix = f"rbd_data.{image_id}."
     out = set()
     for n in store.list(prefix):
@@ -157,3 +200,72 @@ def _present_objects(store, image_id: str, num_objects: int) -> set[int]:
             if objno < num_objects:
                 out.add(objno)
     return out
+
+
+def update_features(store, name: str, features: list[str], enable: bool) -> list[str]:
+    """``rbd feature enable|disable``: on an image nobody has open for
+    writing. Enabling object-map builds the head map and each snapshot's map
+    from the objects; the dependencies are the rbd tool's (object-map needs
+    exclusive-lock, fast-diff needs object-map). Returns the new features."""
+    image_id = directory.lookup(store, name)
+    lock = ExclusiveLock(store, image_id, name)
+    if not lock.try_acquire():
+        o = owner(store, image_id)
+        who = f"pid {o.pid}" if o else "another process"
+        raise Busy(f"image {name!r} is in use by {who}; close it first")
+    try:
+        with directory.header_lock(store, image_id):
+            hdr = load_header(store, image_id, name)
+            for f in features:
+                if f not in FEATURES:
+                    raise InvalidArgument(f"unknown image feature {f!r} "
+                                          f"(known: {', '.join(FEATURES)})")
+            cur = list(hdr.features)
+            if enable:
+                bad = [f for f in features if f in ("layering", "shared")]
+                if bad:
+                    raise InvalidArgument(f"feature {bad[0]!r} can only be set at creation")
+                new = cur + [f for f in features if f not in cur]
+            else:
+                bad = [f for f in features if f == "layering"]
+                if bad:
+                    raise InvalidArgument("feature 'layering' cannot be disabled")
+                missing = [f for f in features if f not in cur]
+                if missing:
+                    raise InvalidArgument(f"feature {missing[0]!r} is not enabled on {name!r}")
+                new = [f for f in cur if f not in features]
+            # the rbd tool's dependency rules, checked as it checks them
+            validate_features(new)
+            if "object-map" in new and "object-map" not in cur:
+                m = ObjectMap(store, image_id)
+                m.states = rebuilt_states(store, hdr)
+                m.save()
+                hdr.object_map_invalid = False
+                for sn in hdr.snapshots:
+                    _build_snap_map(store, hdr, sn)
+            if "object-map" in cur and "object-map" not in new:
+                ObjectMap(store, image_id).remove()
+                for sn in hdr.snapshots:
+                    ObjectMap(store, image_id, sn.id).remove()
+            hdr.features = new
+            save_header(store, hdr)
+            return new
+    finally:
+        lock.release()
+
+
+def _build_snap_map(store, hdr, sn) -> None:
+    """A snapshot's map from its clones (made while the image had no map:
+    a whiteout says absent) and, for objects unchanged since, the head."""
+    from .snapshot import find_clone
+    n = -(-sn.size // hdr.object_size)
+    m = ObjectMap(store, hdr.id, sn.id)
+    m.states = np.zeros(n, dtype=np.uint8)
+    for objno in range(n):
+        found = find_clone(store, hdr, objno, sn.id)
+        if found is not None:
+            exists = found[1] > 0
+        else:
+            exists = store.exists(data_object(hdr.id, objno))
+        m.states[objno] = EXISTS if exists else NONEXISTENT
+    m.save()

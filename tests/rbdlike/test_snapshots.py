@@ -1,0 +1,252 @@
+"""Snapshots through the Python API: copy-on-write, snapshot views,
+remove, rollback, protect, and a seeded model test over random operations."""
+import random
+
+import numpy as np
+import pytest
+
+from backend.errors import Busy, Exists, InvalidArgument, NotFound, ReadOnly
+from rbdlike.header import clone_object, data_object
+from rbdlike.image import Image
+from rbdlike.objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, ObjectMap
+from rbdlike.rbd import RBD
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def _delta(store, before):
+    after = store.counters.snapshot()
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def test_snapshot_view_keeps_old_data_while_head_changes(store):
+    RBD().create(store, "a", 12 * MiB)
+    with Image(store, "a") as img:
+        img.write(b"1" * MiB, 0)
+        img.write(b"2" * MiB, 5 * MiB)
+        sid = img.create_snap("s1")
+        assert sid == 1
+        img.write(b"3" * 4096, 0)
+        img.discard(4 * MiB, 4 * MiB)
+        img.write(b"4" * 4096, 9 * MiB)
+        with Image(store, "a", snapshot="s1") as snap:
+            assert snap.read_only
+            got = snap.read(0, 12 * MiB)
+            assert got[:MiB] == b"1" * MiB
+            assert got[5 * MiB:6 * MiB] == b"2" * MiB
+            assert got[9 * MiB:9 * MiB + 4096] == bytes(4096)
+            with pytest.raises(ReadOnly):
+                snap.write(b"x", 0)
+        head = img.read(0, 12 * MiB)
+        assert head[:4096] == b"3" * 4096 and head[4096:MiB] == b"1" * (MiB - 4096)
+        assert head[4 * MiB:8 * MiB] == bytes(4 * MiB)
+        assert head[9 * MiB:9 * MiB + 4096] == b"4" * 4096
+
+
+def test_copy_on_write_happens_once_per_object_per_snapshot(store):
+    RBD().create(store, "c", 8 * MiB)
+    with Image(store, "c") as img:
+        img.write(b"a" * 8192, 0)
+        img.create_snap("s1")
+        m = img._map
+        assert m.states.tolist() == [EXISTS_CLEAN, NONEXISTENT]
+        assert ObjectMap(store, img.id, 1).load(2)
+        img.write(b"b" * 4096, 0)
+        assert store.exists(clone_object(img.id, 0, 1))
+        assert m.states.tolist() == [EXISTS, NONEXISTENT]
+        # the next write to the object costs one client write, no copy, no map update
+        before = store.counters.snapshot()
+        img.write(b"c" * 4096, 4096)
+        assert _delta(store, before)["client_write_ops"] == 1
+        # an object absent at the snapshot needs no copy (the snapshot map says absent)
+        img.write(b"d", 5 * MiB)
+        assert not store.exists(clone_object(img.id, 1, 1))
+        with Image(store, "c", snapshot="s1") as snap:
+            assert snap.read(0, 8192) == b"a" * 8192
+            assert snap.read(5 * MiB, 1) == b"\0"
+
+
+def test_snapshot_reads_of_absent_objects_cost_no_io(store):
+    RBD().create(store, "z", 16 * MiB)
+    with Image(store, "z") as img:
+        img.write(b"q" * 100, 0)
+        img.create_snap("s")
+    with Image(store, "z", snapshot="s") as snap:
+        snap.read(0, 1)                  # loads the snapshot map
+        before = store.counters.snapshot()
+        assert snap.read(4 * MiB, 12 * MiB) == bytes(12 * MiB)
+        assert _delta(store, before) == {}
+
+
+def test_snapshot_errors(store):
+    RBD().create(store, "e", 4 * MiB)
+    with Image(store, "e") as img:
+        img.create_snap("s")
+        with pytest.raises(Exists):
+            img.create_snap("s")
+        for bad in ("", "a@b", "a/b", ".snap"):
+            with pytest.raises(InvalidArgument):
+                img.create_snap(bad)
+        with pytest.raises(NotFound):
+            img.remove_snap("nope")
+        img.protect_snap("s")
+        with pytest.raises(InvalidArgument):
+            img.protect_snap("s")
+        with pytest.raises(Busy):
+            img.remove_snap("s")
+        img.unprotect_snap("s")
+    with pytest.raises(Busy):
+        RBD().remove(store, "e")
+    with pytest.raises(NotFound):
+        Image(store, "e", snapshot="nope")
+    with Image(store, "e") as img:
+        img.remove_snap("s")
+    RBD().remove(store, "e")
+    assert not [n for n in store.list() if n.startswith("rbd_")
+                and not n.startswith("rbd_directory")]
+
+
+def test_remove_snapshot_keeps_clones_older_snapshots_need(store):
+    RBD().create(store, "r", 4 * MiB)
+    with Image(store, "r") as img:
+        img.write(b"A" * 4096, 0)
+        img.create_snap("s1")
+        img.create_snap("s2")            # no write between: s1 and s2 share one clone
+        img.write(b"B" * 4096, 0)        # clone .2 serves s1 and s2
+        img.create_snap("s3")
+        img.write(b"C" * 4096, 0)        # clone .3 serves s3
+        img.remove_snap("s2")
+        assert store.exists(clone_object(img.id, 0, 2))      # s1 still reads it
+        assert img.header.clone_ids == [2]
+        with Image(store, "r", snapshot="s1") as v:
+            assert v.read(0, 4096) == b"A" * 4096
+        img.remove_snap("s1")
+        assert not store.exists(clone_object(img.id, 0, 2))
+        assert img.header.clone_ids == []
+        with Image(store, "r", snapshot="s3") as v:
+            assert v.read(0, 4096) == b"B" * 4096
+        img.remove_snap("s3")
+        assert [n for n in store.list(f"rbd_data.{img.id}.")] == [data_object(img.id, 0)]
+        assert img.read(0, 4096) == b"C" * 4096
+
+
+def test_rollback(store):
+    RBD().create(store, "b", 10 * MiB)
+    with Image(store, "b") as img:
+        img.write(b"x" * MiB, MiB)
+        img.create_snap("s")
+        img.write(b"y" * MiB, MiB)
+        img.write(b"z" * 100, 9 * MiB)
+        img.resize(20 * MiB)
+        img.write(b"w" * 10, 15 * MiB)
+        img.rollback_to_snap("s")
+        assert img.size() == 10 * MiB
+        got = img.read(0, 10 * MiB)
+        assert got == bytes(MiB) + b"x" * MiB + bytes(8 * MiB)
+        # the snapshot itself is unchanged and still usable
+        with Image(store, "b", snapshot="s") as v:
+            assert v.read(0, 10 * MiB) == got
+        img.write(b"n", 0)
+        with Image(store, "b", snapshot="s") as v:
+            assert v.read(0, 1) == b"\0"
+
+
+def test_snapshot_of_image_without_object_map(store):
+    """No map: clones are found by name, absent objects get a whiteout."""
+    RBD().create(store, "n", 8 * MiB, features=["layering"])
+    with Image(store, "n") as img:
+        img.write(b"a" * 10, 0)
+        img.create_snap("s")
+        img.write(b"b" * 10, 0)
+        img.write(b"c" * 10, 4 * MiB)        # absent at s: whiteout
+        assert store.stat(clone_object(img.id, 1, 1)).size == 0
+        img.create_snap("t")
+        img.write(b"d" * 10, 4 * MiB)
+        with Image(store, "n", snapshot="s") as v:
+            assert v.read(0, 10) == b"a" * 10
+            assert v.read(4 * MiB, 10) == bytes(10)
+        with Image(store, "n", snapshot="t") as v:
+            assert v.read(4 * MiB, 10) == b"c" * 10
+
+
+def test_crash_between_snapshot_halves_is_finished_by_next_writer(store):
+    RBD().create(store, "p", 4 * MiB)
+    with Image(store, "p") as img:
+        img.write(b"k" * 10, 0)
+        img._finish_snap_orig = img._finish_snap
+        img._finish_snap = lambda: None             # "dies" after the first half
+        img.create_snap("s")
+        assert img.header.snap_pending is not None
+        assert [s.name for s in img.header.snapshots] == []
+    with Image(store, "p") as img:
+        img.write(b"j" * 10, 0)                     # the new writer finishes it first
+        assert [s.name for s in img.header.snapshots] == ["s"]
+        assert img.header.snap_pending is None
+    with Image(store, "p", snapshot="s") as v:
+        assert v.read(0, 10) == b"k" * 10
+
+
+class _Model:
+    """The image and its snapshots as plain byte arrays."""
+
+    def __init__(self, size):
+        self.head = bytearray(size)
+        self.snaps: dict[str, bytes] = {}
+
+
+@pytest.mark.parametrize("features", [None, ["layering"]], ids=["object-map", "no-map"])
+def test_seeded_random_snapshot_model(store, features):
+    rnd = random.Random(20261201)
+    osz = 64 * KiB
+    size = 16 * osz + 5000
+    RBD().create(store, "m", size, object_size=osz, features=features)
+    model = _Model(size)
+    names = iter(f"s{i}" for i in range(1000))
+    with Image(store, "m") as img:
+        for step in range(160):
+            op = rnd.choices(["write", "discard", "snap", "rm", "rollback", "resize"],
+                             [50, 12, 10, 6, 4, 4])[0]
+            cur = len(model.head)
+            if op == "write" and cur:
+                off = rnd.choice([0, osz - 1, osz, rnd.randrange(cur)])
+                off = min(off, cur - 1)
+                n = min(rnd.choice([1, 4096, osz, 2 * osz + 3, rnd.randrange(1, 3 * osz)]),
+                        cur - off)
+                data = np.random.default_rng(step).integers(1, 255, n, dtype=np.uint8).tobytes()
+                img.write(data, off)
+                model.head[off:off + n] = data
+            elif op == "discard" and cur:
+                off = rnd.randrange(cur)
+                n = min(rnd.choice([osz, 3 * osz, 100]), cur - off)
+                img.discard(off, n)
+                model.head[off:off + n] = bytes(n)
+            elif op == "snap":
+                name = next(names)
+                img.create_snap(name)
+                model.snaps[name] = bytes(model.head)
+            elif op == "rm" and model.snaps:
+                name = rnd.choice(sorted(model.snaps))
+                img.remove_snap(name)
+                del model.snaps[name]
+            elif op == "rollback" and model.snaps:
+                name = rnd.choice(sorted(model.snaps))
+                img.rollback_to_snap(name)
+                model.head = bytearray(model.snaps[name])
+            elif op == "resize":
+                new = rnd.choice([8 * osz + 17, 16 * osz + 5000, 20 * osz])
+                img.resize(new)
+                if new < cur:
+                    del model.head[new:]
+                else:
+                    model.head += bytes(new - cur)
+            assert img.size() == len(model.head)
+            if step % 8 == 7 or op in ("rm", "rollback"):
+                assert img.read(0, len(model.head)) == bytes(model.head), f"head, step {step}"
+                for name, want in model.snaps.items():
+                    with Image(store, "m", snapshot=name) as v:
+                        assert v.read(0, len(want)) == want, f"{name}, step {step} ({op})"
+        for name in sorted(model.snaps):
+            img.remove_snap(name)
+        assert img.read(0, len(model.head)) == bytes(model.head)
+    # every clone is gone with the last snapshot
+    assert not [n for n in store.list("rbd_data.") if len(n.split(".")) > 3]
