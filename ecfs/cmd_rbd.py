@@ -406,19 +406,26 @@ def _du_rows(s, name: str) -> list[dict]:
 
 
 def cmd_status(args) -> int:
+    from rbdlike.notify import watchers
     with _open(args) as s:
         image_id = directory.lookup(s, args.name)
         o = owner(s, image_id)
+        ws = watchers(s, image_id)
+    rows = [{"address": w["address"], "pid": w["pid"], "host": w["host"], "cookie": w["cookie"],
+             "lock_owner": o is not None and o.address == w["address"]} for w in ws]
     if wants_json(args):
-        print_json({"watchers": [] if o is None else
-                    [{"pid": o.pid, "host": o.host, "cookie": o.cookie}],
-                    "lock_owner": None if o is None else o.pid})
+        print_json({"watchers": rows,
+                    "lock_owner": None if o is None else
+                    {"pid": o.pid, "host": o.host, "cookie": o.cookie,
+                     "exclusive": o.exclusive, "epoch": o.epoch}})
         return 0
-    if o is None:
+    if not rows:
         print("Watchers: none")
     else:
         print("Watchers:")
-        print(f"\twatcher=pid {o.pid} on {o.host} cookie={o.cookie} (lock owner)")
+        for r in rows:
+            tag = " (lock owner)" if r["lock_owner"] else ""
+            print(f"\twatcher=pid {r['pid']} on {r['host']} cookie={r['cookie']}{tag}")
     return 0
 
 

@@ -4,7 +4,9 @@ The lock is an flock on ``STORE/rbd/locks/ID.E.lock`` where E is the image's
 lock epoch (``STORE/rbd/locks/ID.epoch``, a decimal number rewritten in
 place). The kernel drops an flock when its process dies, so a SIGKILLed
 owner's lock is free at once. Beside it the owner record ``ID.owner`` (JSON:
-pid, host, cookie, epoch, acquired, notify address) says who holds it.
+pid, host, cookie, epoch, acquired, the address of its watch socket, and
+whether it holds the lock exclusively) says who holds it and where to ask
+for it (rbdlike.notify; the hand-over itself is rbdlike.image's).
 
 Breaking the lock (``lock rm``) must also stop a live but paused owner from
 writing later (fencing). The breaker raises the epoch while holding the
@@ -44,7 +46,8 @@ class Owner:
     cookie: str
     epoch: int
     acquired: float
-    address: str = ""
+    address: str = ""          # its watch socket (rbdlike.notify), for requests
+    exclusive: bool = False    # it refuses to hand the lock over (mount --exclusive)
 
 
 def _locks_dir(store) -> str:
@@ -107,10 +110,13 @@ def owner(store, image_id: str) -> Owner | None:
 class ExclusiveLock:
     """This process's hold of one image's lock."""
 
-    def __init__(self, store, image_id: str, image_name: str):
+    def __init__(self, store, image_id: str, image_name: str, address: str = "",
+                 exclusive: bool = False):
         self.store = store
         self.image_id = image_id
         self.image_name = image_name
+        self.address = address
+        self.exclusive = exclusive
         self.epoch = -1
         self._fd: int | None = None
         self._epoch_fd: int | None = None
@@ -137,7 +143,8 @@ class ExclusiveLock:
             self._fd, self.epoch = fd, epoch
             self._epoch_fd = os.open(_epoch_path(self.store, self.image_id),
                                      os.O_RDWR | os.O_CREAT, 0o600)
-            rec = Owner(os.getpid(), socket.gethostname(), self.cookie, epoch, time.time())
+            rec = Owner(os.getpid(), socket.gethostname(), self.cookie, epoch, time.time(),
+                        self.address, self.exclusive)
             tmp = _owner_path(self.store, self.image_id) + f".{os.getpid()}.tmp"
             with open(tmp, "w") as f:
                 json.dump(asdict(rec), f)

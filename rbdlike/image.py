@@ -21,15 +21,17 @@ object per snapshot interval.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
 from backend.errors import Busy, Exists, InvalidArgument, NotFound, ReadOnly
 
-from . import directory, layering, snapshot
-from .exclusive_lock import ExclusiveLock
+from . import directory, layering, notify, snapshot
+from .exclusive_lock import ExclusiveLock, owner
 from .header import (MAX_IMAGE_SIZE, ImageHeader, Parent, Snapshot, clone_object, data_object,
                      header_object,
                      validate_image_name)
@@ -53,7 +55,7 @@ def save_header(store, hdr: ImageHeader) -> None:
 class Image:
     def __init__(self, store, name: str | None = None, snapshot: str | None = None,
                  read_only: bool = False, *, image_id: str | None = None,
-                 snap_id: int | None = None):
+                 snap_id: int | None = None, watch: bool = False):
         self.store = store
         self.id = directory.lookup(store, name) if image_id is None else image_id
         self.header = load_header(store, self.id, name or "")
@@ -73,8 +75,14 @@ class Image:
         self._clones: dict[int, tuple[str, int]] = {}   # snapshot view: objno -> clone found
         self._prepared: set[int] = set()               # no-map images: objects prepared
         self._obj_locks = [threading.Lock() for _ in range(_OBJ_LOCKS)]
-        self._mutex = threading.RLock()
+        self._mutex = threading.RLock()           # header, map and lock state
+        self._acquiring = threading.Lock()        # one lock acquisition at a time
+        self._gate = _Gate()                      # writes shared, maintenance exclusive
+        self._watch: notify.Watch | None = None
+        self._exclusive = False
         self._closed = False
+        if watch:
+            self._ensure_watch()
 
     # ------------------------------------------------------------ queries
     def size(self) -> int:
@@ -199,14 +207,14 @@ class Image:
         data = memoryview(data).cast("B")
         if offset < 0:
             raise InvalidArgument("offset must not be negative")
-        if offset + len(data) > self.header.size:
-            raise InvalidArgument(f"write of {len(data)} bytes at {offset} is past the end of "
-                                  f"image {self.name!r} ({self.header.size} bytes)")
-        self._writer()
-        for objno, off, n, at in self._objects(offset, len(data)):
-            self._prepare(objno)
-            self.store.write(data_object(self.id, objno), off, data[at:at + n],
-                             size_hint=self.header.object_size)
+        with self._writing():
+            if offset + len(data) > self.header.size:
+                raise InvalidArgument(f"write of {len(data)} bytes at {offset} is past the end "
+                                      f"of image {self.name!r} ({self.header.size} bytes)")
+            for objno, off, n, at in self._objects(offset, len(data)):
+                self._prepare(objno)
+                self.store.write(data_object(self.id, objno), off, data[at:at + n],
+                                 size_hint=self.header.object_size)
         return len(data)
 
     def _prepare(self, objno: int, copy_up: bool = True) -> None:
@@ -281,8 +289,11 @@ class Image:
         self._check_writable()
         if offset < 0 or length < 0:
             raise InvalidArgument("offset and length must not be negative")
+        with self._writing():
+            self._discard(offset, length)
+
+    def _discard(self, offset: int, length: int) -> None:
         length = max(0, min(length, self.header.size - offset))
-        self._writer()
         osz = self.header.object_size
         p = self.header.parent
         for objno, off, n, _ in self._objects(offset, length):
@@ -329,25 +340,30 @@ class Image:
         self._check_open()
         self.store.flush()
 
-    def resize(self, size: int, allow_shrink: bool = True) -> None:
+    def resize(self, size: int, allow_shrink: bool = True, progress=None) -> None:
         self._check_writable()
         if not isinstance(size, int) or size < 0 or size > MAX_IMAGE_SIZE:
             raise InvalidArgument(f"image size must be within 0..{MAX_IMAGE_SIZE}")
+        self._run_maint("resize", lambda: self._resize(size, allow_shrink, progress), progress,
+                        size=size, allow_shrink=allow_shrink)
+
+    def _resize(self, size: int, allow_shrink: bool, progress=None) -> None:
         old = self.header.size
         if size < old and not allow_shrink:
             raise InvalidArgument("shrinking an image needs --allow-shrink")
         if size == old:
             return
-        self._writer()
         osz = self.header.object_size
         if size < old:
             # drop whole objects past the new end, cut the last one
             first_gone = -(-size // osz)
             m = self._valid_map()
-            for objno in range(first_gone, self.header.num_objects):
-                if m is not None and m.states[objno] == NONEXISTENT:
-                    continue
-                self._remove_object(objno)
+            last = self.header.num_objects
+            for objno in range(first_gone, last):
+                if m is None or m.states[objno] != NONEXISTENT:
+                    self._remove_object(objno)
+                if progress:
+                    progress(objno - first_gone + 1, last - first_gone)
             if size % osz:
                 objno = size // osz
                 if self._head_exists(objno):
@@ -373,7 +389,9 @@ class Image:
         that returned before this call is in it."""
         self._check_writable()
         validate_image_name(name, "snapshot")
-        self._writer()
+        return self._run_maint("snap_create", lambda: self._create_snap(name), name=name)
+
+    def _create_snap(self, name: str) -> int:
         self.flush()
         with self._mutex:
             with directory.header_lock(self.store, self.id):
@@ -422,7 +440,9 @@ class Image:
 
     def remove_snap(self, name: str, progress=None) -> None:
         self._check_writable()
-        self._writer()
+        self._run_maint("snap_rm", lambda: self._remove_snap(name, progress), progress, name=name)
+
+    def _remove_snap(self, name: str, progress=None) -> None:
         with self._mutex:
             hdr = load_header(self.store, self.id, self.name)
             s = hdr.snap(name)
@@ -491,9 +511,11 @@ class Image:
 
     def protect_snap(self, name: str) -> None:
         self._set_protected(name, True)
+        self._notify_header()
 
     def unprotect_snap(self, name: str) -> None:
         self._set_protected(name, False)
+        self._notify_header()
 
     def is_protected_snap(self, name: str) -> bool:
         return load_header(self.store, self.id, self.name).snap(name).protected
@@ -502,12 +524,15 @@ class Image:
         """Make the head what it was at snapshot ``name`` (the head's changes
         since are lost; the snapshots stay)."""
         self._check_writable()
-        self._writer()
+        self._run_maint("snap_rollback", lambda: self._rollback(name, progress), progress,
+                        name=name)
+
+    def _rollback(self, name: str, progress=None) -> None:
         s = self.header.snap(name)
         view = Image(self.store, image_id=self.id, snap_id=s.id)
         osz = self.header.object_size
         if self.header.size != s.size:
-            self.resize(s.size)
+            self._resize(s.size, True)
         n = -(-s.size // osz)
         m = self._valid_map()
         smap = view._snapshot_map()
@@ -531,6 +556,7 @@ class Image:
             hdr.parent = None if s.parent is None else Parent(**vars(s.parent))
             save_header(self.store, hdr)
             self.header = hdr
+        view.close()
 
     def sparsify(self, progress=None) -> None:
         """Deallocate all-zero objects (deleted, or in a clone emptied) and
@@ -538,7 +564,9 @@ class Image:
         unchanged since the newest snapshot are left alone: the snapshot
         shares them, and changing them would only add a copy."""
         self._check_writable()
-        self._writer()
+        self._run_maint("sparsify", lambda: self._sparsify(progress), progress, exclusive=False)
+
+    def _sparsify(self, progress=None) -> None:
         osz = self.header.object_size
         n = self.header.num_objects
         for objno in range(n):
@@ -548,7 +576,7 @@ class Image:
                 if raw is not None:
                     a = np.frombuffer(raw, dtype=np.uint8)
                     if not a.any():
-                        self.discard(start, min(osz, self.header.size - start))
+                        self._discard(start, min(osz, self.header.size - start))
                     else:
                         for off, ln in _zero_runs(a):
                             self._prepare(objno, copy_up=False)
@@ -560,7 +588,9 @@ class Image:
     def flatten(self, progress=None) -> None:
         """Copy up everything still read from the parent, then drop the link."""
         self._check_writable()
-        self._writer()
+        self._run_maint("flatten", lambda: self._flatten(progress), progress, exclusive=False)
+
+    def _flatten(self, progress=None) -> None:
         p = self.header.parent
         if p is None:
             raise InvalidArgument(f"image {self.name!r} has no parent")
@@ -609,26 +639,91 @@ class Image:
             what = "a snapshot view" if self.snap is not None else "open read-only"
             raise ReadOnly(f"image {self.name!r} is {what}")
 
+    # The lock, as librbd does it: the first write takes it; a process that
+    # holds it hands it over when a peer asks (unless it holds it
+    # exclusively); maintenance ops from elsewhere are run by the holder.
+    def acquire_lock(self, exclusive: bool = False) -> None:
+        """Take the exclusive lock now. ``exclusive``: refuse to hand it
+        over to peers that ask (they get Busy) until close or release."""
+        self._check_writable()
+        self._exclusive = exclusive
+        self._writer()
+
+    def release_lock(self) -> None:
+        """Flush and give the lock up (the next write takes it again)."""
+        # gate before mutex, always: a write holds the gate and may want the mutex
+        with self._gate.exclusive(), self._mutex:
+            if not isinstance(self._lock, ExclusiveLock):
+                return
+            self.store.flush()
+            for prefix in (f"rbd_data.{self.id}.", f"rbd_object_map.{self.id}"):
+                self.store.remove_guard(prefix)
+            self._lock.release()
+            self._lock = None
+            self._map = None
+            self._prepared.clear()
+        self._broadcast({"op": "lock_released"})
+
+    def _lock_held(self) -> bool:
+        return self._lock is not None and self._lock.held
+
+    @contextmanager
+    def _writing(self):
+        """Hold the I/O gate shared while holding the lock (a hand-over
+        waits for the writes in flight, and no write starts without it)."""
+        while True:
+            self._writer()
+            self._gate.acquire_shared()
+            if self._lock_held():
+                break
+            self._gate.release_shared()
+        try:
+            yield
+        finally:
+            self._gate.release_shared()
+
     def _writer(self) -> None:
-        """Become the image's writer: take the lock, load the head map."""
+        """Become the image's writer: take the lock (asking its holder to
+        hand it over), load the head map."""
+        if self._lock_held():
+            return
+        with self._acquiring:
+            deadline = time.monotonic() + notify.timeout()
+            while not self._try_writer():
+                o = owner(self.store, self.id)
+                if o is not None:
+                    if not o.address:
+                        raise Busy(f"image {self.name!r} is locked by pid {o.pid} on {o.host} "
+                                   f"(see 'ecfs rbd lock ls {self.name}')")
+                    notify.request(o.address, {"op": "request_lock", "pid": os.getpid()})
+                if time.monotonic() > deadline:
+                    who = f"pid {o.pid} on {o.host}" if o else "another process"
+                    raise Busy(f"image {self.name!r} is locked by {who} "
+                               f"(see 'ecfs rbd lock ls {self.name}')")
+                if o is None:
+                    time.sleep(0.005)       # the holder is between records: poll
+
+    def _try_writer(self) -> bool:
         with self._mutex:
-            if self._lock is not None and self._lock.held:
-                return
+            if self._lock_held():
+                return True
             if not self.header.has("exclusive-lock"):
-                if self._lock is None:
-                    self.header = load_header(self.store, self.id, self.name)
-                    self._lock = _NoLock()
-                    if self.header.snap_pending:
-                        self._finish_snap()
-                return
-            lock = ExclusiveLock(self.store, self.id, self.name)
-            lock.acquire()
+                self.header = load_header(self.store, self.id, self.name)
+                self._lock = _NoLock()
+                if self.header.snap_pending:
+                    self._finish_snap()
+                return True
+            lock = ExclusiveLock(self.store, self.id, self.name,
+                                 address=self._ensure_watch().address, exclusive=self._exclusive)
+            if not lock.try_acquire():
+                return False
             self._lock = lock
             for prefix in (f"rbd_data.{self.id}.", f"rbd_object_map.{self.id}"):
                 self.store.add_guard(prefix, lock.guard)
             # what another writer did before us is in the store: reload
             self.header = load_header(self.store, self.id, self.name)
             self._prepared.clear()
+            self._map = None
             if self.header.has("object-map"):
                 m = ObjectMap(self.store, self.id)
                 m.load(self.header.num_objects)
@@ -639,6 +734,101 @@ class Image:
                     self._flag_map_invalid()
             if self.header.snap_pending:
                 self._finish_snap()
+        self._broadcast({"op": "lock_acquired"})
+        return True
+
+    def _run_maint(self, op: str, local, progress=None, exclusive: bool = True, **args):
+        """Run a maintenance operation here if this process holds (or can
+        take) the lock, else have the holder run it; then tell the watchers
+        the header changed."""
+        deadline = time.monotonic() + notify.timeout()
+        while True:
+            if not self._lock_held() and not self._try_writer():
+                o = owner(self.store, self.id)
+                if o is None:
+                    if time.monotonic() > deadline:
+                        raise Busy(f"image {self.name!r}: the lock cannot be taken")
+                    time.sleep(0.005)       # released meanwhile: try again
+                    continue
+                if not o.address:
+                    raise Busy(f"image {self.name!r} is locked by pid {o.pid} on {o.host}")
+                msg = {"op": op, "deadline": time.time() + notify.timeout(), **args}
+                try:
+                    result = notify.request(o.address, msg, on_progress=progress)
+                except notify.NotOwner:
+                    if time.monotonic() > deadline:
+                        raise
+                    continue                # it handed the lock over meanwhile
+                self._reload_header()
+                return result
+            with (self._gate.exclusive() if exclusive else self._gate.shared()):
+                if self._lock_held():
+                    result = local()
+                    break
+        self._notify_header()
+        return result
+
+    def _handle(self, msg: dict, progress):
+        """A peer's request (rbdlike.notify), run in the watch's thread."""
+        op = msg.get("op")
+        if op == "request_lock":
+            if self._exclusive and self._lock_held():
+                raise Busy(f"image {self.name!r} is held exclusively by pid {os.getpid()}")
+            self.release_lock()
+            return None
+        if op == "header_update":
+            self._reload_header()
+            return None
+        if op in ("lock_acquired", "lock_released"):
+            return None
+        if time.time() > float(msg.get("deadline", 0) or 0):
+            raise notify.TimedOut(f"request {op!r} arrived after its deadline")
+        if not self._lock_held():
+            raise notify.NotOwner(f"pid {os.getpid()} no longer holds the lock")
+        if self.read_only:
+            raise ReadOnly(f"image {self.name!r} is open read-only here")
+        name = msg.get("name", "")
+        ops = {
+            "snap_create": lambda: self.create_snap(name),
+            "snap_rm": lambda: self.remove_snap(name, progress),
+            "snap_rollback": lambda: self.rollback_to_snap(name, progress),
+            "resize": lambda: self.resize(int(msg["size"]), bool(msg.get("allow_shrink")),
+                                          progress),
+            "flatten": lambda: self.flatten(progress),
+            "sparsify": lambda: self.sparsify(progress),
+            "object_map_rebuild": lambda: self.rebuild_object_map(),
+        }
+        if op not in ops:
+            raise InvalidArgument(f"unknown request {op!r}")
+        return ops[op]()
+
+    def _ensure_watch(self) -> notify.Watch:
+        if self._watch is None:
+            self._watch = notify.Watch(self.store, self.id, self._handle)
+        return self._watch
+
+    def _broadcast(self, msg: dict) -> None:
+        if self._watch is not None:
+            notify.broadcast(self.store, self.id, msg, skip_cookie=self._watch.cookie)
+
+    def _notify_header(self) -> None:
+        cookie = self._watch.cookie if self._watch is not None else ""
+        notify.broadcast(self.store, self.id, {"op": "header_update"}, skip_cookie=cookie)
+
+    def _reload_header(self) -> None:
+        with self._mutex:
+            self.header = load_header(self.store, self.id, self.name)
+            if self.snap is not None:
+                self._clones.clear()
+
+    def rebuild_object_map(self) -> int:
+        """``object-map rebuild``: regenerate the head map from the objects;
+        returns how many objects are present."""
+        self._check_writable()
+        if not self.header.has("object-map"):
+            raise InvalidArgument(f"image {self.name!r} has no object-map feature")
+        return self._run_maint("object_map_rebuild",
+                               lambda: int(np.count_nonzero(self._rebuild_head_map().states)))
 
     def _rebuild_head_map(self) -> ObjectMap:
         """A trustworthy head map, from the objects (taking a snapshot needs one)."""
@@ -662,7 +852,6 @@ class Image:
             self.header = hdr
 
     def lock_owner(self):
-        from .exclusive_lock import owner
         return owner(self.store, self.id)
 
     def close(self) -> None:
@@ -674,10 +863,15 @@ class Image:
         finally:
             if self._parent_img is not None:
                 self._parent_img.close()
+            if self._watch is not None:
+                self._watch.close()
             if isinstance(self._lock, ExclusiveLock):
                 for prefix in (f"rbd_data.{self.id}.", f"rbd_object_map.{self.id}"):
                     self.store.remove_guard(prefix)
                 self._lock.release()
+                if self._watch is not None:
+                    notify.broadcast(self.store, self.id, {"op": "lock_released"},
+                                     skip_cookie=self._watch.cookie)
 
     def __enter__(self):
         return self
@@ -695,6 +889,70 @@ def _zero_runs(a: np.ndarray, page: int = 4096):
     edges = np.flatnonzero(np.diff(z.astype(np.int8))) + 1
     bounds = [0, *edges.tolist(), n]
     return [(b0 * page, (b1 - b0) * page) for b0, b1 in zip(bounds, bounds[1:]) if z[b0]]
+
+
+class _Gate:
+    """A readers-writer gate for an image's I/O: writes hold it shared,
+    maintenance and lock hand-over exclusive. Waiting exclusive holders
+    go first (a hand-over is never starved by a stream of writes); a
+    thread may re-enter what it holds, and may take it shared inside
+    exclusive."""
+
+    def __init__(self):
+        self._c = threading.Condition()
+        self._shared: dict[int, int] = {}     # thread -> depth
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiting = 0
+
+    def acquire_shared(self) -> None:
+        me = threading.get_ident()
+        with self._c:
+            if self._owner == me or me in self._shared:
+                self._shared[me] = self._shared.get(me, 0) + 1
+                return
+            while self._owner is not None or self._waiting:
+                self._c.wait()
+            self._shared[me] = 1
+
+    def release_shared(self) -> None:
+        me = threading.get_ident()
+        with self._c:
+            self._shared[me] -= 1
+            if not self._shared[me]:
+                del self._shared[me]
+                self._c.notify_all()
+
+    @contextmanager
+    def shared(self):
+        self.acquire_shared()
+        try:
+            yield
+        finally:
+            self.release_shared()
+
+    @contextmanager
+    def exclusive(self):
+        me = threading.get_ident()
+        with self._c:
+            if self._owner == me:
+                self._depth += 1
+            else:
+                self._waiting += 1
+                try:
+                    while self._owner is not None or any(t != me for t in self._shared):
+                        self._c.wait()
+                finally:
+                    self._waiting -= 1
+                self._owner, self._depth = me, 1
+        try:
+            yield
+        finally:
+            with self._c:
+                self._depth -= 1
+                if not self._depth:
+                    self._owner = None
+                    self._c.notify_all()
 
 
 class _NoLock:

@@ -151,25 +151,11 @@ def object_map_check(store, name: str) -> list[str]:
 
 
 def object_map_rebuild(store, name: str) -> int:
-    """Regenerate the head map from the objects; returns objects found."""
-    image_id = directory.lookup(store, name)
-    hdr = load_header(store, image_id, name)
-    if not hdr.has("object-map"):
-        raise InvalidArgument(f"image {name!r} has no object-map feature")
-    lock = ExclusiveLock(store, image_id, name)
-    lock.acquire()
-    try:
-        m = ObjectMap(store, image_id)
-        m.states = rebuilt_states(store, hdr)
-        m.save()
-        present = np.count_nonzero(m.states)
-        with directory.header_lock(store, image_id):
-            h = load_header(store, image_id, name)
-            h.object_map_invalid = False
-            save_header(store, h)
-        return int(present)
-    finally:
-        lock.release()
+    """Regenerate the head map from the objects (through the lock holder,
+    if a process has the image open); returns objects found."""
+    from .image import Image
+    with Image(store, name) as img:
+        return img.rebuild_object_map()
 
 
 def rebuilt_states(store, hdr) -> np.ndarray:

@@ -215,3 +215,25 @@ def test_bad_input_is_one_line_and_changes_nothing(store, args, msg):
     assert_user_error(p, msg)
     assert ecfs_json(store, "status")["counters"] == counters
     assert ecfs_json(store, "rbd", "info", "b") == info
+
+
+def test_maintenance_is_proxied_to_the_lock_holder(store, tmp_path):
+    from tests.rbdlike.test_notify import Writer
+    ecfs(store, "rbd", "create", "h", "--size", "16")
+    w = Writer(str(store), "h", count=8)
+    try:
+        w.wait(lambda: len(w.done) >= 8)
+        st = ecfs_json(store, "rbd", "status", "h")
+        assert st["lock_owner"]["pid"] == w.p.pid
+        assert [x["pid"] for x in st["watchers"] if x["lock_owner"]] == [w.p.pid]
+        assert f"pid {w.p.pid}" in ecfs(store, "rbd", "status", "h").stdout.decode()
+        ecfs(store, "rbd", "snap", "create", "h@s")
+        ecfs(store, "rbd", "resize", "h", "--size", "32")
+        assert ecfs_json(store, "rbd", "info", "h")["size"] == 32 * MiB
+        assert ecfs_json(store, "rbd", "status", "h")["lock_owner"]["pid"] == w.p.pid
+        assert_user_error(ecfs(store, "rbd", "rm", "h", check=False), "snapshots")
+        before = ecfs(store, "rbd", "export", "h@s", "-").stdout
+        assert before[:65536] != bytes(65536)
+    finally:
+        w.stop()
+    assert ecfs_json(store, "rbd", "status", "h") == {"watchers": [], "lock_owner": None}

@@ -127,7 +127,7 @@ def test_resize(store):
     assert object_map_check(store, "r") == []
 
 
-def _holder(store_dir, image, ready):
+def _holder(store_dir, image, ready, exclusive=False):
     """A child process that takes the image's lock and waits."""
     code = textwrap.dedent(f"""
         import sys, time
@@ -136,11 +136,12 @@ def _holder(store_dir, image, ready):
         from rbdlike.image import Image
         s = ObjectStore({store_dir!r})
         img = Image(s, {image!r})
+        img.acquire_lock(exclusive={exclusive!r})
         img.write(b"child", 0)
         open({ready!r}, "w").close()
-        time.sleep(600)
+        sys.stdin.read()
     """)
-    return subprocess.Popen([sys.executable, "-c", code])
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
 
 
 def _wait_for(pred, timeout=30):
@@ -152,14 +153,14 @@ def _wait_for(pred, timeout=30):
     raise AssertionError("condition not met in time")
 
 
-def test_lock_blocks_second_writer_and_dead_owner_frees_it(store, tmp_path):
+def test_exclusive_holder_blocks_a_writer_and_dead_owner_frees_it(store, tmp_path):
     RBD().create(store, "l", 4 * MiB)
     ready = str(tmp_path / "ready")
-    p = _holder(store.store, "l", ready)
+    p = _holder(store.store, "l", ready, exclusive=True)
     try:
         _wait_for(lambda: os.path.exists(ready))
         o = owner(store, _id(store, "l"))
-        assert o is not None and o.pid == p.pid
+        assert o is not None and o.pid == p.pid and o.exclusive and o.address
         with Image(store, "l") as img:
             with pytest.raises(Busy):
                 img.write(b"x", 0)
@@ -167,6 +168,23 @@ def test_lock_blocks_second_writer_and_dead_owner_frees_it(store, tmp_path):
             p.wait()
             img.write(b"parent", 0)     # the dead owner's lock is free at once
             assert img.read(0, 6) == b"parent"
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_holder_hands_the_lock_over_on_request(store, tmp_path):
+    RBD().create(store, "h", 4 * MiB)
+    ready = str(tmp_path / "ready")
+    p = _holder(store.store, "h", ready)
+    try:
+        _wait_for(lambda: os.path.exists(ready))
+        assert owner(store, _id(store, "h")).pid == p.pid
+        with Image(store, "h") as img:
+            img.write(b"PARENT", 0)     # asks the child, which flushes and releases
+            assert owner(store, _id(store, "h")).pid == os.getpid()
+            assert img.read(0, 6) == b"PARENT"
+        assert p.poll() is None         # the child lives on, without the lock
     finally:
         p.kill()
         p.wait()
