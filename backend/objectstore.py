@@ -430,6 +430,7 @@ class ObjectStore:
     def _load(self, name: str, slot: int | None = None) -> _Obj:
         """The object's view, with the newest info header of its M+1 info
         shards (one that was away while the object changed is older)."""
+        self.osdmap.maybe_refresh()
         obj = _Obj(name, slot if slot is not None else slot_of(name),
                    place(name, self.width, self.osdmap.ids))
         hdrs = {}

@@ -76,7 +76,27 @@ class OsdMap:
         return {int(k): v for k, v in reasons.items()} | \
             {i: reasons.get(str(i), "marked down") for i in down}
 
+    def _stamp(self) -> tuple:
+        """What changes when another process marks an OSD down or up, or an
+        OSD starts or stops missing writes: the map file and the missed-log
+        directory (files appear and go there)."""
+        out = []
+        for p in (self._mapfile(), os.path.join(self.store, "missed")):
+            try:
+                st = os.stat(p)
+                out.append((st.st_mtime_ns, st.st_ino, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def maybe_refresh(self) -> None:
+        """Refresh if another process changed the map (two stat calls), so a
+        long-running process (a mount) follows 'ecfs osd down/up'."""
+        if self._stamp() != self._seen:
+            self.refresh()
+
     def refresh(self) -> None:
+        self._seen = self._stamp()
         admin = self._admin_down()
         states = {}
         for i, p in self.paths.items():

@@ -155,3 +155,24 @@ def test_writes_and_removes_need_k_shards(make_store):
 
 def _osds(d, name):
     return {osd_of(d, name, j) for j in range(K + M)}
+
+
+def test_a_long_running_process_follows_osd_down_and_up_from_another(make_store):
+    """A mount keeps its store open for days: 'ecfs osd down/up' in another
+    process must reach it without a reopen."""
+    from backend.objectstore import ObjectStore
+    d, mount = make_store(chunk_size=4096)
+    mount.write("obj", 0, b"a" * 20000)
+    victim = osd_of(d, "obj", 1)
+    admin = ObjectStore(d)
+    try:
+        admin.osdmap.mark_down(victim, "marked down")
+        mount.write("obj", 0, b"b" * 20000)           # skips the down OSD, logs the miss
+        assert not mount.osdmap.is_up(victim)
+        assert os.path.getsize(os.path.join(d, "missed", f"osd.{victim}")) > 0
+        recover_osd(admin, victim)
+        assert mount.read("obj", 0, 20000) == b"b" * 20000
+        assert mount.osdmap.is_up(victim)
+    finally:
+        admin.close()
+    assert check_parity(d).stale_shards == 0     # asserts parity and crcs itself
