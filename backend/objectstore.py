@@ -42,7 +42,6 @@ commits of one object serialize on its metadata lock.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import random
 import signal

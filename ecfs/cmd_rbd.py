@@ -101,9 +101,10 @@ def register(sub) -> None:
     r = os_.add_parser("rebuild", help="regenerate the map from the objects")
     r.add_argument("name")
     r.set_defaults(func=cmd_om_rebuild)
-    from . import cmd_rbd_bench, cmd_rbd_diff, cmd_rbd_snap
+    from . import cmd_rbd_bench, cmd_rbd_diff, cmd_rbd_map, cmd_rbd_snap
     cmd_rbd_snap.register(rs, p.__class__)
     cmd_rbd_diff.register(rs, p.__class__)
+    cmd_rbd_map.register(rs, p.__class__)
     cmd_rbd_bench.register(rs, p.__class__)
 
 

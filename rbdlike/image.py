@@ -74,6 +74,7 @@ class Image:
         self._parent_img: Image | None = None
         self._clones: dict[int, tuple[str, int]] = {}   # snapshot view: objno -> clone found
         self._prepared: set[int] = set()               # no-map images: objects prepared
+        self._zero_spans: dict[int, list] = {}         # objno -> ranges written with zeros
         self._obj_locks = [threading.Lock() for _ in range(_OBJ_LOCKS)]
         self._mutex = threading.RLock()           # header, map and lock state
         self._acquiring = threading.Lock()        # one lock acquisition at a time
@@ -211,11 +212,43 @@ class Image:
             if offset + len(data) > self.header.size:
                 raise InvalidArgument(f"write of {len(data)} bytes at {offset} is past the end "
                                       f"of image {self.name!r} ({self.header.size} bytes)")
+            osz = self.header.object_size
             for objno, off, n, at in self._objects(offset, len(data)):
+                piece = data[at:at + n]
+                if not np.frombuffer(piece, dtype=np.uint8).any():
+                    if self._zeros_cover(objno, off, n):
+                        # zeros over a whole object (perhaps in several writes, as
+                        # FUSE cuts them): the object is deleted, never stored as zeros
+                        self._discard(objno * osz, min(osz, self.header.size - objno * osz))
+                        continue
+                elif self._zero_spans:
+                    self._zero_spans.pop(objno, None)
                 self._prepare(objno)
-                self.store.write(data_object(self.id, objno), off, data[at:at + n],
-                                 size_hint=self.header.object_size)
+                self.store.write(data_object(self.id, objno), off, piece, size_hint=osz)
         return len(data)
+
+    def _zeros_cover(self, objno: int, off: int, n: int) -> bool:
+        """Record that [off, off+n) of the object was written with zeros;
+        True when zeros written since its last non-zero write cover it all.
+        (A non-zero write forgets the object; the record is bounded.)"""
+        osz = self.header.object_size
+        length = min(osz, self.header.size - objno * osz)
+        with self._mutex:
+            spans = self._zero_spans.pop(objno, [])
+            spans.append((off, off + n))
+            spans.sort()
+            merged: list = []
+            for a, b in spans:
+                if merged and a <= merged[-1][1]:
+                    merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+                else:
+                    merged.append((a, b))
+            if merged[0][0] <= 0 and merged[0][1] >= length:
+                return True
+            if len(self._zero_spans) >= 4096:
+                self._zero_spans.pop(next(iter(self._zero_spans)))
+            self._zero_spans[objno] = merged
+            return False
 
     def _prepare(self, objno: int, copy_up: bool = True) -> None:
         """Make head object ``objno`` ready to change: preserve it for the
@@ -662,6 +695,7 @@ class Image:
             self._lock = None
             self._map = None
             self._prepared.clear()
+            self._zero_spans.clear()
         self._broadcast({"op": "lock_released"})
 
     def _lock_held(self) -> bool:

@@ -1,0 +1,178 @@
+"""The FUSE mount as users touch it: files, errnos, snapshots, lifecycle."""
+import errno
+import os
+import signal
+import subprocess
+
+import pytest
+
+from ecfs import mounts
+
+from .mountutil import force_unmount, mount_pid, mounted, need_root, wait_for
+from .util import assert_user_error, ecfs, ecfs_json
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def store(tmp_path):
+    need_root()
+    st = tmp_path / "s"
+    ecfs(st, "init")
+    return st
+
+
+def test_images_as_files(store, tmp_path):
+    mnt = tmp_path / "mnt"
+    ecfs(store, "rbd", "create", "demo", "--size", "64")
+    src = tmp_path / "disk.img"
+    src.write_bytes(os.urandom(5 * MiB + 123))
+    with mounted(store, mnt):
+        assert sorted(os.listdir(mnt)) == [".snap", "demo"]
+        assert os.stat(mnt / "demo").st_size == 64 * MiB
+        assert os.stat(mnt / "demo").st_blocks == 0             # nothing allocated yet
+        subprocess.run(["cp", src, mnt / "new"], check=True)   # create = new image
+        assert (mnt / "new").read_bytes() == src.read_bytes()
+        assert ecfs_json(store, "rbd", "info", "new")["size"] == 5 * MiB + 123
+        # two objects per the map, counted up to the image size
+        assert os.stat(mnt / "new").st_blocks == (5 * MiB + 123) // 512
+        # truncate = resize, both ways
+        os.truncate(mnt / "new", 9 * MiB)
+        assert ecfs_json(store, "rbd", "info", "new")["size"] == 9 * MiB
+        os.truncate(mnt / "new", MiB)
+        assert (mnt / "new").read_bytes() == src.read_bytes()[:MiB]
+        # a write past the end grows the image
+        with open(mnt / "new", "r+b") as f:
+            f.seek(3 * MiB)
+            f.write(b"tail")
+        assert os.stat(mnt / "new").st_size == 3 * MiB + 4
+        os.rename(mnt / "new", mnt / "moved")
+        assert sorted(os.listdir(mnt)) == [".snap", "demo", "moved"]
+        assert ecfs(store, "rbd", "ls").stdout.decode().split() == ["demo", "moved"]
+        os.unlink(mnt / "moved")
+        assert ecfs(store, "rbd", "ls").stdout.decode().split() == ["demo"]
+        # statfs: usable capacity of the OSDs' file system, times K/(K+M)
+        v, raw = os.statvfs(mnt), os.statvfs(store / "osd.0")
+        assert abs(v.f_bavail * v.f_frsize - raw.f_bavail * raw.f_frsize * 4 // 6) < 64 * MiB
+
+
+def test_errnos_users_expect(store, tmp_path):
+    mnt = tmp_path / "mnt"
+    ecfs(store, "rbd", "create", "img", "--size", "4")
+    with mounted(store, mnt):
+        for fn, err in ((lambda: os.mkdir(mnt / "d"), errno.EPERM),
+                        (lambda: os.symlink("img", mnt / "l"), errno.EPERM),
+                        (lambda: os.chmod(mnt / "img", 0o755), errno.EPERM),
+                        (lambda: os.setxattr(mnt / "img", "user.x", b"1"), errno.ENOTSUP),
+                        (lambda: os.getxattr(mnt / "img", "user.x"), errno.ENODATA),
+                        (lambda: open(mnt / ".snap" / "x", "w"), errno.EROFS),
+                        (lambda: open(mnt / "a@b", "w"), errno.EINVAL),
+                        (lambda: os.stat(mnt / "nosuch"), errno.ENOENT)):
+            with pytest.raises(OSError) as e:
+                fn()
+            assert e.value.errno == err, fn
+        os.chmod(mnt / "img", 0o600)
+        assert os.stat(mnt / "img").st_mode & 0o777 == 0o600
+        assert os.listxattr(mnt / "img") == []
+        # rm is EBUSY while the image has snapshots
+        ecfs(store, "rbd", "snap", "create", "img@s")
+        with pytest.raises(OSError) as e:
+            os.unlink(mnt / "img")
+        assert e.value.errno == errno.EBUSY
+
+
+def test_snapshot_view_through_the_mount(store, tmp_path):
+    mnt = tmp_path / "mnt"
+    ecfs(store, "rbd", "create", "v", "--size", "16")
+    first, second = os.urandom(MiB), os.urandom(MiB)
+    with mounted(store, mnt):
+        with open(mnt / "v", "r+b") as f:
+            f.write(first)
+            f.flush()
+            os.fsync(f.fileno())
+            ecfs(store, "rbd", "snap", "create", "v@s1")   # proxied to this mount
+            f.seek(0)
+            f.write(second)
+        assert sorted(os.listdir(mnt / ".snap")) == ["v"]
+        assert os.listdir(mnt / ".snap" / "v") == ["s1"]
+        assert (mnt / ".snap" / "v" / "s1").read_bytes()[:MiB] == first
+        assert (mnt / "v").read_bytes()[:MiB] == second
+        with pytest.raises(OSError) as e:
+            open(mnt / ".snap" / "v" / "s1", "r+b")
+        assert e.value.errno == errno.EROFS
+
+
+def test_read_only_mount(store, tmp_path):
+    mnt = tmp_path / "mnt"
+    ecfs(store, "rbd", "create", "r", "--size", "4")
+    with mounted(store, mnt, "-o", "ro"):
+        assert (mnt / "r").read_bytes() == bytes(4 * MiB)
+        for fn in (lambda: open(mnt / "r", "r+b"), lambda: open(mnt / "n", "w"),
+                   lambda: os.unlink(mnt / "r")):
+            with pytest.raises(OSError) as e:
+                fn()
+            assert e.value.errno == errno.EROFS
+
+
+def test_exclusive_mount_refuses_other_writers_at_open(store, tmp_path):
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    ecfs(store, "rbd", "create", "x", "--size", "4")
+    with mounted(store, m1, "--exclusive"), mounted(store, m2):
+        with open(m1 / "x", "r+b") as f:
+            f.write(b"mine")
+            f.flush()
+            with pytest.raises(OSError) as e:
+                open(m2 / "x", "r+b")
+            assert e.value.errno == errno.EBUSY
+            assert (m2 / "x").read_bytes()[:4] == b"mine"    # reading is fine
+        # closed: the lock went back, the other mount may write now
+        with open(m2 / "x", "r+b") as g:
+            g.write(b"your")
+        assert (m1 / "x").read_bytes()[:4] == b"your"
+
+
+def test_two_mounts_hand_the_lock_over(store, tmp_path):
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    ecfs(store, "rbd", "create", "h", "--size", "4")
+    with mounted(store, m1), mounted(store, m2):
+        with open(m1 / "h", "r+b") as f, open(m2 / "h", "r+b") as g:
+            f.write(b"one")
+            f.flush()
+            g.write(b"two")          # m1 hands the lock over
+            g.flush()
+            f.seek(0)
+            f.write(b"ONE")          # and back
+            f.flush()
+        assert (m2 / "h").read_bytes()[:3] == b"ONE"
+
+
+def test_lifecycle_umount_refusals_and_stale_mounts(store, tmp_path):
+    mnt = tmp_path / "mnt"
+    os.makedirs(mnt)
+    ecfs(store, "rbd", "create", "c", "--size", "4")
+    with mounted(store, mnt) as pid:
+        assert_user_error(ecfs(store, "mount", mnt, check=False), "already mounted")
+        with open(mnt / "c", "r+b") as f:
+            f.write(b"kept")
+        # an outside fusermount3 -u: the process flushes and exits by itself
+        subprocess.run(["fusermount3", "-u", mnt], check=True)
+        wait_for(lambda: not mounts.pid_alive(pid), what="mount process exit")
+    assert ecfs(store, "rbd", "export", "c", "-").stdout[:4] == b"kept"
+    # SIGKILL leaves a stale mount point; the next mount clears it
+    with mounted(store, mnt) as pid:
+        with open(mnt / "c", "r+b") as f:
+            f.write(b"KEPT")
+            os.fsync(f.fileno())
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not mounts.pid_alive(pid), what="killed")
+        assert mounts.fstype(str(mnt)) == mounts.FSTYPE      # stale
+        with mounted(store, mnt) as pid2:
+            assert pid2 != pid
+            assert (mnt / "c").read_bytes()[:4] == b"KEPT"
+    assert mount_pid(mnt) is None
+    assert_user_error(ecfs(store, "umount", mnt, check=False), "not an ecfs mount")
+    for args, msg in ((("mount", tmp_path / "nosuch"), "does not exist"),
+                      (("mount", mnt, "-o", "bogus"), "bogus"),
+                      (("mount", mnt, "--cache-size", "12Q"), "cache size")):
+        assert_user_error(ecfs(store, *args, check=False), msg)
+    force_unmount(mnt)
