@@ -253,7 +253,9 @@ def cmd_resize(args) -> int:
     size = _size(args.size)
     with _open(args) as s:
         with Image(s, args.name) as img:
-            img.resize(size, allow_shrink=args.allow_shrink)
+            with progress.bar(args, total=None, desc="Resizing image", unit="obj") as bar:
+                img.resize(size, allow_shrink=args.allow_shrink,
+                           progress=lambda done, total: bar.update(1))
     return 0
 
 
