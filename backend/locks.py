@@ -24,10 +24,12 @@
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
 import threading
+import time
 from contextlib import contextmanager
 
 SLOTS = 1 << 20
@@ -38,6 +40,26 @@ _META = (1 << 32) - 1
 
 def slot_of(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little") % SLOTS
+
+
+def _lock_range(fd: int, length: int, start: int) -> None:
+    """Wait for an exclusive fcntl lock on [start, start+length) of fd.
+
+    The kernel's deadlock detection sees processes, not threads: with
+    several threads per process each waiting on a different slot it can
+    report a cycle that is no deadlock (EDEADLK). Locks here are taken in
+    one order (a slot's stripes, then its metadata), so a real cycle
+    cannot form; EDEADLK is retried after a short, growing pause."""
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX, length, start)
+            return
+        except OSError as e:
+            if e.errno != errno.EDEADLK:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
 
 
 class StoreLocks:
@@ -65,7 +87,7 @@ class StoreLocks:
             self._held.setdefault(slot, []).append((first, stop))
         try:
             if self._lockfd is not None:
-                fcntl.lockf(self._lockfd, fcntl.LOCK_EX, stop - first, (slot << 32) | first)
+                _lock_range(self._lockfd, stop - first, (slot << 32) | first)
             try:
                 yield
             finally:
@@ -84,7 +106,7 @@ class StoreLocks:
         """Exclusive hold of the metadata of the objects in ``slot``."""
         with self._mutex[slot % _INPROC]:
             if self._lockfd is not None:
-                fcntl.lockf(self._lockfd, fcntl.LOCK_EX, 1, (slot << 32) | _META)
+                _lock_range(self._lockfd, 1, (slot << 32) | _META)
             try:
                 yield
             finally:

@@ -7,8 +7,9 @@ systemd READY=1 when the mount is live and STOPPING=1 when it stops.
 SIGTERM and SIGINT stop serving, flush, unmount and exit 0; after an
 outside ``fusermount3 -u`` the process flushes everything it holds and
 exits. A mount point left over by a killed mount (the kernel answers
-ENOTCONN) is cleared by the next ``ecfs mount``. ``ecfs umount MNT`` signals
-the mount process and returns once it has exited.
+ENOTCONN) is cleared by the next ``ecfs mount``. ``ecfs umount MNT``
+unmounts (refused, as umount(8) refuses, while an image is open or mapped)
+and returns once the mount process has flushed and exited.
 """
 from __future__ import annotations
 
@@ -95,9 +96,10 @@ def cmd_mount(args) -> int:
     # check the store before forking, so a bad one is one error line here
     from backend.objectstore import ObjectStore
     ObjectStore(store_dir).close()
+    if args.foreground:
+        _setup_logging(None)          # first: clearing a stale mount is worth a log line
     _check_mountpoint(mnt)
     if args.foreground:
-        _setup_logging(None)
         return serve(store_dir, mnt, opts, args.exclusive, ready=lambda: sd_notify("READY=1"))
     r, w = os.pipe()
     pid = os.fork()
@@ -173,6 +175,10 @@ def serve(store_dir: str, mnt: str, opts: set[str], exclusive: bool, ready) -> i
 
     from .fuse import HAS_FALLOCATE, EcfsFS
     log = logging.getLogger("ecfs.mount")
+    # SIGTERM/SIGINT stay blocked until trio listens for them: a stop right
+    # after READY=1 must still flush and unmount, not kill us mid-way
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     store = ObjectStore(store_dir)
     fs = EcfsFS(store, read_only="ro" in opts, exclusive=exclusive)
     fuse_opts = set(pyfuse3.default_options) | {f"fsname=ecfs:{os.path.abspath(store_dir)}",
@@ -182,29 +188,33 @@ def serve(store_dir: str, mnt: str, opts: set[str], exclusive: bool, ready) -> i
         pyfuse3.init(fs, mnt, fuse_opts)
     except BaseException:
         store.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         raise
     mounts.register(mounts.MountRecord(os.getpid(), mnt, os.path.abspath(store_dir),
                                        "ro" in opts, exclusive, time.time()))
     log.info("serving %s at %s%s%s", store_dir, mnt, " (read-only)" if "ro" in opts else "",
              "" if HAS_FALLOCATE else "; discard unsupported (stock pyfuse3: no fallocate)")
     try:
-        ready()
-
         async def main():
             async with trio.open_nursery() as nursery:
-                async def on_signal():
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async def on_signal(task_status=trio.TASK_STATUS_IGNORED):
+                    with trio.open_signal_receiver(*stop_signals) as sigs:
+                        task_status.started()
                         async for s in sigs:
                             log.info("signal %d: flushing and unmounting", s)
                             nursery.cancel_scope.cancel()
                             return
-                nursery.start_soon(on_signal)
+                await nursery.start(on_signal)
+                # listening now: a signal that came meanwhile is delivered here
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                ready()
                 await pyfuse3.main()
                 log.info("unmounted from outside: flushing")
                 nursery.cancel_scope.cancel()
 
         trio.run(main)
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         sd_notify("STOPPING=1")
         try:
             fs.close_all()
@@ -230,10 +240,18 @@ def cmd_umount(args) -> int:
         pidfd = os.pidfd_open(rec.pid)
     except ProcessLookupError:
         pidfd = None
-    try:
-        os.kill(rec.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+    # As umount(8): the kernel refuses while files are open or a loop device
+    # is attached to an image, and then nothing changes. Once unmounted, the
+    # mount process flushes and exits by itself.
+    p = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+    if p.returncode != 0:
+        if pidfd is not None:
+            os.close(pidfd)
+        err = (p.stderr or "").strip()
+        if "busy" in err.lower():
+            raise Busy(f"{mnt}: target is busy (an image is open or mapped; see "
+                       f"'ecfs rbd showmapped' and 'fuser -m {mnt}')")
+        raise Busy(f"cannot unmount {mnt}: {err.splitlines()[-1] if err else 'fusermount3 failed'}")
     if pidfd is not None:
         try:
             ready, _, _ = select.select([pidfd], [], [], UMOUNT_WAIT)

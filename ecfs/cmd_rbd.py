@@ -261,8 +261,7 @@ def cmd_resize(args) -> int:
 
 def cmd_export(args) -> int:
     out_path = None if args.file == "-" else args.file
-    if out_path is not None:
-        _check_output(out_path)
+    in_place = out_path is not None and _check_output(out_path)
     from .cmd_rbd_snap import image_spec
     name, snap = image_spec(args.name)
     with _open(args) as s:
@@ -273,21 +272,24 @@ def cmd_export(args) -> int:
             try:
                 if out_path is None:
                     out = sys.stdout.buffer
+                elif in_place:                 # a device or FIFO: written as a stream
+                    out = open(out_path, "wb")
                 else:
                     tmp = f"{out_path}.ecfs-tmp.{os.getpid()}"
                     out = open(tmp, "wb")
+                sparse = tmp is not None
                 with (out if out_path is not None else _nullctx()):
                     pos = 0
                     while pos < size:
                         n = min(IO_CHUNK, size - pos)
                         buf = img.read(pos, n)
-                        if out_path is not None:
+                        if sparse:
                             _write_sparse(out, pos, buf)
                         else:
                             out.write(buf)
                         pos += n
                         bar.update(n)
-                    if out_path is not None:
+                    if sparse:
                         out.truncate(size)
                 if tmp:
                     os.replace(tmp, out_path)
@@ -502,9 +504,20 @@ def _write_sparse(out, pos: int, buf: bytes) -> None:
             out.write(buf[lo:hi])
 
 
-def _check_output(path: str) -> None:
+def _check_output(path: str) -> bool:
+    """Check an output path as rbd does (an existing file is not
+    overwritten); True when it is a device or FIFO, written in place."""
+    import stat as _stat
     if os.path.isdir(path):
         raise InvalidArgument(f"{path} is a directory")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise InvalidArgument(f"cannot write {path}: no such directory {parent}")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    if _stat.S_ISREG(st.st_mode):
+        from backend.errors import Exists
+        raise Exists(f"{path} already exists (rbd does not overwrite it either)")
+    return True

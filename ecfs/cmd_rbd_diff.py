@@ -15,6 +15,7 @@ from rbdlike.image import Image
 
 from . import progress
 from .cli import add_json, wants_json
+from .cmd_rbd import _check_output
 from .cmd_rbd_snap import image_spec
 from .output import print_json, print_table
 
@@ -59,8 +60,7 @@ def cmd_diff(args) -> int:
 def cmd_export_diff(args) -> int:
     name, snap = image_spec(args.spec)
     out_path = None if args.file == "-" else args.file
-    if out_path is not None and os.path.isdir(out_path):
-        raise InvalidArgument(f"{out_path} is a directory")
+    in_place = out_path is not None and _check_output(out_path)
     with ObjectStore(args.store) as s, Image(s, name, snapshot=snap, read_only=True) as img:
         if args.from_snap is not None:
             img.header.snap(args.from_snap)
@@ -71,6 +71,8 @@ def cmd_export_diff(args) -> int:
         try:
             if out_path is None:
                 out = sys.stdout.buffer
+            elif in_place:
+                out = open(out_path, "wb")
             else:
                 tmp = f"{out_path}.ecfs-tmp.{os.getpid()}"
                 out = open(tmp, "wb")
@@ -87,8 +89,9 @@ def cmd_export_diff(args) -> int:
             bar.update(size - done)
             if out_path is not None:
                 out.close()
-                os.replace(tmp, out_path)
-                tmp = None
+                if tmp is not None:
+                    os.replace(tmp, out_path)
+                    tmp = None
             else:
                 out.flush()
         finally:

@@ -61,8 +61,10 @@ def _losetup_list() -> list[dict]:
 def _mapped(store: str) -> list[dict]:
     """Loop devices whose backing file is an image in a live mount of the store."""
     out = []
-    for rec in mounts.live_mounts(store):
-        base = rec.mountpoint + "/"
+    points = {rec.mountpoint for rec in mounts.live_mounts(store)}
+    points |= set(mounts.ecfs_mount_points(store))   # a dead mount's devices too
+    for point in sorted(points):
+        base = point + "/"
         for dev in _losetup_list():
             back = (dev.get("back-file") or "").removesuffix(" (deleted)")
             if back.startswith(base):
@@ -71,7 +73,7 @@ def _mapped(store: str) -> list[dict]:
                 if rel.startswith(".snap/"):
                     image, _, snap = rel[len(".snap/"):].partition("/")
                 out.append({"device": dev["name"], "image": image, "snap": snap,
-                            "mount": rec.mountpoint, "read_only": bool(dev.get("ro"))})
+                            "mount": point, "read_only": bool(dev.get("ro"))})
     return out
 
 

@@ -148,3 +148,20 @@ def is_stale(mountpoint: str) -> bool:
     except OSError as e:
         return e.errno in (107, 103)      # ENOTCONN, ECONNABORTED
     return False
+
+
+def ecfs_mount_points(store: str) -> list[str]:
+    """Mount points of fuse.ecfs mounts of ``store`` in the mount table,
+    live or stale (the mount's source is ``ecfs:STORE``)."""
+    want = "ecfs:" + os.path.abspath(store)
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                sep = parts.index("-")
+                if parts[sep + 1] == FSTYPE and _unescape(parts[sep + 2]) == want:
+                    out.append(_unescape(parts[4]))
+    except (OSError, ValueError, IndexError):
+        pass
+    return out

@@ -216,11 +216,14 @@ class Image:
             for objno, off, n, at in self._objects(offset, len(data)):
                 piece = data[at:at + n]
                 if not np.frombuffer(piece, dtype=np.uint8).any():
-                    if self._zeros_cover(objno, off, n):
+                    covered = self._zeros_cover(objno, off, n)
+                    if covered:
                         # zeros over a whole object (perhaps in several writes, as
                         # FUSE cuts them): the object is deleted, never stored as zeros
                         self._discard(objno * osz, min(osz, self.header.size - objno * osz))
                         continue
+                    if not self._head_exists(objno) and not self._parent_covers(objno):
+                        continue            # zeros into an absent object: nothing to store
                 elif self._zero_spans:
                     self._zero_spans.pop(objno, None)
                 self._prepare(objno)
@@ -243,12 +246,12 @@ class Image:
                     merged[-1] = (merged[-1][0], max(merged[-1][1], b))
                 else:
                     merged.append((a, b))
-            if merged[0][0] <= 0 and merged[0][1] >= length:
-                return True
+            covered = merged[0][0] <= 0 and merged[0][1] >= length
             if len(self._zero_spans) >= 4096:
                 self._zero_spans.pop(next(iter(self._zero_spans)))
+            # kept when covered too: an image growing by zero writes extends it
             self._zero_spans[objno] = merged
-            return False
+            return covered
 
     def _prepare(self, objno: int, copy_up: bool = True) -> None:
         """Make head object ``objno`` ready to change: preserve it for the
@@ -291,6 +294,10 @@ class Image:
         if m is not None:
             return m.states[objno] == EXISTS_CLEAN
         return not self.store.exists(clone_object(self.id, objno, newest))
+
+    def _parent_covers(self, objno: int) -> bool:
+        p = self.header.parent
+        return p is not None and objno * self.header.object_size < p.overlap
 
     def _head_exists(self, objno: int) -> bool:
         m = self._valid_map()
@@ -529,8 +536,10 @@ class Image:
             hdr = load_header(self.store, self.id, self.name)
             s = hdr.snap(name)
             if s.protected == value:
-                raise InvalidArgument(f"snapshot {self.name}@{name} is "
-                                      f"{'already' if value else 'not'} protected")
+                # rbd answers EBUSY for "already protected", EINVAL for "not protected"
+                cls = Busy if value else InvalidArgument
+                raise cls(f"snapshot {self.name}@{name} is "
+                          f"{'already' if value else 'not'} protected")
             if not value:
                 kids = layering.children(self.store, self.id, s.id)
                 if kids:
@@ -725,17 +734,21 @@ class Image:
             deadline = time.monotonic() + notify.timeout()
             while not self._try_writer():
                 o = owner(self.store, self.id)
+                retry = o is None           # the holder is between records
                 if o is not None:
                     if not o.address:
                         raise Busy(f"image {self.name!r} is locked by pid {o.pid} on {o.host} "
                                    f"(see 'ecfs rbd lock ls {self.name}')")
-                    notify.request(o.address, {"op": "request_lock", "pid": os.getpid()})
+                    try:
+                        notify.request(o.address, {"op": "request_lock", "pid": os.getpid()})
+                    except (notify.Unreachable, notify.NotOwner):
+                        retry = True        # it is closing: its lock is about to go
                 if time.monotonic() > deadline:
                     who = f"pid {o.pid} on {o.host}" if o else "another process"
                     raise Busy(f"image {self.name!r} is locked by {who} "
                                f"(see 'ecfs rbd lock ls {self.name}')")
-                if o is None:
-                    time.sleep(0.005)       # the holder is between records: poll
+                if retry:
+                    time.sleep(0.005)
 
     def _try_writer(self) -> bool:
         with self._mutex:
@@ -751,23 +764,33 @@ class Image:
                                  address=self._ensure_watch().address, exclusive=self._exclusive)
             if not lock.try_acquire():
                 return False
-            self._lock = lock
+            # self._lock is set last: other threads take "held" to mean the
+            # map is loaded and the header current (they check without the mutex)
             for prefix in (f"rbd_data.{self.id}.", f"rbd_object_map.{self.id}"):
                 self.store.add_guard(prefix, lock.guard)
-            # what another writer did before us is in the store: reload
-            self.header = load_header(self.store, self.id, self.name)
-            self._prepared.clear()
-            self._map = None
-            if self.header.has("object-map"):
-                m = ObjectMap(self.store, self.id)
-                m.load(self.header.num_objects)
-                if self.header.object_map_invalid:
-                    m.valid, m.why = False, "flagged invalid (run 'ecfs rbd object-map rebuild')"
-                self._map = m
-                if not m.valid and not self.header.object_map_invalid:
-                    self._flag_map_invalid()
-            if self.header.snap_pending:
-                self._finish_snap()
+            try:
+                # what another writer did before us is in the store: reload
+                self.header = load_header(self.store, self.id, self.name)
+                self._prepared.clear()
+                self._map = None
+                if self.header.has("object-map"):
+                    m = ObjectMap(self.store, self.id)
+                    m.load(self.header.num_objects)
+                    if self.header.object_map_invalid:
+                        m.valid, m.why = False, ("flagged invalid "
+                                                 "(run 'ecfs rbd object-map rebuild')")
+                    self._map = m
+                    if not m.valid and not self.header.object_map_invalid:
+                        self._flag_map_invalid()
+                if self.header.snap_pending:
+                    self._finish_snap()
+            except BaseException:
+                for prefix in (f"rbd_data.{self.id}.", f"rbd_object_map.{self.id}"):
+                    self.store.remove_guard(prefix)
+                self._map = None
+                lock.release()
+                raise
+            self._lock = lock
         self._broadcast({"op": "lock_acquired"})
         return True
 
@@ -789,10 +812,11 @@ class Image:
                 msg = {"op": op, "deadline": time.time() + notify.timeout(), **args}
                 try:
                     result = notify.request(o.address, msg, on_progress=progress)
-                except notify.NotOwner:
+                except (notify.NotOwner, notify.Unreachable):
                     if time.monotonic() > deadline:
                         raise
-                    continue                # it handed the lock over meanwhile
+                    time.sleep(0.005)
+                    continue                # it handed the lock over, or is closing
                 self._reload_header()
                 return result
             with (self._gate.exclusive() if exclusive else self._gate.shared()):
@@ -897,8 +921,8 @@ class Image:
         finally:
             if self._parent_img is not None:
                 self._parent_img.close()
-            if self._watch is not None:
-                self._watch.close()
+            # the lock goes first, then the watch: a peer asking for the lock
+            # meanwhile is answered, or finds it free
             if isinstance(self._lock, ExclusiveLock):
                 for prefix in (f"rbd_data.{self.id}.", f"rbd_object_map.{self.id}"):
                     self.store.remove_guard(prefix)
@@ -906,6 +930,8 @@ class Image:
                 if self._watch is not None:
                     notify.broadcast(self.store, self.id, {"op": "lock_released"},
                                      skip_cookie=self._watch.cookie)
+            if self._watch is not None:
+                self._watch.close()
 
     def __enter__(self):
         return self

@@ -60,6 +60,10 @@ class TimedOut(EcfsError):
     exit_code = 110
 
 
+class Unreachable(Busy):
+    """Nobody answers at the lock owner's address (it may be closing)."""
+
+
 class NotOwner(Busy):
     """The process asked no longer holds the lock (ask the new holder)."""
 
@@ -103,7 +107,7 @@ def watchers(store, image_id: str) -> list[dict]:
 
 def _error_class(name: str):
     from . import exclusive_lock
-    local = {"TimedOut": TimedOut, "NotOwner": NotOwner}
+    local = {"TimedOut": TimedOut, "NotOwner": NotOwner, "Unreachable": Unreachable}
     if name in local:
         return local[name]
     for mod in (_errors, exclusive_lock):
@@ -132,7 +136,7 @@ def request(address: str, msg: dict, on_progress=None, wait: float | None = None
     try:
         s = _connect(address, wait)
     except OSError as e:
-        raise Busy(f"the lock owner cannot be reached ({e.strerror or e})") from None
+        raise Unreachable(f"the lock owner cannot be reached ({e.strerror or e})") from None
     try:
         s.sendall((json.dumps(msg) + "\n").encode())
         f = s.makefile("rb")

@@ -230,6 +230,8 @@ def update_features(store, name: str, features: list[str], enable: bool) -> list
                 for sn in hdr.snapshots:
                     _build_snap_map(store, hdr, sn)
             if "object-map" in cur and "object-map" not in new:
+                for sn in hdr.snapshots:
+                    _whiteouts_from_snap_map(store, hdr, sn)
                 ObjectMap(store, image_id).remove()
                 for sn in hdr.snapshots:
                     ObjectMap(store, image_id, sn.id).remove()
@@ -255,3 +257,22 @@ def _build_snap_map(store, hdr, sn) -> None:
             exists = store.exists(data_object(hdr.id, objno))
         m.states[objno] = EXISTS if exists else NONEXISTENT
     m.save()
+
+
+def _whiteouts_from_snap_map(store, hdr, sn) -> None:
+    """Before a snapshot's map goes: without it, an object absent at the
+    snapshot would be read from a later clone or the head. Record each such
+    object as a whiteout (a size-0 clone named for the snapshot), which is
+    how images without a map say "absent" (rbdlike/snapshot.py)."""
+    from .snapshot import find_clone
+    m = ObjectMap(store, hdr.id, sn.id)
+    if not m.load(-(-sn.size // hdr.object_size)):
+        return
+    for objno in np.flatnonzero(m.states == NONEXISTENT).tolist():
+        found = find_clone(store, hdr, objno, sn.id)
+        if found is None:
+            if not store.exists(data_object(hdr.id, objno)):
+                continue              # absent everywhere: reads as absent anyway
+        elif found[1] == 0:
+            continue                  # a whiteout already says so
+        store.write_full(clone_object(hdr.id, objno, sn.id), b"")

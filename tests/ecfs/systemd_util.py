@@ -23,15 +23,21 @@ rules:
 
 - it boots ``--unit=ecfs-test-boot.target``, which pulls in journald only
   (the host's default target would start its databases, ceph, ...);
-- before a test starts a unit, ``confine()`` masks (in /run) every unit
-  that starting it would pull in and that is not already running, except
-  targets: a unit with default dependencies pulls in sysinit.target, whose
-  systemd-sysctl, systemd-binfmt, systemd-sysusers, systemd-tmpfiles-setup
-  would set the host's sysctls, binfmt handlers, users and files;
+- ``confine()`` masks (in /run) every unit that starting the given units
+  would pull in and that is not already running, except targets: a unit
+  with default dependencies pulls in sysinit.target, whose systemd-sysctl,
+  systemd-binfmt, systemd-sysusers, systemd-tmpfiles-setup would set the
+  host's sysctls, binfmt handlers, users and files. ``boot()`` does it for
+  sysinit.target and basic.target; tests do it for the units they start,
+  before starting them;
 - BOOT lazily unmounts, in the new namespace, the FUSE mounts it copied
   from the host: a FUSE daemon whose file system is unmounted only exits
   once no namespace holds a copy, so another test's daemon on the host
   would otherwise keep running until this systemd is gone.
+
+Two options beyond the recipe make it die with the test process, even a
+SIGKILLed one: unshare gets PR_SET_PDEATHSIG=SIGKILL, and ``--kill-child``
+passes that on to systemd (the kernel then kills its whole pid namespace).
 
 Commands run inside with ``nsenter -t PID -m -p``. Teardown kills, by pid,
 everything left in NAME, removes the cgroups bottom-up, detaches loop
@@ -185,15 +191,29 @@ cat > /run/systemd/system/{BOOT_TARGET} <<'EOF'
 Description=ecfs test boot: the journal and nothing else
 Wants=systemd-journald.service
 EOF
-exec unshare --cgroup sh -c 'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec env container=other {SYSTEMD} --system --unit={BOOT_TARGET}'
+exec unshare --cgroup sh -c 'mount -t cgroup2 cgroup2 /sys/fs/cgroup && \\
+  exec env container=other {SYSTEMD} --system --unit={BOOT_TARGET}'
 """)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                ["unshare", "--pid", "--fork", "--mount", "--mount-proc",
+                ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc",
                  "--propagation", "private", "sh", boot],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                preexec_fn=_die_with_parent)
         self.pid = wait_for(self._systemd_pid, timeout=timeout, what="systemd started")
-        wait_for(self._running, timeout=timeout, what="systemd is-system-running")
+        states = []
+
+        def running():
+            p = self.run("systemctl", "is-system-running", check=False, timeout=30)
+            states.append((p.stdout + p.stderr).strip())
+            return p.stdout.strip() in ("running", "degraded")
+        try:
+            wait_for(running, timeout=timeout, what="systemd is-system-running")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; last answer {states[-1:]}; boot log: "
+                                 f"{self._boot_log()}") from None
+        # what any unit with default dependencies pulls in, masked from the start
+        self.confine("sysinit.target", "basic.target")
 
     def _systemd_pid(self) -> int | None:
         if self.proc.poll() is not None:
@@ -213,15 +233,6 @@ exec unshare --cgroup sh -c 'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec env
             except OSError:
                 pass
         return None
-
-    def _running(self) -> bool:
-        p = self.run("systemctl", "is-system-running", check=False, timeout=30)
-        state = p.stdout.strip()
-        if state in ("running", "degraded"):
-            return True
-        if state in ("maintenance", "stopping", "offline") and "Failed to connect" not in p.stderr:
-            raise AssertionError(f"systemd is {state}: {self._boot_log()}")
-        return False
 
     def _boot_log(self) -> str:
         try:
@@ -337,7 +348,7 @@ exec unshare --cgroup sh -c 'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec env
         raise AssertionError(f"cannot confine the test systemd: still pulls in {todo}")
 
     # --- teardown -------------------------------------------------------------------
-    def _alive(self) -> bool:
+    def alive(self) -> bool:
         return self.pid is not None and self.proc is not None and self.proc.poll() is None
 
     def _procs(self) -> list[int]:
@@ -351,7 +362,7 @@ exec unshare --cgroup sh -c 'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec env
                     pass
         return pids
 
-    def teardown(self, units: tuple[str, ...] = ()) -> list[str]:
+    def teardown(self) -> list[str]:
         """Stop, kill, clean. Never raises; returns the problems met."""
         problems = []
 
@@ -361,17 +372,17 @@ exec unshare --cgroup sh -c 'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec env
             except Exception as e:             # noqa: BLE001 -- keep cleaning up
                 problems.append(f"{what}: {e}")
 
-        if self._alive():
-            if units:
-                attempt("stop units", lambda: self.systemctl("stop", *units, timeout=180))
-            attempt("stop ecfs units",
+        def unmount_inside():
+            for target, kind in reversed(mount_table(self.pid)):
+                if target.startswith(self.dir + "/") and kind.startswith("fuse"):
+                    self.run("fusermount3", "-u", "-z", target, check=False)
+
+        if self.alive():
+            attempt("stop the ecfs units",
                     lambda: self.systemctl("stop", "ecfs-map@*", "ecfs@*", timeout=180))
             for dev in loops_under(self.dir):
                 attempt(f"detach {dev}", lambda d=dev: self.run("losetup", "--detach", d))
-            for target, kind in reversed(mount_table(self.pid)):
-                if target.startswith(self.dir + "/") and kind.startswith("fuse"):
-                    attempt(f"unmount {target}", lambda t=target: self.run(
-                        "fusermount3", "-u", "-z", t, check=False))
+            attempt("unmount inside", unmount_inside)
         # kill by pid everything left in our cgroup (systemd first: the
         # kernel then kills the rest of its pid namespace), until none is left
         if os.path.isdir(self.cgroup):
@@ -397,13 +408,21 @@ exec unshare --cgroup sh -c 'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec env
         for dev in loops_under(self.dir):
             attempt(f"detach {dev}", lambda d=dev: subprocess.run(
                 ["losetup", "--detach", d], check=True, capture_output=True))
-        for target, kind in reversed(mount_table()):
-            if target.startswith(self.dir + "/"):
+        for target, _ in reversed(mount_table()):
+            if target.startswith(self.dir + "/"):       # never expected here
                 attempt(f"unmount {target}", lambda t=target: subprocess.run(
-                    ["fusermount3", "-u", "-z", t], capture_output=True)
-                    if kind.startswith("fuse") else subprocess.run(["umount", "-l", t]))
+                    ["umount", "-l", t], check=True, capture_output=True))
         attempt("remove the directory", lambda: shutil.rmtree(self.dir))
         return problems
+
+
+def _die_with_parent() -> None:
+    """In the unshare process: SIGKILL when the test process dies, even by
+    SIGKILL (and --kill-child then takes systemd, and so the whole pid
+    namespace, with it): no systemd is left running after a killed test."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _try_rmdirs(top: str) -> bool:

@@ -51,7 +51,7 @@ def test_create_info_ls_resize_rename_rm(store):
     (("rbd", "rm", "nosuch"), "does not exist"),
     (("rbd", "resize", "b", "--size", "1"), "allow-shrink"),
     (("rbd", "rename", "b", "bad@name"), "name"),
-    (("rbd", "export", "nosuch", "/tmp/x"), "does not exist"),
+    (("rbd", "export", "nosuch", "-"), "does not exist"),
     (("rbd", "import", "/nonexistent/file", "y"), "nonexistent"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(store, args, msg):
@@ -99,3 +99,14 @@ def test_lock_ls_and_rm_without_owner(store):
     ecfs(store, "rbd", "create", "l", "--size", "4")
     assert ecfs(store, "rbd", "lock", "ls", "l").stdout == b""
     assert_user_error(ecfs(store, "rbd", "lock", "rm", "l", check=False), "not locked")
+
+
+def test_export_never_overwrites_a_file_but_writes_devices(store, tmp_path):
+    ecfs(store, "rbd", "create", "e", "--size", "1")
+    out = tmp_path / "out.img"
+    out.write_bytes(b"precious")
+    assert_user_error(ecfs(store, "rbd", "export", "e", out, check=False), "exists")
+    assert_user_error(ecfs(store, "rbd", "export-diff", "e", out, check=False), "exists")
+    assert out.read_bytes() == b"precious"
+    ecfs(store, "rbd", "export", "e", "/dev/null")          # a device is written, not replaced
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")

@@ -176,3 +176,47 @@ def test_lifecycle_umount_refusals_and_stale_mounts(store, tmp_path):
                       (("mount", mnt, "--cache-size", "12Q"), "cache size")):
         assert_user_error(ecfs(store, *args, check=False), msg)
     force_unmount(mnt)
+
+
+def test_umount_refuses_while_busy_like_umount8(store, tmp_path):
+    mnt = tmp_path / "mnt"
+    ecfs(store, "rbd", "create", "b", "--size", "8")
+    with mounted(store, mnt) as pid:
+        fd = os.open(mnt / "b", os.O_RDWR)
+        try:
+            assert_user_error(ecfs(store, "umount", mnt, check=False), "busy")
+            assert mounts.pid_alive(pid)
+            os.pwrite(fd, b"still here", 0)        # the mount still serves
+        finally:
+            os.close(fd)
+        dev = ecfs(store, "rbd", "map", "b").stdout.decode().strip()
+        try:
+            assert_user_error(ecfs(store, "umount", mnt, check=False), "busy")
+        finally:
+            ecfs(store, "rbd", "unmap", dev)
+        ecfs(store, "umount", mnt)
+        assert not mounts.pid_alive(pid)
+    assert ecfs(store, "rbd", "export", "b", "-").stdout[:10] == b"still here"
+
+
+def test_reopening_for_write_never_meets_its_own_closing_lock(store, tmp_path):
+    mnt = tmp_path / "mnt"
+    ecfs(store, "rbd", "create", "o", "--size", "4")
+    with mounted(store, mnt):
+        for i in range(150):
+            fd = os.open(mnt / "o", os.O_RDWR)
+            try:
+                os.pwrite(fd, i.to_bytes(4, "little"), 0)
+            finally:
+                os.close(fd)
+        assert (mnt / "o").read_bytes()[:4] == (149).to_bytes(4, "little")
+
+
+def test_zeros_that_grow_an_image_are_not_stored(store, tmp_path):
+    mnt = tmp_path / "mnt"
+    with mounted(store, mnt):
+        subprocess.run(["dd", "if=/dev/zero", f"of={mnt / 'z'}", "bs=1M", "count=16",
+                        "status=none"], check=True)
+        assert os.stat(mnt / "z").st_size == 16 * MiB
+        assert ecfs_json(store, "rbd", "du", "z")["images"][0]["used_size"] == 0
+        assert os.stat(mnt / "z").st_blocks == 0

@@ -135,3 +135,50 @@ def test_shrink_cuts_the_overlap(store):
         got = c.read(0, 12 * MiB)
         assert got[:6 * MiB] == base[:6 * MiB]
         assert got[6 * MiB:] == bytes(6 * MiB)       # not the parent's bytes again
+
+
+def test_many_threads_first_writes_keep_the_map_right(store, monkeypatch):
+    """Threads that start writing while the first one is still taking the
+    lock must wait for the map: a write that slipped past it would leave an
+    object the map calls nonexistent (and flatten would then copy the
+    parent over it). A slow map load (injected) widens the window."""
+    import threading
+    import time
+    from rbdlike.objectmap import ObjectMap
+    from rbdlike.rbd import object_map_check
+    real_load = ObjectMap.load
+
+    def slow_load(self, n):
+        time.sleep(0.05)                 # fault injection: a slow disk, not a wait
+        return real_load(self, n)
+    monkeypatch.setattr(ObjectMap, "load", slow_load)
+    base = _parent(store, size=40 * MiB)
+    RBD().clone(store, "p", "s", "t")
+    want = bytearray(base)
+    barrier = threading.Barrier(10)       # nine writers + the first one's helper
+    errors = []
+    with Image(store, "t") as c:
+        def work(i):
+            try:
+                if i:
+                    barrier.wait()     # the others start once the first is taking the lock
+                else:
+                    threading.Thread(target=barrier.wait, daemon=True).start()
+                data = bytes([i + 1]) * 4096
+                c.write(data, i * 4 * MiB + 8192)
+            except BaseException as e:     # reported below
+                errors.append(e)
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(10)]
+        threads[0].start()
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+    monkeypatch.setattr(ObjectMap, "load", real_load)
+    for i in range(10):
+        want[i * 4 * MiB + 8192:i * 4 * MiB + 12288] = bytes([i + 1]) * 4096
+    assert object_map_check(store, "t") == []
+    with Image(store, "t") as c:
+        c.flatten()
+        assert c.read(0, 40 * MiB) == bytes(want)
