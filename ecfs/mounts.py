@@ -17,6 +17,8 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+from backend.procs import pid_alive
+
 FSTYPE = "fuse.ecfs"
 
 
@@ -103,20 +105,6 @@ def resolve(mountpoint: str) -> str:
     """The mount point without symlinks (a stale FUSE mount answers the
     lstat with ENOTCONN, which realpath passes over)."""
     return os.path.realpath(mountpoint)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:                       # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _unescape(field: str) -> str:

@@ -198,3 +198,14 @@ def break_lock(store, image_id: str) -> Owner | None:
     except FileNotFoundError:
         pass
     return o
+
+
+def lock_or_busy(store, image_id: str, image_name: str, why: str = "") -> ExclusiveLock:
+    """Take the lock of an image nobody may have open (rm, feature changes),
+    or raise Busy naming who holds it."""
+    lock = ExclusiveLock(store, image_id, image_name)
+    if not lock.try_acquire():
+        o = owner(store, image_id)
+        who = f"pid {o.pid}" if o else "another process"
+        raise Busy(f"image {image_name!r} is in use by {who}{why}")
+    return lock

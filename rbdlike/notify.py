@@ -40,6 +40,7 @@ import uuid
 
 from backend import errors as _errors
 from backend.errors import Busy, EcfsError
+from backend.procs import pid_alive
 
 from .directory import rbd_dir
 
@@ -74,16 +75,6 @@ def _watch_dir(store, image_id: str) -> str:
     return d
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def watchers(store, image_id: str) -> list[dict]:
     """The live watchers of an image (stale registrations are removed)."""
     d = _watch_dir(store, image_id)
@@ -95,7 +86,7 @@ def watchers(store, image_id: str) -> list[dict]:
                 w = json.load(fh)
         except (OSError, ValueError):
             continue
-        if not isinstance(w, dict) or not _alive(int(w.get("pid", 0))):
+        if not isinstance(w, dict) or not pid_alive(int(w.get("pid", 0))):
             try:
                 os.unlink(p)
             except OSError:

@@ -11,7 +11,7 @@ import numpy as np
 from backend.errors import Busy, Exists, InvalidArgument, NotFound
 
 from . import directory, layering
-from .exclusive_lock import ExclusiveLock, owner
+from .exclusive_lock import lock_or_busy
 from .header import (DEFAULT_FEATURES, FEATURES, MAX_IMAGE_SIZE, ImageHeader, Parent, clone_object,
                      data_object, header_object,
                      validate_features, validate_image_name, validate_object_size)
@@ -86,11 +86,7 @@ class RBD:
             if hdr.snapshots:
                 raise Busy(f"image {name!r} has snapshots; remove them first "
                            f"('ecfs rbd snap ls {name}')")
-            lock = ExclusiveLock(store, image_id, name)
-            if not lock.try_acquire():
-                o = owner(store, image_id)
-                who = f"pid {o.pid}" if o else "another process"
-                raise Busy(f"image {name!r} is in use by {who}")
+            lock = lock_or_busy(store, image_id, name)
             try:
                 m = ObjectMap(store, image_id)
                 known = m.load(hdr.num_objects) and not hdr.object_map_invalid
@@ -194,11 +190,7 @@ def update_features(store, name: str, features: list[str], enable: bool) -> list
     from the objects; the dependencies are the rbd tool's (object-map needs
     exclusive-lock, fast-diff needs object-map). Returns the new features."""
     image_id = directory.lookup(store, name)
-    lock = ExclusiveLock(store, image_id, name)
-    if not lock.try_acquire():
-        o = owner(store, image_id)
-        who = f"pid {o.pid}" if o else "another process"
-        raise Busy(f"image {name!r} is in use by {who}; close it first")
+    lock = lock_or_busy(store, image_id, name, "; close it first")
     try:
         with directory.header_lock(store, image_id):
             hdr = load_header(store, image_id, name)
