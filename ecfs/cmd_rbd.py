@@ -192,8 +192,13 @@ def cmd_info(args) -> int:
         nobj = -(-size // h.object_size)
         m = ObjectMap(s, image_id, sn.id if sn else None)
         present = None
-        if h.has("object-map") and m.load(nobj) and not (h.object_map_invalid and not sn):
-            present = m.count()
+        flags = []
+        if h.has("object-map"):
+            if m.load(nobj) and not (h.object_map_invalid and not sn):
+                present = m.count()
+            else:               # as rbd info says it
+                flags = ["object map invalid"] + \
+                    (["fast diff invalid"] if h.has("fast-diff") else [])
         o = owner(s, image_id)
         par = sn.parent if sn else h.parent
         pname = parent_name(s, par) if par else None
@@ -201,7 +206,7 @@ def cmd_info(args) -> int:
     info = {"name": h.name, "id": h.id, "size": size, "objects": nobj,
             "order": h.object_size.bit_length() - 1, "object_size": h.object_size,
             "block_name_prefix": f"rbd_data.{h.id}", "format": 2,
-            "features": h.features, "flags": ["object map invalid"] if h.object_map_invalid else [],
+            "features": h.features, "flags": flags,
             "snapshot_count": len(h.snapshots), "objects_present": present,
             "create_timestamp": time.ctime(h.created),
             "parent": None if par is None else

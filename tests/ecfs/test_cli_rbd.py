@@ -91,8 +91,13 @@ def test_object_map_check_and_rebuild(store):
     ecfs(store, "rados", "put", f"rbd_object_map.{image_id}", "-", input=b"junk")
     p = ecfs(store, "rbd", "object-map", "check", "m", check=False)
     assert p.returncode != 0 and b"invalid" in p.stdout
+    assert ecfs_json(store, "rbd", "info", "m")["flags"] == ["object map invalid",
+                                                             "fast diff invalid"]
+    assert "flags: object map invalid, fast diff invalid" in \
+        ecfs(store, "rbd", "info", "m").stdout.decode()
     ecfs(store, "rbd", "object-map", "rebuild", "m")
     ecfs(store, "rbd", "object-map", "check", "m")
+    assert ecfs_json(store, "rbd", "info", "m")["flags"] == []
 
 
 def test_lock_ls_and_rm_without_owner(store):
