@@ -17,4 +17,7 @@ Modules, one concept each:
   counters    I/O counters shared across processes
   objectstore the I/O path: read, write (delta/reconstruct/full), degraded
               read, checksum repair, remove, truncate
+  missed      per-OSD logs of the objects changed while it was away
+  recovery    `osd up`: rebuild what an OSD missed
+  procs       whether a process still runs
 """

@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -121,6 +122,7 @@ class ExclusiveLock:
         self._fd: int | None = None
         self._epoch_fd: int | None = None
         self.cookie = uuid.uuid4().hex[:16]
+        self._release_lock = threading.Lock()
 
     @property
     def held(self) -> bool:
@@ -169,18 +171,21 @@ class ExclusiveLock:
                          f"this client may not write any more")
 
     def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            o = owner(self.store, self.image_id)
-            if o is not None and o.cookie == self.cookie:
-                os.unlink(_owner_path(self.store, self.image_id))
-        except OSError:
-            pass
-        os.close(self._fd)
-        if self._epoch_fd is not None:
-            os.close(self._epoch_fd)
-        self._fd = self._epoch_fd = None
+        """Give the lock up (idempotent; safe from several threads)."""
+        with self._release_lock:
+            if self._fd is None:
+                return
+            try:
+                o = owner(self.store, self.image_id)
+                if o is not None and o.cookie == self.cookie:
+                    os.unlink(_owner_path(self.store, self.image_id))
+            except OSError:
+                pass
+            fd, efd = self._fd, self._epoch_fd
+            self._fd = self._epoch_fd = None
+            os.close(fd)
+            if efd is not None:
+                os.close(efd)
 
 
 def break_lock(store, image_id: str) -> Owner | None:
@@ -209,3 +214,13 @@ def lock_or_busy(store, image_id: str, image_name: str, why: str = "") -> Exclus
         who = f"pid {o.pid}" if o else "another process"
         raise Busy(f"image {image_name!r} is in use by {who}{why}")
     return lock
+
+
+def forget(store, image_id: str) -> None:
+    """Remove an image's lock files (after the image itself is gone)."""
+    import glob
+    for p in glob.glob(os.path.join(_locks_dir(store), f"{image_id}.*")):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass

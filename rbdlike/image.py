@@ -32,9 +32,8 @@ from backend.errors import Busy, Exists, InvalidArgument, NotFound, ReadOnly
 
 from . import directory, layering, notify, snapshot
 from .exclusive_lock import ExclusiveLock, owner
-from .header import (MAX_IMAGE_SIZE, ImageHeader, Parent, Snapshot, clone_object, data_object,
-                     header_object,
-                     validate_image_name)
+from .header import (MAX_IMAGE_SIZE, ImageHeader, Parent, Snapshot, data_object,
+                     header_object, validate_image_name)
 from .objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, PENDING, ObjectMap
 
 _OBJ_LOCKS = 64
@@ -75,7 +74,8 @@ class Image:
         self._clones: dict[int, tuple[str, int]] = {}   # snapshot view: objno -> clone found
         self._prepared: set[int] = set()               # no-map images: objects prepared
         self._zero_spans: dict[int, list] = {}         # objno -> ranges written with zeros
-        self._obj_locks = [threading.Lock() for _ in range(_OBJ_LOCKS)]
+        self._obj_locks = [threading.RLock() for _ in range(_OBJ_LOCKS)]
+        self._in_flight: dict[int, int] = {}           # objno -> store writes under way
         self._mutex = threading.RLock()           # header, map and lock state
         self._acquiring = threading.Lock()        # one lock acquisition at a time
         self._gate = _Gate()                      # writes shared, maintenance exclusive
@@ -215,25 +215,39 @@ class Image:
             osz = self.header.object_size
             for objno, off, n, at in self._objects(offset, len(data)):
                 piece = data[at:at + n]
-                if not np.frombuffer(piece, dtype=np.uint8).any():
-                    covered = self._zeros_cover(objno, off, n)
-                    if covered:
-                        # zeros over a whole object (perhaps in several writes, as
-                        # FUSE cuts them): the object is deleted, never stored as zeros
-                        self._discard(objno * osz, min(osz, self.header.size - objno * osz))
-                        continue
-                    if not self._head_exists(objno) and not self._parent_covers(objno):
-                        continue            # zeros into an absent object: nothing to store
-                elif self._zero_spans:
-                    self._zero_spans.pop(objno, None)
-                self._prepare(objno)
-                self.store.write(data_object(self.id, objno), off, piece, size_hint=osz)
+                zeros = not np.frombuffer(piece, dtype=np.uint8).any()
+                # Zero detection is decided under the object's lock, against the
+                # writes to it under way: a discard never races a store write.
+                with self._obj_locks[objno % _OBJ_LOCKS]:
+                    if zeros:
+                        if self._zeros_cover(objno, off, n) and not self._in_flight.get(objno):
+                            # zeros over a whole object (perhaps in several writes,
+                            # as FUSE cuts them): deleted, never stored as zeros
+                            self._discard(objno * osz,
+                                          min(osz, self.header.size - objno * osz))
+                            continue
+                        if not self._head_exists(objno) and not self._parent_covers(objno):
+                            continue        # zeros into an absent object: nothing to store
+                    else:
+                        self._zero_spans.pop(objno, None)
+                    self._in_flight[objno] = self._in_flight.get(objno, 0) + 1
+                try:
+                    self._prepare(objno)
+                    self.store.write(data_object(self.id, objno), off, piece, size_hint=osz)
+                finally:
+                    with self._obj_locks[objno % _OBJ_LOCKS]:
+                        left = self._in_flight[objno] - 1
+                        if left:
+                            self._in_flight[objno] = left
+                        else:
+                            del self._in_flight[objno]
         return len(data)
 
     def _zeros_cover(self, objno: int, off: int, n: int) -> bool:
         """Record that [off, off+n) of the object was written with zeros;
         True when zeros written since its last non-zero write cover it all.
-        (A non-zero write forgets the object; the record is bounded.)"""
+        (A non-zero write forgets the object, and so does any maintenance
+        operation; the record is bounded.) Called under the object's lock."""
         osz = self.header.object_size
         length = min(osz, self.header.size - objno * osz)
         with self._mutex:
@@ -293,7 +307,7 @@ class Image:
         m = self._valid_map()
         if m is not None:
             return m.states[objno] == EXISTS_CLEAN
-        return not self.store.exists(clone_object(self.id, objno, newest))
+        return snapshot.find_clone(self.store, self.header, objno, newest) is None
 
     def _parent_covers(self, objno: int) -> bool:
         p = self.header.parent
@@ -821,6 +835,8 @@ class Image:
                 return result
             with (self._gate.exclusive() if exclusive else self._gate.shared()):
                 if self._lock_held():
+                    with self._mutex:
+                        self._zero_spans.clear()    # objects may change under it
                     result = local()
                     break
         self._notify_header()
@@ -921,15 +937,10 @@ class Image:
         finally:
             if self._parent_img is not None:
                 self._parent_img.close()
-            # the lock goes first, then the watch: a peer asking for the lock
-            # meanwhile is answered, or finds it free
-            if isinstance(self._lock, ExclusiveLock):
-                for prefix in (f"rbd_data.{self.id}.", f"rbd_object_map.{self.id}"):
-                    self.store.remove_guard(prefix)
-                self._lock.release()
-                if self._watch is not None:
-                    notify.broadcast(self.store, self.id, {"op": "lock_released"},
-                                     skip_cookie=self._watch.cookie)
+            # the lock goes first (the same way a peer's request takes it, so the
+            # two never race), then the watch: a peer asking meanwhile is
+            # answered, or finds the lock free
+            self.release_lock()
             if self._watch is not None:
                 self._watch.close()
 

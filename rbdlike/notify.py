@@ -128,17 +128,23 @@ def request(address: str, msg: dict, on_progress=None, wait: float | None = None
         s = _connect(address, wait)
     except OSError as e:
         raise Unreachable(f"the lock owner cannot be reached ({e.strerror or e})") from None
+    op = msg.get("op")
     try:
-        s.sendall((json.dumps(msg) + "\n").encode())
         f = s.makefile("rb")
         while True:
             try:
+                if msg is not None:
+                    s.sendall((json.dumps(msg) + "\n").encode())
+                    msg = None
                 line = f.readline()
             except socket.timeout:
-                raise TimedOut(f"the lock owner did not answer {msg.get('op')!r} within "
+                raise TimedOut(f"the lock owner did not answer {op!r} within "
                                f"{wait:g} s") from None
+            except OSError as e:          # reset, broken pipe: it went away
+                raise Unreachable(f"the lock owner went away during {op!r} "
+                                  f"({e.strerror or e})") from None
             if not line:
-                raise Busy(f"the lock owner went away during {msg.get('op')!r}")
+                raise Unreachable(f"the lock owner went away during {op!r}")
             ans = json.loads(line)
             if "progress" in ans:
                 if on_progress is not None:
@@ -237,3 +243,17 @@ class Watch:
         except OSError:
             pass
         self._sock.close()
+
+
+def forget(store, image_id: str) -> None:
+    """Remove an image's watch directory (after the image itself is gone)."""
+    d = _watch_dir(store, image_id)
+    for f in os.listdir(d):
+        try:
+            os.unlink(os.path.join(d, f))
+        except OSError:
+            pass
+    try:
+        os.rmdir(d)
+    except OSError:
+        pass

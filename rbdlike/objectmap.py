@@ -20,6 +20,7 @@ rebuilt.
 from __future__ import annotations
 
 import struct
+import threading
 
 import numpy as np
 
@@ -60,6 +61,7 @@ class ObjectMap:
         self.store = store
         self.name = map_object(image_id, snap_id)
         self.states = np.zeros(0, dtype=np.uint8)
+        self._lock = threading.Lock()
         self.valid = False
         self.why = "not loaded"
 
@@ -91,12 +93,14 @@ class ObjectMap:
         self.valid, self.why = True, ""
 
     def set(self, objno: int, state: int) -> None:
-        """Set one object's state, persisting the byte that holds it."""
-        if self.states[objno] == state:
-            return
-        self.states[objno] = state
-        b = objno // 4
-        self.store.write(self.name, HDR_SIZE + b, pack(self.states[b * 4:b * 4 + 4]))
+        """Set one object's state, persisting the byte that holds it (under
+        the map's lock: four objects share that byte)."""
+        with self._lock:
+            if self.states[objno] == state:
+                return
+            self.states[objno] = state
+            b = objno // 4
+            self.store.write(self.name, HDR_SIZE + b, pack(self.states[b * 4:b * 4 + 4]))
 
     def resize(self, num_objects: int) -> None:
         n = len(self.states)

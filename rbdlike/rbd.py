@@ -11,7 +11,8 @@ import numpy as np
 from backend.errors import Busy, Exists, InvalidArgument, NotFound
 
 from . import directory, layering
-from .exclusive_lock import lock_or_busy
+from .exclusive_lock import forget as forget_lock, lock_or_busy
+from .notify import forget as forget_watch
 from .header import (DEFAULT_FEATURES, FEATURES, MAX_IMAGE_SIZE, ImageHeader, Parent, clone_object,
                      data_object, header_object,
                      validate_features, validate_image_name, validate_object_size)
@@ -107,6 +108,8 @@ class RBD:
                 store.remove(header_object(image_id))
             finally:
                 lock.release()
+            forget_lock(store, image_id)
+            forget_watch(store, image_id)
 
     def rename(self, store, old: str, new: str) -> None:
         validate_image_name(new)
@@ -157,12 +160,13 @@ def object_map_rebuild(store, name: str) -> int:
 def rebuilt_states(store, hdr) -> np.ndarray:
     """Head object-map states regenerated from the objects present. With
     snapshots, an object counts as written since the newest one (EXISTS)
-    only if its copy for that snapshot exists; otherwise EXISTS_CLEAN, so
-    the next write still preserves it first."""
+    only if that snapshot already reads a clone of it; otherwise
+    EXISTS_CLEAN, so the next write still preserves it first."""
     states = np.zeros(hdr.num_objects, dtype=np.uint8)
     newest = hdr.newest_snap_id()
+    from .snapshot import find_clone
     for objno in present_objects(store, hdr.id, hdr.num_objects):
-        if newest is None or store.exists(clone_object(hdr.id, objno, newest)):
+        if newest is None or find_clone(store, hdr, objno, newest) is not None:
             states[objno] = EXISTS
         else:
             states[objno] = EXISTS_CLEAN

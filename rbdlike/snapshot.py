@@ -23,9 +23,12 @@ Whether an object still needs its copy is known without I/O from the head
 object map: taking a snapshot turns EXISTS into EXISTS_CLEAN, and the copy
 is made before the state goes back to EXISTS, so EXISTS means "already
 preserved" and NONEXISTENT means "nothing to preserve" (the snapshot's own
-map says the object was absent). Images without an object map check for
-the clone object instead, and record an object absent at the snapshot as
-a *whiteout*: a clone of size 0 (a data object always has a size > 0).
+map says the object was absent). Otherwise (EXISTS_CLEAN, or no map) the
+object is preserved unless the newest snapshot already reads a clone: one
+named for it, or one with a higher id kept for a removed snapshot (which
+holds the same bytes). Images without an object map record an object
+absent at the snapshot as a *whiteout*: a clone of size 0 (a data object
+always has a size > 0).
 
 A reader of a snapshot that finds no clone reads the head, then looks for
 a clone again (with a fresh header): a writer makes the clone before it
@@ -57,15 +60,18 @@ def find_clone(store, hdr: ImageHeader, objno: int, snap_id: int) -> tuple[str, 
 
 def preserve(store, hdr: ImageHeader, objno: int, head: str, object_size: int,
              whiteout: bool) -> None:
-    """Copy the head object to its clone for the newest snapshot, unless
-    that clone exists. ``whiteout``: record an absent head as a size-0
-    clone (images whose snapshots have no object map)."""
+    """Copy the head object to a clone for the newest snapshot, unless that
+    snapshot already reads one (any clone with an id at or above it: see
+    ``find_clone``). ``whiteout``: record an absent head as a size-0 clone
+    (images whose snapshots have no object map)."""
     newest = hdr.newest_snap_id()
     if newest is None:
         return
-    clone = clone_object(hdr.id, objno, newest)
-    if store.exists(clone):
+    if find_clone(store, hdr, objno, newest) is not None:
+        # the newest snapshot already reads a clone (its own, or one kept for
+        # a removed later snapshot that holds the same bytes): nothing to copy
         return
+    clone = clone_object(hdr.id, objno, newest)
     try:
         data = store.read(head, 0, object_size)
     except NotFound:

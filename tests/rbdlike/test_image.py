@@ -39,9 +39,14 @@ def test_create_list_rename_remove(store):
         r.rename(store, "b", "c")
     with Image(store, "c") as img:
         img.write(b"x" * 5000, 4 * MiB - 100)
+    c_id = _id(store, "c")
     r.remove(store, "c")
     assert r.list(store) == ["b"]
     assert not [n for n in store.list() if n.startswith("rbd_data.")]
+    # and nothing of it is left in the store's lock and watch files
+    rbd = os.path.join(store.store, "rbd")
+    assert not [f for f in os.listdir(os.path.join(rbd, "locks")) if f.startswith(c_id)]
+    assert not os.path.exists(os.path.join(rbd, "watch", c_id))
     with pytest.raises(NotFound):
         Image(store, "c")
 
