@@ -78,3 +78,25 @@ class OutputError(EcfsError):
 
     errno = errno.EIO
     exit_code = 74
+
+
+class TimedOut(EcfsError):
+    """A peer (an image's lock owner) did not answer in time."""
+
+    errno = errno.ETIMEDOUT
+    exit_code = 110
+
+
+class Unreachable(Busy):
+    """Nobody answers at a lock owner's address (it may be closing)."""
+
+
+class NotOwner(Busy):
+    """The process asked no longer holds the lock (ask the new holder)."""
+
+
+class Fenced(EcfsError):
+    """This process's exclusive lock was broken: it may not write any more."""
+
+    errno = errno.ESHUTDOWN
+    exit_code = 108

@@ -28,16 +28,12 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from backend.errors import Busy, EcfsError
+from backend.errors import Busy
+from backend.errors import Fenced as Fenced   # re-exported: raised by guard()
 
 from .directory import rbd_dir
 
 
-class Fenced(EcfsError):
-    """This process's exclusive lock was broken: it may not write any more."""
-    import errno as _e
-    errno = _e.ESHUTDOWN
-    exit_code = 108
 
 
 @dataclass

@@ -30,7 +30,6 @@ not answer in time) never sees its operation happen after all.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
@@ -39,7 +38,10 @@ import time
 import uuid
 
 from backend import errors as _errors
-from backend.errors import Busy, EcfsError
+from backend.errors import EcfsError
+# the errors of this protocol, re-exported for callers (defined with the rest)
+from backend.errors import NotOwner as NotOwner, TimedOut as TimedOut
+from backend.errors import Unreachable as Unreachable
 from backend.procs import pid_alive
 
 from .directory import rbd_dir
@@ -53,20 +55,6 @@ def timeout() -> float:
         return float(os.environ.get("ECFS_NOTIFY_TIMEOUT", DEFAULT_TIMEOUT))
     except ValueError:
         return DEFAULT_TIMEOUT
-
-
-class TimedOut(EcfsError):
-    """The lock owner did not answer in time."""
-    errno = errno.ETIMEDOUT
-    exit_code = 110
-
-
-class Unreachable(Busy):
-    """Nobody answers at the lock owner's address (it may be closing)."""
-
-
-class NotOwner(Busy):
-    """The process asked no longer holds the lock (ask the new holder)."""
 
 
 def _watch_dir(store, image_id: str) -> str:
@@ -97,14 +85,10 @@ def watchers(store, image_id: str) -> list[dict]:
 
 
 def _error_class(name: str):
-    from . import exclusive_lock
-    local = {"TimedOut": TimedOut, "NotOwner": NotOwner, "Unreachable": Unreachable}
-    if name in local:
-        return local[name]
-    for mod in (_errors, exclusive_lock):
-        c = getattr(mod, name, None)
-        if isinstance(c, type) and issubclass(c, EcfsError):
-            return c
+    """The EcfsError class a peer named (backend/errors.py holds them all)."""
+    c = getattr(_errors, name, None)
+    if isinstance(c, type) and issubclass(c, EcfsError):
+        return c
     return EcfsError
 
 
