@@ -265,10 +265,14 @@ def test_disabling_the_object_map_keeps_snapshots_right(store):
         img.create_snap("s2")
         img.write(b"c" * 4096, 8 * MiB)          # object 2: absent at s1 and s2
         img.write(b"d" * 4096, 0)
-    want = {}
+    s1 = bytearray(12 * MiB)                     # the model, written out
+    s1[:4096] = b"a" * 4096
+    s2 = bytearray(s1)
+    s2[4 * MiB:4 * MiB + 4096] = b"b" * 4096
+    want = {"s1": bytes(s1), "s2": bytes(s2)}
     for sn in ("s1", "s2"):
         with Image(store, "o", snapshot=sn) as v:
-            want[sn] = v.read(0, 12 * MiB)
+            assert v.read(0, 12 * MiB) == want[sn], sn
     update_features(store, "o", ["fast-diff", "object-map"], enable=False)
     for sn in ("s1", "s2"):
         with Image(store, "o", snapshot=sn) as v:
