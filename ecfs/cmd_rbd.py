@@ -77,7 +77,7 @@ def register(sub) -> None:
     q.add_argument("name", nargs="?")
     add_json(q)
     q.set_defaults(func=cmd_du)
-    q = rs.add_parser("status", help="an image's lock owner")
+    q = rs.add_parser("status", help="an image's watchers and lock owner")
     q.add_argument("name")
     add_json(q)
     q.set_defaults(func=cmd_status)
