@@ -119,6 +119,8 @@ def cmd_bench(args) -> int:
         if io_size > size:
             raise InvalidArgument(f"--io-size {io_size} is larger than image "
                                   f"{args.name!r} ({size} bytes)")
+        if io_type != "read":
+            img.acquire_lock()       # a held lock is one error line before any output
         img.flush()
         res = _run(args, img, io_type, io_size, io_total, read_pct)
     if wants_json(args):

@@ -2,6 +2,12 @@
 loop device on the image file in a live mount of the store (rbd-nbd's
 role). Discard on the loop device becomes FUSE fallocate(PUNCH_HOLE) on
 the image file, which the mount turns into object deletes and zeroing.
+
+Each mapping is recorded in ``STORE/rbd/mapped/loopN.json`` with the
+backing file's inode and device numbers, so ``unmap`` and ``showmapped``
+still know the device after its mount died (the kernel then reports the
+backing path relative to the lost mount), and never take a loop device
+that has been reused for something else for one of ours.
 """
 from __future__ import annotations
 
@@ -50,12 +56,46 @@ def _mount_for(store: str, want: str | None) -> mounts.MountRecord:
     return live[0]
 
 
-def _losetup_list() -> list[dict]:
+def _losetup_list(dev: str | None = None) -> list[dict]:
     p = subprocess.run(["losetup", "--list", "--json", "--output",
-                        "NAME,BACK-FILE,RO"], capture_output=True, text=True)
+                        "NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,RO"] + ([dev] if dev else []),
+                       capture_output=True, text=True)
     if p.returncode != 0 or not p.stdout.strip():
         return []
     return json.loads(p.stdout).get("loopdevices", [])
+
+
+def _records_dir(store: str) -> str:
+    d = os.path.join(store, "rbd", "mapped")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def _identity(dev: dict) -> tuple:
+    return (str(dev.get("back-ino")), str(dev.get("back-maj:min")))
+
+
+def _recorded(store: str) -> dict[str, dict]:
+    """{device: record} of the mappings this store made that still hold
+    (a record whose device now backs something else is dropped)."""
+    out = {}
+    d = _records_dir(store)
+    for f in sorted(os.listdir(d)):
+        path = os.path.join(d, f)
+        try:
+            with open(path) as fh:
+                rec = json.load(fh)
+            dev = _losetup_list(rec["device"])
+        except (OSError, ValueError, KeyError):
+            dev = []
+        if dev and _identity(dev[0]) == tuple(rec.get("identity", ())):
+            out[rec["device"]] = rec
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    return out
 
 
 def _mapped(store: str) -> list[dict]:
@@ -74,7 +114,12 @@ def _mapped(store: str) -> list[dict]:
                     image, _, snap = rel[len(".snap/"):].partition("/")
                 out.append({"device": dev["name"], "image": image, "snap": snap,
                             "mount": point, "read_only": bool(dev.get("ro"))})
-    return out
+    seen = {m["device"] for m in out}
+    for dev, rec in _recorded(store).items():
+        if dev not in seen:          # its mount died: still ours to unmap
+            out.append({"device": dev, "image": rec["image"], "snap": rec.get("snap"),
+                        "mount": rec["mount"], "read_only": rec.get("read_only", False)})
+    return sorted(out, key=lambda m: m["device"])
 
 
 def cmd_map(args) -> int:
@@ -96,7 +141,16 @@ def cmd_map(args) -> int:
     if p.returncode != 0:
         err = (p.stderr.strip().splitlines() or ["losetup failed"])[-1]
         raise Busy(f"cannot attach a loop device to {path}: {err}")
-    print(p.stdout.strip())
+    dev = p.stdout.strip()
+    info = _losetup_list(dev)
+    if info:
+        record = {"device": dev, "image": name, "snap": snap, "mount": rec.mountpoint,
+                  "read_only": ro, "identity": list(_identity(info[0]))}
+        path = os.path.join(_records_dir(args.store), os.path.basename(dev) + ".json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+    print(dev)
     return 0
 
 
@@ -111,6 +165,10 @@ def cmd_unmap(args) -> int:
     if p.returncode != 0:
         err = (p.stderr.strip().splitlines() or ["losetup failed"])[-1]
         raise Busy(f"cannot detach {dev}: {err}")
+    try:
+        os.unlink(os.path.join(_records_dir(args.store), os.path.basename(dev) + ".json"))
+    except FileNotFoundError:
+        pass
     return 0
 
 

@@ -39,7 +39,7 @@ import trio
 
 from backend.errors import Busy, EcfsError, NotFound
 from rbdlike import directory
-from rbdlike.header import validate_image_name
+from rbdlike.header import MAX_IMAGE_SIZE, MAX_NAME, validate_image_name
 from rbdlike.image import Image, load_header
 from rbdlike.objectmap import NONEXISTENT, ObjectMap
 from rbdlike.rbd import RBD
@@ -238,6 +238,8 @@ class EcfsFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EROFS if key[0] == "snap" else errno.EISDIR)
             if self.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
+            if attr.st_size > MAX_IMAGE_SIZE:
+                raise pyfuse3.FUSEError(errno.EFBIG)
             self._with_image(key, lambda img: img.resize(attr.st_size, allow_shrink=True))
         if (fields.update_uid or fields.update_gid) and os.getuid() != 0:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -326,6 +328,8 @@ class EcfsFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if name == SNAPDIR:
             raise pyfuse3.FUSEError(errno.EEXIST)
+        if len(os.fsencode(name)) > MAX_NAME:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         validate_image_name(name)
         RBD().create(self.store, name, 0)
         ino = self._ino(("img", directory.lookup(self.store, name)))
@@ -353,6 +357,8 @@ class EcfsFS(pyfuse3.Operations):
         growing writes may race)."""
         if end <= img.size():
             return
+        if end > MAX_IMAGE_SIZE:
+            raise pyfuse3.FUSEError(errno.EFBIG)
         with self._grow_lock:
             if end > img.size():
                 img.resize(end, allow_shrink=False)
@@ -423,7 +429,9 @@ class EcfsFS(pyfuse3.Operations):
 
     def _rename(self, pold, old, pnew, new, flags) -> None:
         if self._key(pold)[0] != "root" or self._key(pnew)[0] != "root":
-            raise pyfuse3.FUSEError(errno.EXDEV)
+            # snapshots are read-only views: EROFS, not EXDEV (which would make
+            # mv copy a snapshot into a new image and then fail to remove it)
+            raise pyfuse3.FUSEError(errno.EROFS)
         if self.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         if SNAPDIR in (old, new):

@@ -67,6 +67,8 @@ def test_errnos_users_expect(store, tmp_path):
                         (lambda: os.getxattr(mnt / "img", "user.x"), errno.ENODATA),
                         (lambda: open(mnt / ".snap" / "x", "w"), errno.EROFS),
                         (lambda: open(mnt / "a@b", "w"), errno.EINVAL),
+                        (lambda: open(mnt / ("n" * 251), "w"), errno.ENAMETOOLONG),
+                        (lambda: os.truncate(mnt / "img", 1 << 51), errno.EFBIG),
                         (lambda: os.stat(mnt / "nosuch"), errno.ENOENT)):
             with pytest.raises(OSError) as e:
                 fn()
@@ -79,6 +81,12 @@ def test_errnos_users_expect(store, tmp_path):
         with pytest.raises(OSError) as e:
             os.unlink(mnt / "img")
         assert e.value.errno == errno.EBUSY
+        # a snapshot is a read-only view: renaming it out (or in) is EROFS,
+        # so mv does not fall back to copying it into a new image
+        p = subprocess.run(["mv", mnt / ".snap" / "img" / "s", mnt / "copy"],
+                           capture_output=True, text=True)
+        assert p.returncode != 0 and "Read-only" in p.stderr, p.stderr
+        assert sorted(os.listdir(mnt)) == [".snap", "img"]
 
 
 def test_snapshot_view_through_the_mount(store, tmp_path):
@@ -220,3 +228,24 @@ def test_zeros_that_grow_an_image_are_not_stored(store, tmp_path):
         assert os.stat(mnt / "z").st_size == 16 * MiB
         assert ecfs_json(store, "rbd", "du", "z")["images"][0]["used_size"] == 0
         assert os.stat(mnt / "z").st_blocks == 0
+
+
+def test_a_mapping_outlives_a_killed_mount_and_can_be_unmapped(store, tmp_path):
+    mnt = tmp_path / "mnt"
+    ecfs(store, "rbd", "create", "m", "--size", "8")
+    with mounted(store, mnt) as pid:
+        dev = ecfs(store, "rbd", "map", "m").stdout.decode().strip()
+        try:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not mounts.pid_alive(pid), what="killed")
+            with mounted(store, mnt):            # clears the stale mount point
+                shown = ecfs_json(store, "rbd", "showmapped")
+                assert [(x["name"], x["device"]) for x in shown] == [("m", dev)]
+                ecfs(store, "rbd", "unmap", dev)
+                assert ecfs_json(store, "rbd", "showmapped") == []
+                dev = None
+        finally:
+            if dev:
+                subprocess.run(["losetup", "-d", dev], capture_output=True)
+    # a device that is not ours is refused, and left alone
+    assert_user_error(ecfs(store, "rbd", "unmap", "/dev/loop7", check=False), "not an image")
