@@ -42,7 +42,7 @@ from rbdlike import directory
 from rbdlike.header import MAX_IMAGE_SIZE, MAX_NAME, validate_image_name
 from rbdlike.image import Image, load_header
 from rbdlike.objectmap import NONEXISTENT, ObjectMap
-from rbdlike.rbd import RBD
+from rbdlike.rbd import RBD, update_attrs
 
 log = logging.getLogger("ecfs.mount")
 
@@ -83,7 +83,6 @@ class EcfsFS(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._images: dict[tuple, list] = {}     # key -> [Image, open count]
-        self._modes: dict[int, int] = {}         # chmod'ed modes, for this mount's life
         self._lock = threading.Lock()
         self._grow_lock = threading.Lock()
 
@@ -167,11 +166,15 @@ class EcfsFS(pyfuse3.Operations):
             size = hdr.size if key[0] == "img" else hdr.snap(key[2]).size
         a = self._base_attr(ino)
         ro = key[0] == "snap" or self.read_only
-        a.st_mode = stat.S_IFREG | self._modes.get(ino, 0o444 if ro else 0o644)
+        attrs = hdr.attrs if key[0] == "img" else {}
+        mode = attrs.get("mode", 0o644) & (0o7444 if ro else 0o7777)
+        a.st_mode = stat.S_IFREG | (0o444 if key[0] == "snap" else mode)
+        a.st_uid = attrs.get("uid", self.uid)
+        a.st_gid = attrs.get("gid", self.gid)
         a.st_nlink = 1
         a.st_size = size
         a.st_blocks = self._allocated(key, hdr, size, ent[0] if ent else None) // 512
-        a.st_mtime_ns = a.st_ctime_ns = int(hdr.created * 1e9)
+        a.st_mtime_ns = a.st_ctime_ns = attrs.get("mtime_ns", int(hdr.created * 1e9))
         return a
 
     def _allocated(self, key, hdr, size, img) -> int:
@@ -227,12 +230,31 @@ class EcfsFS(pyfuse3.Operations):
 
     def _setattr(self, inode, attr, fields):
         key = self._key(inode)
+        changes = {}
         if fields.update_mode:
-            if key[0] not in ("img", "snap"):
-                raise pyfuse3.FUSEError(errno.EPERM)
+            if key[0] != "img":
+                raise pyfuse3.FUSEError(errno.EROFS if key[0] == "snap" else errno.EPERM)
             if attr.st_mode & 0o111:
                 raise pyfuse3.FUSEError(errno.EPERM)     # an image is never executable
-            self._modes[inode] = stat.S_IMODE(attr.st_mode)
+            changes["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid or fields.update_gid:
+            if os.getuid() != 0:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            if key[0] != "img":
+                raise pyfuse3.FUSEError(errno.EROFS if key[0] == "snap" else errno.EPERM)
+            if fields.update_uid:
+                changes["uid"] = attr.st_uid
+            if fields.update_gid:
+                changes["gid"] = attr.st_gid
+        if fields.update_mtime and key[0] == "img":
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if changes:
+            if self.read_only:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            update_attrs(self.store, key[1], changes)
+            ent = self._images.get(key)
+            if ent is not None:
+                ent[0]._reload_header()
         if fields.update_size:
             if key[0] != "img":
                 raise pyfuse3.FUSEError(errno.EROFS if key[0] == "snap" else errno.EISDIR)
@@ -241,8 +263,6 @@ class EcfsFS(pyfuse3.Operations):
             if attr.st_size > MAX_IMAGE_SIZE:
                 raise pyfuse3.FUSEError(errno.EFBIG)
             self._with_image(key, lambda img: img.resize(attr.st_size, allow_shrink=True))
-        if (fields.update_uid or fields.update_gid) and os.getuid() != 0:
-            raise pyfuse3.FUSEError(errno.EPERM)
         return self._getattr(inode)
 
     def _with_image(self, key, fn):

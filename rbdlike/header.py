@@ -108,6 +108,9 @@ class ImageHeader:
     clone_ids: list[int] = field(default_factory=list)
     # a snapshot being created: {"id", "name", "timestamp"} (finished by the next writer)
     snap_pending: dict | None = None
+    # file attributes set through a mount (chmod, chown, touch): "mode",
+    # "uid", "gid", "mtime_ns"; absent keys take the mount's defaults
+    attrs: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property

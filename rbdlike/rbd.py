@@ -272,3 +272,19 @@ def _whiteouts_from_snap_map(store, hdr, sn) -> None:
         elif found[1] == 0:
             continue                  # a whiteout already says so
         store.write_full(clone_object(hdr.id, objno, sn.id), b"")
+
+
+FILE_ATTRS = ("mode", "uid", "gid", "mtime_ns")
+
+
+def update_attrs(store, image_id: str, changes: dict) -> ImageHeader:
+    """Record file attributes of an image (its mode, owner and mtime as a
+    mount shows them); returns the new header."""
+    bad = [k for k in changes if k not in FILE_ATTRS]
+    if bad:
+        raise InvalidArgument(f"unknown file attribute {bad[0]!r}")
+    with directory.header_lock(store, image_id):
+        hdr = load_header(store, image_id)
+        hdr.attrs = {**hdr.attrs, **{k: int(v) for k, v in changes.items()}}
+        save_header(store, hdr)
+        return hdr

@@ -73,8 +73,14 @@ def test_errnos_users_expect(store, tmp_path):
             with pytest.raises(OSError) as e:
                 fn()
             assert e.value.errno == err, fn
+        # mode, owner and mtime are kept with the image, across mounts
         os.chmod(mnt / "img", 0o600)
-        assert os.stat(mnt / "img").st_mode & 0o777 == 0o600
+        os.chown(mnt / "img", 1234, 5678)
+        os.utime(mnt / "img", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    with mounted(store, mnt):
+        st = os.stat(mnt / "img")
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o600, 1234, 5678)
+        assert st.st_mtime_ns == 1_600_000_000_000_000_000
         assert os.listxattr(mnt / "img") == []
         # rm is EBUSY while the image has snapshots
         ecfs(store, "rbd", "snap", "create", "img@s")
