@@ -113,7 +113,7 @@ def argparse_suppress():
     return argparse.SUPPRESS
 
 
-def _open(args) -> ObjectStore:
+def open_store(args) -> ObjectStore:
     return ObjectStore(args.store)
 
 
@@ -121,11 +121,13 @@ def _size(text: str) -> int:
     return parse_size(text, default_unit="M", what="size")
 
 
-def _features(args) -> list[str] | None:
-    if not args.image_feature:
+def split_features(values) -> list[str] | None:
+    """--image-feature values (repeated and/or comma-separated) as a list;
+    None when none were given (the defaults apply)."""
+    if not values:
         return None
     out = []
-    for f in args.image_feature:
+    for f in values:
         out += [x.strip() for x in f.split(",") if x.strip()]
     return out
 
@@ -133,15 +135,15 @@ def _features(args) -> list[str] | None:
 def cmd_create(args) -> int:
     size = _size(args.size)
     osz = parse_size(args.object_size, what="object size") if args.object_size else 4 << 20
-    with _open(args) as s:
-        RBD().create(s, args.name, size, object_size=osz, features=_features(args),
+    with open_store(args) as s:
+        RBD().create(s, args.name, size, object_size=osz, features=split_features(args.image_feature),
                      shared=args.image_shared)
     return 0
 
 
 def cmd_ls(args) -> int:
     from rbdlike.layering import parent_name
-    with _open(args) as s:
+    with open_store(args) as s:
         names = RBD().list(s)
         if not args.long and not wants_json(args):
             for n in names:
@@ -184,7 +186,7 @@ def cmd_info(args) -> int:
     from rbdlike.layering import children, parent_name
     from .cmd_rbd_snap import image_spec
     name, snap = image_spec(args.name)
-    with _open(args) as s:
+    with open_store(args) as s:
         image_id = directory.lookup(s, name)
         h = load_header(s, image_id, name)
         sn = h.snap(snap) if snap is not None else None
@@ -242,21 +244,21 @@ def cmd_info(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    with _open(args) as s:
+    with open_store(args) as s:
         with progress.bar(args, total=None, desc="Removing image", unit="obj") as bar:
             RBD().remove(s, args.name, progress=lambda done, total: bar.update(1))
     return 0
 
 
 def cmd_rename(args) -> int:
-    with _open(args) as s:
+    with open_store(args) as s:
         RBD().rename(s, args.old, args.new)
     return 0
 
 
 def cmd_resize(args) -> int:
     size = _size(args.size)
-    with _open(args) as s:
+    with open_store(args) as s:
         with Image(s, args.name) as img:
             with progress.bar(args, total=None, desc="Resizing image", unit="obj") as bar:
                 img.resize(size, allow_shrink=args.allow_shrink,
@@ -269,7 +271,7 @@ def cmd_export(args) -> int:
     in_place = out_path is not None and _check_output(out_path)
     from .cmd_rbd_snap import image_spec
     name, snap = image_spec(args.name)
-    with _open(args) as s:
+    with open_store(args) as s:
         with Image(s, name, snapshot=snap, read_only=True) as img:
             size = img.size()
             bar = progress.bar(args, total=size, desc="Exporting image")
@@ -319,7 +321,7 @@ def cmd_import(args) -> int:
         except OSError as e:
             raise InvalidArgument(f"cannot open {args.file}: {e.strerror}")
         size = os.fstat(src.fileno()).st_size
-    with _open(args) as s:
+    with open_store(args) as s:
         if size is None:
             # stdin: spool, since the image size must be known up front
             import tempfile
@@ -360,7 +362,7 @@ def cmd_import(args) -> int:
 
 def cmd_du(args) -> int:
     rows = []
-    with _open(args) as s:
+    with open_store(args) as s:
         names = [args.name] if args.name else RBD().list(s)
         for n in names:
             rows += _du_rows(s, n)
@@ -417,7 +419,7 @@ def _du_rows(s, name: str) -> list[dict]:
 
 def cmd_status(args) -> int:
     from rbdlike.notify import watchers
-    with _open(args) as s:
+    with open_store(args) as s:
         image_id = directory.lookup(s, args.name)
         o = owner(s, image_id)
         ws = watchers(s, image_id)
@@ -440,7 +442,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_lock_ls(args) -> int:
-    with _open(args) as s:
+    with open_store(args) as s:
         image_id = directory.lookup(s, args.name)
         o = owner(s, image_id)
     if wants_json(args):
@@ -455,7 +457,7 @@ def cmd_lock_ls(args) -> int:
 
 
 def cmd_lock_rm(args) -> int:
-    with _open(args) as s:
+    with open_store(args) as s:
         image_id = directory.lookup(s, args.name)
         if owner(s, image_id) is None:
             raise NotFound(f"image {args.name!r} is not locked")
@@ -464,7 +466,7 @@ def cmd_lock_rm(args) -> int:
 
 
 def cmd_om_check(args) -> int:
-    with _open(args) as s:
+    with open_store(args) as s:
         problems = object_map_check(s, args.name)
     for p in problems:
         print(p)
@@ -476,7 +478,7 @@ def cmd_om_check(args) -> int:
 
 
 def cmd_om_rebuild(args) -> int:
-    with _open(args) as s:
+    with open_store(args) as s:
         n = object_map_rebuild(s, args.name)
     print(f"object map rebuilt: {n} objects present")
     return 0

@@ -7,7 +7,6 @@ import os
 import sys
 
 from backend.errors import Exists, InvalidArgument, NotFound
-from backend.objectstore import ObjectStore
 from rbdlike import diffstream
 from rbdlike.diff import diff_extents
 from rbdlike.header import MAX_IMAGE_SIZE, validate_image_name
@@ -15,7 +14,7 @@ from rbdlike.image import Image
 
 from . import progress
 from .cli import add_json, wants_json
-from .cmd_rbd import _check_output
+from .cmd_rbd import _check_output, open_store
 from .cmd_rbd_snap import image_spec
 from .output import print_json, print_table
 
@@ -45,7 +44,7 @@ def register(rs, parser_class) -> None:
 def cmd_diff(args) -> int:
     name, snap = image_spec(args.spec)
     rows = []
-    with ObjectStore(args.store) as s, Image(s, name, snapshot=snap, read_only=True) as img:
+    with open_store(args) as s, Image(s, name, snapshot=snap, read_only=True) as img:
         for off, n, exists, _ in diff_extents(img, args.from_snap, 0, img.size(),
                                               whole_object=args.whole_object):
             rows.append((off, n, exists))
@@ -61,7 +60,7 @@ def cmd_export_diff(args) -> int:
     name, snap = image_spec(args.spec)
     out_path = None if args.file == "-" else args.file
     in_place = out_path is not None and _check_output(out_path)
-    with ObjectStore(args.store) as s, Image(s, name, snapshot=snap, read_only=True) as img:
+    with open_store(args) as s, Image(s, name, snapshot=snap, read_only=True) as img:
         if args.from_snap is not None:
             img.header.snap(args.from_snap)
         size = img.size()
@@ -118,7 +117,7 @@ def cmd_import_diff(args) -> int:
         h = summary.header
         if h.to_snap is not None:
             validate_image_name(h.to_snap, "end snapshot")
-        with ObjectStore(args.store) as s, Image(s, args.name) as img:
+        with open_store(args) as s, Image(s, args.name) as img:
             names = {x.name for x in img.header.snapshots}
             if h.from_snap is not None and h.from_snap not in names:
                 raise NotFound(f"start snapshot {h.from_snap!r} does not exist in the image "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 from backend.errors import InvalidArgument
-from backend.objectstore import ObjectStore
 from rbdlike import directory
 from rbdlike.header import validate_image_name
 from rbdlike.image import Image
@@ -14,6 +13,7 @@ from rbdlike.rbd import RBD, update_features
 
 from . import progress
 from .cli import add_json, wants_json
+from .cmd_rbd import open_store, split_features
 from .output import print_json, print_table
 from .units import format_size
 
@@ -42,10 +42,10 @@ def register(rs, parser_class) -> None:
             ("rm", "remove snapshot NAME@SNAP", cmd_snap_rm),
             ("rollback", "make the image what it was at NAME@SNAP", cmd_snap_rollback),
             ("protect", "protect NAME@SNAP (needed to clone it)", cmd_snap_protect),
-            ("unprotect", "unprotect NAME@SNAP (it must have no clones)", cmd_snap_unprotect)):
+            ("unprotect", "unprotect NAME@SNAP (it must have no clones)", cmd_snap_protect)):
         q = ss.add_parser(verb, help=helptext)
         q.add_argument("spec", metavar="NAME@SNAP")
-        q.set_defaults(func=func)
+        q.set_defaults(func=func, protect=verb == "protect")
     q = ss.add_parser("ls", help="list an image's snapshots")
     q.add_argument("name")
     add_json(q)
@@ -77,20 +77,16 @@ def register(rs, parser_class) -> None:
         r.set_defaults(func=cmd_feature, enable=on)
 
 
-def _open(args) -> ObjectStore:
-    return ObjectStore(args.store)
-
-
 def cmd_snap_create(args) -> int:
     name, snap = image_spec(args.spec, "required")
-    with _open(args) as s, Image(s, name) as img:
+    with open_store(args) as s, Image(s, name) as img:
         img.create_snap(snap)
     return 0
 
 
 def cmd_snap_rm(args) -> int:
     name, snap = image_spec(args.spec, "required")
-    with _open(args) as s, Image(s, name) as img:
+    with open_store(args) as s, Image(s, name) as img:
         img.header.snap(snap)
         with progress.bar(args, total=None, desc="Removing snap", unit="obj") as bar:
             img.remove_snap(snap, progress=lambda done, total: bar.update(1))
@@ -99,8 +95,7 @@ def cmd_snap_rm(args) -> int:
 
 def cmd_snap_rollback(args) -> int:
     name, snap = image_spec(args.spec, "required")
-    with _open(args) as s, Image(s, name) as img:
-        img.header.snap(snap)
+    with open_store(args) as s, Image(s, name) as img:
         n = -(-img.header.snap(snap).size // img.header.object_size)
         with progress.bar(args, total=n, desc="Rolling back to snapshot", unit="obj") as bar:
             img.rollback_to_snap(snap, progress=lambda done, total: bar.update(1))
@@ -108,22 +103,16 @@ def cmd_snap_rollback(args) -> int:
 
 
 def cmd_snap_protect(args) -> int:
+    """snap protect and snap unprotect."""
     name, snap = image_spec(args.spec, "required")
-    with _open(args) as s, Image(s, name) as img:
-        img.protect_snap(snap)
-    return 0
-
-
-def cmd_snap_unprotect(args) -> int:
-    name, snap = image_spec(args.spec, "required")
-    with _open(args) as s, Image(s, name) as img:
-        img.unprotect_snap(snap)
+    with open_store(args) as s, Image(s, name) as img:
+        (img.protect_snap if args.protect else img.unprotect_snap)(snap)
     return 0
 
 
 def cmd_snap_ls(args) -> int:
     name, _ = image_spec(args.name, "none")
-    with _open(args) as s, Image(s, name, read_only=True) as img:
+    with open_store(args) as s, Image(s, name, read_only=True) as img:
         snaps = img.list_snaps()
     if wants_json(args):
         print_json([{"id": x["id"], "name": x["name"], "size": x["size"],
@@ -138,26 +127,17 @@ def cmd_snap_ls(args) -> int:
     return 0
 
 
-def _features(values) -> list[str] | None:
-    if not values:
-        return None
-    out = []
-    for f in values:
-        out += [x.strip() for x in f.split(",") if x.strip()]
-    return out
-
-
 def cmd_clone(args) -> int:
     name, snap = image_spec(args.spec, "required")
     child, _ = image_spec(args.child, "none")
-    with _open(args) as s:
-        RBD().clone(s, name, snap, child, features=_features(args.image_feature))
+    with open_store(args) as s:
+        RBD().clone(s, name, snap, child, features=split_features(args.image_feature))
     return 0
 
 
 def cmd_children(args) -> int:
     name, snap = image_spec(args.spec, "required")
-    with _open(args) as s:
+    with open_store(args) as s:
         kids = RBD().children(s, name, snap)
     if wants_json(args):
         print_json([{"pool": "ecfs", "pool_namespace": "", "image": k} for k in kids])
@@ -169,7 +149,7 @@ def cmd_children(args) -> int:
 
 def cmd_flatten(args) -> int:
     name, _ = image_spec(args.name, "none")
-    with _open(args) as s, Image(s, name) as img:
+    with open_store(args) as s, Image(s, name) as img:
         if img.header.parent is None:
             raise InvalidArgument(f"image {name!r} has no parent")
         with progress.bar(args, total=img.header.num_objects, desc="Image flatten",
@@ -180,7 +160,7 @@ def cmd_flatten(args) -> int:
 
 def cmd_sparsify(args) -> int:
     name, _ = image_spec(args.name, "none")
-    with _open(args) as s, Image(s, name) as img:
+    with open_store(args) as s, Image(s, name) as img:
         with progress.bar(args, total=img.header.num_objects, desc="Image sparsify",
                           unit="obj") as bar:
             img.sparsify(progress=lambda done, total: bar.update(1))
@@ -189,16 +169,7 @@ def cmd_sparsify(args) -> int:
 
 def cmd_feature(args) -> int:
     name, _ = image_spec(args.name, "none")
-    with _open(args) as s:
+    with open_store(args) as s:
         directory.lookup(s, name)
-        update_features(s, name, _features(args.features) or [], args.enable)
+        update_features(s, name, split_features(args.features) or [], args.enable)
     return 0
-
-
-def describe_parent(store, img: Image) -> str | None:
-    p = img.parent_info()
-    if p is None:
-        return None
-    from rbdlike.layering import parent_name
-    return f"{parent_name(store, p)}@{p.snap_name}"
-

@@ -155,14 +155,16 @@ class EcfsFS(pyfuse3.Operations):
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started
         return a
 
-    def _file_attr(self, ino: int, key: tuple) -> pyfuse3.EntryAttributes:
+    def _file_attr(self, ino: int, key: tuple, hdr=None) -> pyfuse3.EntryAttributes:
+        """Attributes of an image or snapshot file; ``hdr``: the header when
+        the caller has just read it (readdir of a snapshot directory)."""
         ent = self._images.get(key)
         if ent is not None:
             img = ent[0]
             hdr, size = img.header, img.size()
         else:
-            name = self._name_of(key[1])
-            hdr = load_header(self.store, key[1], name)
+            if hdr is None:
+                hdr = load_header(self.store, key[1])     # NotFound once removed
             size = hdr.size if key[0] == "img" else hdr.snap(key[2]).size
         a = self._base_attr(ino)
         ro = key[0] == "snap" or self.read_only
@@ -302,7 +304,8 @@ class EcfsFS(pyfuse3.Operations):
         elif key[0] == "snapdir":
             hdr = load_header(self.store, key[1])
             for s in sorted(hdr.snapshots, key=lambda s: s.id):
-                out.append((s.name, self._getattr(self._ino(("snap", key[1], s.name)))))
+                skey = ("snap", key[1], s.name)
+                out.append((s.name, self._file_attr(self._ino(skey), skey, hdr)))
         return out
 
     async def releasedir(self, fh):

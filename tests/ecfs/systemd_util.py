@@ -53,29 +53,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ..waiting import wait_for
+
 UNIT_DIR = os.path.join(ROOT, "systemd")
 ECFS_BIN = "/usr/local/bin/ecfs"
 SYSTEMD = "/lib/systemd/systemd"
 BOOT_TARGET = "ecfs-test-boot.target"
 TOOLS = ("unshare", "nsenter", "systemctl", "systemd-escape", "fusermount3", "losetup",
          "findmnt")
-
-
-def wait_for(pred, timeout=30.0, what="condition", interval=0.05):
-    """Poll ``pred`` until it returns something true; that value, or
-    AssertionError at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g} s")
-        time.sleep(interval)
 
 
 def _unescape(field: str) -> str:

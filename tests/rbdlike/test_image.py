@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -13,6 +12,8 @@ from rbdlike.exclusive_lock import Fenced, break_lock, owner
 from rbdlike.image import Image
 from rbdlike.objectmap import EXISTS, NONEXISTENT, ObjectMap
 from rbdlike.rbd import RBD, object_map_check, object_map_rebuild
+
+from ..waiting import wait_for
 
 MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -149,21 +150,12 @@ def _holder(store_dir, image, ready, exclusive=False):
     return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
 
 
-def _wait_for(pred, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 def test_exclusive_holder_blocks_a_writer_and_dead_owner_frees_it(store, tmp_path):
     RBD().create(store, "l", 4 * MiB)
     ready = str(tmp_path / "ready")
     p = _holder(store.store, "l", ready, exclusive=True)
     try:
-        _wait_for(lambda: os.path.exists(ready))
+        wait_for(lambda: os.path.exists(ready))
         o = owner(store, _id(store, "l"))
         assert o is not None and o.pid == p.pid and o.exclusive and o.address
         with Image(store, "l") as img:
@@ -183,7 +175,7 @@ def test_holder_hands_the_lock_over_on_request(store, tmp_path):
     ready = str(tmp_path / "ready")
     p = _holder(store.store, "h", ready)
     try:
-        _wait_for(lambda: os.path.exists(ready))
+        wait_for(lambda: os.path.exists(ready))
         assert owner(store, _id(store, "h")).pid == p.pid
         with Image(store, "h") as img:
             img.write(b"PARENT", 0)     # asks the child, which flushes and releases

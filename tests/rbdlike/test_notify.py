@@ -219,12 +219,13 @@ def test_silent_owner_times_out_and_nothing_happens(store, writer_factory, monke
 
 
 def test_exclusive_holder_still_runs_maintenance_but_keeps_the_lock(store, tmp_path):
-    from .test_image import _holder, _wait_for
+    from .test_image import _holder
+    from ..waiting import wait_for
     RBD().create(store, "x", 4 * MiB)
     ready = str(tmp_path / "ready")
     p = _holder(store.store, "x", ready, exclusive=True)
     try:
-        _wait_for(lambda: os.path.exists(ready))
+        wait_for(lambda: os.path.exists(ready))
         with Image(store, "x") as img:
             img.create_snap("s")
             with pytest.raises(Busy):
