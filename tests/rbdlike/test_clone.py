@@ -160,8 +160,11 @@ def test_many_threads_first_writes_keep_the_map_right(store, monkeypatch):
     with Image(store, "t") as c:
         def work(i):
             try:
+                # the first writer releases the others as it starts taking the
+                # lock, so they arrive while it loads the (slow) map: started
+                # together they would all queue for the lock before it began
                 if i:
-                    barrier.wait()     # the others start once the first is taking the lock
+                    barrier.wait()
                 else:
                     threading.Thread(target=barrier.wait, daemon=True).start()
                 data = bytes([i + 1]) * 4096
