@@ -41,6 +41,7 @@ NAMES = (
     "writes_full", "writes_delta", "writes_reconstruct",
     "recovery_shard_reads", "recovery_shard_writes",
     "cache_hits",
+    "journal_damaged", "journal_skipped",
 )
 # Room to add counters without changing the file format.
 SLOTS = 64

@@ -22,11 +22,19 @@ _SEEN_LIMIT = 100_000     # names remembered per OSD to skip repeat appends
 
 
 class MissedLog:
+    """Appends to the logs, skipping names this process already appended.
+
+    The skip is only sound for the very file those names went into: once
+    ``osd up`` deletes a log, a new one may get the same inode number, so
+    "same inode as before" proves nothing by itself. This process therefore
+    keeps each log it appended to open: an open file's inode cannot be
+    reused, so a path whose inode still equals the open file's is that file."""
+
     def __init__(self, store_dir: str):
         self.dir = os.path.join(store_dir, "missed")
         self._lock = threading.Lock()
-        # osd -> (inode of its log, names this process already appended there)
-        self._seen: dict[int, tuple[int, set[str]]] = {}
+        # osd -> (fd of its log, names this process appended through that fd)
+        self._open: dict[int, tuple[int, set[str]]] = {}
 
     def path(self, osd: int) -> str:
         return os.path.join(self.dir, f"osd.{osd}")
@@ -35,29 +43,33 @@ class MissedLog:
         """Durably note that ``name`` changes while ``osd`` is away."""
         p = self.path(osd)
         with self._lock:
-            try:
-                ino = os.stat(p).st_ino
-            except FileNotFoundError:
-                ino = -1
-            seen = self._seen.get(osd)
-            if seen is not None and seen[0] == ino and name in seen[1]:
+            cur = self._open.get(osd)
+            if cur is not None and not _same_file(cur[0], p):
+                os.close(cur[0])
+                del self._open[osd]
+                cur = None
+            if cur is not None and name in cur[1]:
                 return
-            created = ino == -1
-            if created:
-                os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, name.encode("utf-8") + b"\0")
-                os.fdatasync(fd)
-                ino = os.fstat(fd).st_ino
-            finally:
+            if cur is None:
+                created = not os.path.exists(p)
+                if created:
+                    os.makedirs(self.dir, mode=0o700, exist_ok=True)
+                fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                cur = self._open[osd] = (fd, set())
+                if created:
+                    _fsync_dir(self.dir)
+            fd, names = cur
+            os.write(fd, name.encode("utf-8") + b"\0")
+            os.fdatasync(fd)
+            if len(names) > _SEEN_LIMIT:
+                names.clear()
+            names.add(name)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._open.values():
                 os.close(fd)
-            if created:
-                _fsync_dir(self.dir)
-            if seen is None or seen[0] != ino or len(seen[1]) > _SEEN_LIMIT:
-                seen = (ino, set())
-            seen[1].add(name)
-            self._seen[osd] = seen
+            self._open.clear()
 
     def read(self, osd: int) -> tuple[list[str], int]:
         """(distinct names in first-seen order, bytes of whole records)."""
@@ -100,8 +112,19 @@ class MissedLog:
                 os.unlink(self.path(osd))
             except FileNotFoundError:
                 return
-            self._seen.pop(osd, None)
+            cur = self._open.pop(osd, None)
+            if cur is not None:
+                os.close(cur[0])
             _fsync_dir(self.dir)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    fs = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fs.st_dev, fs.st_ino)
 
 
 def _fsync_dir(path: str) -> None:

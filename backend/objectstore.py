@@ -42,6 +42,7 @@ commits of one object serialize on its metadata lock.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import random
 import signal
@@ -50,19 +51,24 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import logging
+
 import numpy as np
 
 from . import shardfile as sf
 from .codec import FLAG_PARITY_DELTA, Codec
 from .counters import Counters
-from .errors import DataUnavailable, EcfsError, InvalidArgument, NotFound, StoreError, TooBig
+from .errors import (DataUnavailable, EcfsError, InvalidArgument, NoSpace, NotFound, StoreError,
+                     TooBig)
 from .journal import OP_PUNCH, OP_TRUNCATE, OP_UNLINK, OP_WRITE, PUNCH_LEN, FileOp, Journal, Record
 from .locks import ALL_STRIPES, StoreLocks, slot_of
 from .missed import MissedLog
 from .osdmap import OsdMap
 from .placement import place
+from .space import SpaceGuard
 from .pool import MAX_OBJECT_SIZE, load_pool
 
+_log = logging.getLogger("ecfs.store")
 PAGE = sf.PAGE
 JOURNAL_LIMIT = 64 << 20      # checkpoint when the journal grows past this
 MAX_NAME = 250
@@ -98,6 +104,7 @@ class _Obj:
     info: sf.ShardHeader | None = None     # from the first good info shard
     usable: dict[int, bool] = field(default_factory=dict)
     bad_header: set[int] = field(default_factory=set)
+    absent: set[int] = field(default_factory=set)   # info shards known not to be there
     whole: bool = True                     # all stripes locked (no one else can commit)
 
 
@@ -145,6 +152,7 @@ class ObjectStore:
         self._recovering: set[int] = set()      # down OSDs this process is rebuilding
         self._guards: dict[str, object] = {}    # name prefix -> check run before each commit
         self.missed = None if readonly else MissedLog(self.store)
+        self.space = SpaceGuard(self.osdmap.paths)
         if readonly:
             self.counters = Counters(None)
             self.locks = None
@@ -159,6 +167,17 @@ class ObjectStore:
         self._counts_at_open = self.counters.mark()
         self._clients_fd = os.open(os.path.join(self.store, "clients.lock"),
                                    os.O_RDWR | os.O_CREAT, 0o600)
+        self._tls = threading.local()           # .depth: _locked nesting of this thread
+        self._ckpt_due = False
+        # One directory fd per OSD, opened now and kept: syncfs reports the
+        # writeback errors seen since *its file* was opened, so an fd opened
+        # at checkpoint time would miss every error from before.
+        self._osd_fds: dict[int, int] = {}
+        for osd, path in self.osdmap.paths.items():
+            try:
+                self._osd_fds[osd] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                pass            # unreachable now: treated as unsynced at checkpoint
         self._open_recovery()
 
     # ------------------------------------------------------------------ API
@@ -169,7 +188,7 @@ class ObjectStore:
             raise InvalidArgument("offset and length must not be negative")
         with self._locked(name, offset, offset + length) as obj:
             if obj.info is None:
-                raise NotFound(f"object {name!r} does not exist")
+                self._absent(obj)
             size = obj.info.object_size
             end = min(offset + length, size)
             self.counters.add_many((("client_read_ops", 1),
@@ -187,6 +206,7 @@ class ObjectStore:
         if offset + len(data) > MAX_OBJECT_SIZE:
             raise TooBig(f"write past the object size limit ({MAX_OBJECT_SIZE} bytes)")
         with self._locked(name, offset, offset + len(data), size_hint=size_hint) as obj:
+            self._known(obj)
             self.counters.add_many((("client_write_ops", 1), ("client_write_bytes", len(data))))
             self._write_locked(obj, offset, data, size_hint=size_hint)
 
@@ -199,6 +219,7 @@ class ObjectStore:
             raise InvalidArgument("offset and length must not be negative")
         with self._locked(name, offset, offset + max(length, 1)) as obj:
             if obj.info is None:
+                self._known(obj)
                 return
             end = min(offset + length, obj.info.object_size)
             if end <= offset:
@@ -213,6 +234,7 @@ class ObjectStore:
         if len(data) > MAX_OBJECT_SIZE:
             raise TooBig(f"object larger than the limit ({MAX_OBJECT_SIZE} bytes)")
         with self._locked(name) as obj:
+            self._known(obj)
             self.counters.add_many((("client_write_ops", 1), ("client_write_bytes", len(data))))
             self._rewrite(obj, np.frombuffer(data, dtype=np.uint8), len(data),
                           self.pool.chunk_for(len(data)))
@@ -223,7 +245,7 @@ class ObjectStore:
             raise InvalidArgument(f"size must be within 0..{MAX_OBJECT_SIZE}")
         with self._locked(name) as obj:
             if obj.info is None:
-                raise NotFound(f"object {name!r} does not exist")
+                self._absent(obj)
             self.counters.add("client_other_ops")
             old = obj.info.object_size
             want_cs = self.pool.chunk_for(size)
@@ -241,20 +263,21 @@ class ObjectStore:
         validate_name(name)
         with self._locked(name) as obj:
             if obj.info is None:
-                raise NotFound(f"object {name!r} does not exist")
+                self._absent(obj)
             up = sum(1 for osd in obj.loc if self.osdmap.is_up(osd))
             if up < self.k:
                 raise DataUnavailable(f"object {name!r}: only {up} of its {self.width} OSDs "
                                       f"are up (need {self.k}); not removed")
             self.counters.add("client_other_ops")
-            self._commit(obj, (self._unlink_ops(obj), None))
+            self._commit(obj, (self._unlink_ops(obj), None),
+                         version=obj.info.object_version + 1)
             obj.info = None
 
     def stat(self, name: str) -> ObjectStat:
         validate_name(name)
         obj = self._load(name)
         if obj.info is None:
-            raise NotFound(f"object {name!r} does not exist")
+            self._absent(obj)
         try:
             mtime = os.stat(self._abs(obj, obj.info.shard)[1]).st_mtime
         except OSError:
@@ -263,7 +286,35 @@ class ObjectStore:
                           obj.info.chunk_size, mtime)
 
     def exists(self, name: str) -> bool:
-        return self._load(name).info is not None
+        """Whether the object exists; DataUnavailable when that cannot be told."""
+        obj = self._load(name)
+        if obj.info is None:
+            self._known(obj)
+        return obj.info is not None
+
+    def _known(self, obj: _Obj) -> None:
+        """With no info header found: go on only if the object is known
+        not to exist (see ``_absent``)."""
+        if obj.info is None and not obj.absent:
+            self._absent(obj)
+
+    def _absent(self, obj: _Obj) -> None:
+        """Raise for an object no info shard speaks for: NotFound when an
+        info shard on a reachable, current OSD says it is not there (every
+        write updates all such shards), DataUnavailable when none can say
+        (their OSDs down or behind, their headers unreadable): the object
+        may exist on them, and must never read as absent or zeros."""
+        if obj.absent:
+            raise NotFound(f"object {obj.name!r} does not exist")
+        where = ", ".join(f"shard {i} on osd.{obj.loc[i]}"
+                          f" ({'damaged header' if i in obj.bad_header else self._why_down(obj.loc[i])})"
+                          for i in self.info_shards)
+        raise DataUnavailable(f"object {obj.name!r} is unavailable: none of its info shards "
+                              f"can be read ({where})")
+
+    def _why_down(self, osd: int) -> str:
+        st = self.osdmap.states.get(osd)
+        return (st.reason or "down") if st is not None and not st.up else "unreadable"
 
     def list(self, prefix: str = "") -> list[str]:
         """Object names (sorted), gathered from the info shards' sidecars."""
@@ -297,16 +348,44 @@ class ObjectStore:
         write-back cache sits in front.)"""
 
     def checkpoint(self) -> None:
-        """Empty the journal: every record it holds is applied and synced."""
+        """Empty the journal: every record it holds is applied and durable
+        on its OSD, or the object is logged as missed by that OSD.
+
+        A dead writer's records are replayed first, each slot under all of
+        its locks (never under the gate alone: readers and planning writers
+        of that slot would see it half rewritten). Then, with the gate held
+        exclusive (no transaction between append and apply anywhere), every
+        OSD file system is synced. One whose syncfs fails, or that cannot
+        be reached, may have lost shard writes the journal still holds: each
+        object those records touch there is logged as missed (durably) and
+        the OSD marked down, so its return rebuilds them. Only then is the
+        journal emptied; if any of that fails, the journal is kept whole
+        and the error raised."""
         if self.readonly:
             return
-        with self.locks.checkpoint_gate():
+        if self.journal.failed:
+            self.journal.reset()        # raises the journal's failure
+        retried = False
+        while True:
             for slot in self.locks.inflight_slots():
-                self._replay(slot)
-            self._sync_osds()
-            self.journal.reset()
-            self.locks.clear_inflight()
-            self.counters.add("fsyncs")
+                self._replay_slot(slot)
+            with self.locks.checkpoint_gate():
+                if self.locks.inflight_slots():
+                    continue        # a writer died since the scan: replay it too
+                recs = list(self.journal.records())
+                failed = self._syncfs_groups(self.osdmap.paths, _osds_of(recs))
+                if not failed or retried:
+                    self._settle_unsynced(recs, failed)
+                    self.journal.reset()
+                    self.locks.clear_inflight()
+                    self.counters.add("fsyncs")
+                    return
+            # A file system whose syncfs failed may have dropped dirty pages
+            # (and a later syncfs would not say so: an error is reported
+            # once): write the journal's pages for it again, slot by slot
+            # under the slot's locks, then sync everything once more.
+            self._reapply(recs, set(failed))
+            retried = True
 
     def close(self) -> None:
         if self._closed:
@@ -315,12 +394,15 @@ class ObjectStore:
         if self.readonly:
             return
         try:
-            if self._dirty or self.journal.size() > 16:
+            if not self.journal.failed and (self._dirty or self.journal.size() > 16):
                 self.checkpoint()
         finally:
             self.counters.close()
             self.journal.close()
             self.locks.close()
+            self.missed.close()
+            for fd in self._osd_fds.values():
+                os.close(fd)
             os.close(self._clients_fd)
 
     def __enter__(self):
@@ -346,35 +428,129 @@ class ObjectStore:
             fcntl.flock(self._clients_fd, fcntl.LOCK_SH)
             return
         if self.journal.size() > 16:
-            for rec in self.journal.records():
-                self._apply(rec, counted=False)
+            self._replay_records(list(self.journal.records()), whole_journal=True)
             self.checkpoint()
         fcntl.flock(self._clients_fd, fcntl.LOCK_SH)
 
-    def _replay(self, slot: int) -> None:
-        """Re-apply the journal records of a slot whose writer died mid-apply."""
-        for rec in self.journal.records():
-            if rec.slot == slot:
-                self._apply(rec, counted=False)
-        self.locks.set_inflight(slot, False)
+    def _replay_slot(self, slot: int) -> None:
+        """Finish the transaction of a writer that died between journal
+        append and apply, holding every lock of the slot (all its stripes
+        and its metadata), so no reader or writer sees it half done."""
+        with self.locks.stripes(slot, *ALL_STRIPES), self.locks.meta(slot):
+            if self.locks.inflight(slot):
+                self._replay_records([r for r in self.journal.records() if r.slot == slot])
+                self.locks.set_inflight(slot, False)
 
-    def _sync_osds(self) -> None:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        seen = set()
-        for osd in self.osdmap.up_ids():
-            p = self.osdmap.paths[osd]
-            try:
-                st = os.stat(p)
-                if st.st_dev in seen:
-                    continue
-                seen.add(st.st_dev)
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    libc.syncfs(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
+    def _replay_records(self, recs: list[Record], whole_journal: bool = False) -> None:
+        """Re-apply journal records in order, never rolling an object back.
+
+        Records hold whole page images, so re-applying every record of an
+        object in order ends in its newest journaled state. That holds only
+        if the newest applied record is still readable: when the object's
+        shards already carry a version newer than every record left of it
+        (a damaged journal lost the records that wrote it), replaying the
+        older ones would write old pages over newer ones. Such an object is
+        left as its shards have it, and the damage is counted and logged.
+        Unreadable spans followed by valid records (a writer killed while
+        appending, or damage) are counted once, by the replay of the whole
+        journal."""
+        skipped = self.journal.damaged if whole_journal else 0
+        skip = self._rolled_back(recs)
+        if skipped:
+            _log.warning("journal: %d unreadable span(s) in the middle of %s skipped "
+                         "(a writer killed while appending, or damage)",
+                         skipped, self.journal.path)
+            self.counters.add("journal_skipped", skipped)
+        if skip:
+            self.counters.add("journal_damaged", len(skip))
+        for r in recs:
+            if r.name not in skip:
+                self._apply(r, counted=False)
+
+    def _rolled_back(self, recs: list[Record]) -> set[str]:
+        """Names of the objects whose shards hold a newer version than any
+        of their records in ``recs``: replaying those would roll them back."""
+        newest: dict[str, int | None] = {}
+        for r in recs:
+            if r.version is None:              # format-1 record: no version
+                newest[r.name] = None
+            elif r.name not in newest or newest[r.name] is not None:
+                newest[r.name] = max(newest.get(r.name) or 0, r.version)
+        skip = set()
+        for name, ver in newest.items():
+            if ver is None:
                 continue
+            obj = self._load(name)
+            on_disk = obj.info.object_version if obj.info is not None else 0
+            if on_disk > ver:
+                skip.add(name)
+                _log.warning("journal: object %r: its shards hold version %d but the "
+                             "journal nothing newer than %d (records lost); not replayed",
+                             name, on_disk, ver)
+        return skip
+
+    def _reapply(self, recs: list[Record], osds: set[int]) -> None:
+        stale = self._rolled_back(recs)
+        by_slot: dict[int, list[Record]] = {}
+        for r in recs:
+            if r.name not in stale:
+                by_slot.setdefault(r.slot, []).append(r)
+        for slot, srecs in by_slot.items():
+            with self.locks.stripes(slot, *ALL_STRIPES), self.locks.meta(slot):
+                for r in srecs:
+                    ops = [op for op in r.ops if op.osd in osds]
+                    if ops:
+                        self._apply(Record(r.name, r.slot, ops, r.version), counted=False)
+
+    def _settle_unsynced(self, recs: list[Record], failed: dict[int, str]) -> None:
+        """Before the journal is emptied: the OSDs whose writes may not be
+        durable (``failed``, and any that is down) are marked down, and
+        every object the journal's records touch on them is logged as
+        missed, so their return rebuilds it from the others. If more than
+        M OSDs are then out, the journal may hold the only good copy of a
+        stripe: it is kept, and StoreError raised."""
+        out = set(failed) | {i for i in self.osdmap.paths if not self.osdmap.is_up(i)}
+        if out:
+            try:
+                for rec in recs:
+                    for osd in {op.osd for op in rec.ops if _shard_relpath(op.path)} & out:
+                        self.missed.record(osd, rec.name)
+            except OSError as e:
+                raise StoreError(f"checkpoint: cannot log the writes OSDs may have lost "
+                                 f"({e.strerror or e}); the journal is kept")
+        for osd, why in sorted(failed.items()):
+            _log.error("osd.%d: %s; marked down", osd, why)
+            if self.osdmap.is_up(osd):
+                self.osdmap.mark_down(osd, why)
+        if failed and len(out) > self.m:
+            raise StoreError(f"checkpoint: {', '.join(f'osd.{i}' for i in sorted(failed))} "
+                             f"could not make their writes durable and {len(out)} OSDs are "
+                             f"out (more than M={self.m}); the journal is kept")
+
+    def _syncfs_groups(self, osds, touched: set[int]) -> dict[int, str]:
+        """syncfs the file systems of ``osds`` (once per file system):
+        {osd: why} for those that failed, or cannot be reached while the
+        journal holds writes for them."""
+        by_dev: dict[int, list[int]] = {}
+        failed: dict[int, str] = {}
+        for osd in osds:
+            fd = self._osd_fds.get(osd)
+            if fd is None:
+                try:            # back since open: errors from now on are seen
+                    fd = self._osd_fds[osd] = os.open(self.osdmap.paths[osd],
+                                                      os.O_RDONLY | os.O_DIRECTORY)
+                except OSError:
+                    if osd in touched:
+                        failed[osd] = "unreachable at checkpoint"
+                    continue
+            by_dev.setdefault(os.fstat(fd).st_dev, []).append(osd)
+        for group in by_dev.values():
+            try:
+                syncfs(self._osd_fds[group[0]])
+            except OSError as e:
+                for osd in group:
+                    failed[osd] = f"writeback failed: {e.strerror or e}"
+        return failed
 
     # ----------------------------------------------------------- object view
     @contextmanager
@@ -387,6 +563,21 @@ class ObjectStore:
         if self.locks is None:
             yield self._load(name, slot)
             return
+        depth = getattr(self._tls, "depth", 0)
+        self._tls.depth = depth + 1
+        try:
+            with self._locked_slot(name, slot, offset, end, size_hint) as obj:
+                yield obj
+        finally:
+            self._tls.depth = depth
+        if depth == 0 and self._ckpt_due:
+            # the journal outgrew its limit: checkpoint now that this thread
+            # holds no stripe (a checkpoint takes a dead writer's slot whole)
+            self._ckpt_due = False
+            self.checkpoint()
+
+    @contextmanager
+    def _locked_slot(self, name: str, slot: int, offset: int, end: int | None, size_hint: int):
         C = self._chunk_hint.get(name) if end is not None else None
         while True:
             if C is None:
@@ -396,9 +587,17 @@ class ObjectStore:
                 first, stop = offset // KC, max(offset, end - 1) // KC + 1
             with self.locks.stripes(slot, first, stop):
                 with self.locks.meta(slot):
-                    if self.locks.inflight(slot):
-                        self._replay(slot)
-                    obj = self._load(name, slot)
+                    replay = self.locks.inflight(slot)
+                    if replay and C is None:
+                        # a writer died mid-transaction: finish it (every
+                        # stripe of the slot is held)
+                        self._replay_records([r for r in self.journal.records()
+                                              if r.slot == slot])
+                        self.locks.set_inflight(slot, False)
+                    obj = None if replay and C is not None else self._load(name, slot)
+                if obj is None:
+                    C = None        # replay needs the whole slot: lock it all
+                    continue
                 obj.whole = C is None
                 if obj.info is not None:
                     self._remember_chunk(name, obj.info.chunk_size)
@@ -432,6 +631,8 @@ class ObjectStore:
         self.osdmap.maybe_refresh()
         obj = _Obj(name, slot if slot is not None else slot_of(name),
                    place(name, self.width, self.osdmap.ids))
+        if not self.readonly:
+            self._check_identity(obj.loc)
         hdrs = {}
         for i in self.info_shards:
             hdr = hdrs[i] = self._header(obj, i)
@@ -465,6 +666,9 @@ class ObjectStore:
                 raise sf.CorruptHeader("header names another shard")
             return hdr
         except FileNotFoundError:
+            if i in self.info_shards and os.path.isdir(
+                    os.path.join(self.osdmap.paths[osd], "objects")):
+                obj.absent.add(i)       # the OSD is there, the shard is not
             return None
         except sf.CorruptHeader:
             obj.bad_header.add(i)
@@ -595,14 +799,24 @@ class ObjectStore:
             stored = np.zeros(n, dtype=np.uint32)
             got = np.frombuffer(raw[: len(raw) // 4 * 4], dtype="<u4")
             stored[: len(got)] = got
-            if not stored.any():
-                out[:] = 0      # all zero pages: nothing to read
-                return np.zeros(n, dtype=bool)
             try:
                 fd = os.open(data_path, os.O_RDONLY)
             except FileNotFoundError:
+                if not stored.any():
+                    out[:] = 0      # zero pages, and no file holds anything
+                    return np.zeros(n, dtype=bool)
                 return np.ones(n, dtype=bool)
             try:
+                # A stored 0 means "zero page", but it is also what a lost or
+                # cut table reads as. With only zeros stored, the data file
+                # is asked whether it holds anything there (SEEK_DATA, no data
+                # moved): a hole is the zero pages the table says; data under
+                # a 0 is read and fails its check, so it is healed, never
+                # returned as zeros.
+                if not stored.any() and _no_data(fd, p0 * PAGE, p1 * PAGE):
+                    self.counters.add("meta_reads")
+                    out[:] = 0
+                    return np.zeros(n, dtype=bool)
                 got_n = os.preadv(fd, [out], p0 * PAGE)
             finally:
                 os.close(fd)
@@ -1052,7 +1266,7 @@ class ObjectStore:
             self._commit(obj, (trims + ops, hdr))
 
     # ---------------------------------------------------------------- commit
-    def _commit(self, obj: _Obj, txn, kind: str = "write") -> None:
+    def _commit(self, obj: _Obj, txn, kind: str = "write", version: int | None = None) -> None:
         """Journal, sync and apply a transaction under the object's metadata
         lock. ``txn`` is (ops, new info header or None), or a function of
         the object's current view returning that: a writer holding only
@@ -1065,9 +1279,15 @@ class ObjectStore:
                 cur = obj if obj.whole else self._load(obj.name, obj.slot)
                 txn = txn(cur)
             ops, hdr = txn
-            self._commit_locked(obj, Record(obj.name, obj.slot, ops), hdr, kind)
+            if hdr is not None:
+                version = hdr.object_version
+            elif version is None:
+                # a repair or recovery step: the object stays at its version
+                cur = obj if obj.whole else self._load(obj.name, obj.slot)
+                version = cur.info.object_version if cur.info is not None else 0
+            self._commit_locked(obj, Record(obj.name, obj.slot, ops, version), hdr, kind)
         if self.journal.size() > JOURNAL_LIMIT:
-            self.checkpoint()
+            self._ckpt_due = True
 
     def _commit_locked(self, obj: _Obj, rec: Record, hdr: sf.ShardHeader | None,
                        kind: str) -> None:
@@ -1075,10 +1295,25 @@ class ObjectStore:
             for prefix, check in list(self._guards.items()):
                 if obj.name.startswith(prefix):
                     check()         # e.g. an image's lock epoch (fencing): may raise
+            if kind != "repair":
+                # a full OSD refuses the whole transaction before anything is
+                # journaled (a repair of a read is small and must not fail it)
+                needs: dict[int, int] = {}
+                for op in rec.ops:
+                    if op.type == OP_WRITE:
+                        needs[op.osd] = needs.get(op.osd, 0) + len(op.data)
+                self.space.check(needs, frees=any(op.type != OP_WRITE for op in rec.ops))
             self._note_missed(obj)
             self.locks.set_inflight(obj.slot, True)
             self._crashpoint()
-            ticket, nbytes = self.journal.append(rec)
+            try:
+                ticket, nbytes = self.journal.append(rec)
+            except OSError as e:
+                self.locks.set_inflight(obj.slot, False)    # nothing of it is anywhere
+                if e.errno == errno.ENOSPC:
+                    raise NoSpace(f"journal {self.journal.path}: no space left; "
+                                  f"the write is refused")
+                raise StoreError(f"journal {self.journal.path}: {e.strerror or e}")
             self._crashpoint()
             if self.journal.wait_durable(ticket):
                 self.counters.add("fsyncs")
@@ -1093,8 +1328,12 @@ class ObjectStore:
     def _apply(self, rec: Record, counted: bool, kind: str = "write") -> None:
         for op in rec.ops:
             path = self.osdmap.paths.get(op.osd)
-            if path is None or not _shard_relpath(op.path) or not (
-                    self.osdmap.is_up(op.osd) or op.osd in self._recovering):
+            if path is None or not _shard_relpath(op.path):
+                continue
+            if not (self.osdmap.is_up(op.osd) or op.osd in self._recovering):
+                # e.g. replay with a disk late to appear: its shard is stale
+                # now, and its return must rebuild it
+                self._log_missed(op.osd, rec.name)
                 continue
             full = os.path.join(path, op.path)
             try:
@@ -1118,7 +1357,11 @@ class ObjectStore:
                     raise StoreError(f"osd.{op.osd}: cannot write {full}: {e.strerror or e}")
                 if not os.path.isdir(path):
                     self.osdmap.refresh()
+                if e.errno == errno.ENOSPC:
+                    self.space.forget()
                 self._osd_failed(op.osd, e)
+                # before the write is acknowledged: the shard missed it
+                self._log_missed(op.osd, rec.name)
                 continue
             if counted and op.type in (OP_WRITE, OP_PUNCH):
                 if op.path.endswith(".meta"):
@@ -1134,7 +1377,43 @@ class ObjectStore:
         is away misses it; log that, so its return rebuilds this object."""
         for osd in set(obj.loc):
             if not self.osdmap.is_up(osd) and osd not in self._recovering:
-                self.missed.record(osd, obj.name)
+                self._log_missed(osd, obj.name)
+
+    def _check_identity(self, osds) -> None:
+        """Before writing to an OSD directory: is it still the one opened?
+        A disk unmounted, or another directory mounted over the path, shows
+        as a new (st_dev, st_ino); it is judged again by its osd.json (this
+        store's fsid and this OSD's id) and marked down unless it passes,
+        so a foreign or empty directory is never written into."""
+        for osd in osds:
+            fd = self._osd_fds.get(osd) if self._osd_fds else None
+            if fd is None or not self.osdmap.is_up(osd):
+                continue
+            path = self.osdmap.paths[osd]
+            try:
+                st, was = os.stat(path), os.fstat(fd)
+                if (st.st_dev, st.st_ino) == (was.st_dev, was.st_ino):
+                    continue
+                why = self.osdmap.check_dir(osd, path)
+            except OSError as e:
+                why = f"directory unreachable: {e.strerror or e}"
+            if why:
+                _log.error("osd.%d: %s is not the directory opened as osd.%d (%s); "
+                           "marked down", osd, path, osd, why)
+                self.osdmap.mark_down(osd, f"directory replaced: {why}")
+                continue
+            try:     # the same OSD, mounted again: follow it
+                self._osd_fds[osd] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _log_missed(self, osd: int, name: str) -> None:
+        try:
+            self.missed.record(osd, name)
+        except OSError as e:
+            raise StoreError(f"cannot log that osd.{osd} missed a write of {name!r} "
+                             f"({e.strerror or e}); the write is not acknowledged")
 
     def add_guard(self, prefix: str, check) -> None:
         """Run ``check()`` before committing any transaction on an object
@@ -1166,6 +1445,24 @@ class ObjectStore:
 
 
 # ------------------------------------------------------------------ helpers
+_libc = None
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2) on the file system of ``fd``; OSError when it reports a
+    writeback error (Linux >= 5.8 does)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _osds_of(recs: list[Record]) -> set[int]:
+    return {op.osd for rec in recs for op in rec.ops}
+
+
 def amplification(c: dict[str, int]) -> dict[str, float]:
     ops = c["client_read_ops"] + c["client_write_ops"]
     cb = c["client_read_bytes"] + c["client_write_bytes"]
@@ -1183,6 +1480,16 @@ def _listdir(p: str) -> list[str]:
         return os.listdir(p)
     except OSError:
         return []
+
+
+def _no_data(fd: int, lo: int, hi: int) -> bool:
+    """File bytes [lo, hi) are a hole (or past the end)."""
+    try:
+        return os.lseek(fd, lo, os.SEEK_DATA) >= hi
+    except OSError as e:
+        if e.errno == errno.ENXIO:      # no data at or after lo
+            return True
+        raise
 
 
 def _pread_path(path: str, n: int, off: int) -> bytes:

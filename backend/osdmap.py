@@ -103,7 +103,7 @@ class OsdMap:
             if i in admin:
                 states[i] = OsdState(i, p, False, admin[i])
             else:
-                why = self._check_dir(i, p)
+                why = self.check_dir(i, p)
                 states[i] = OsdState(i, p, not why, why)
         # an OSD that missed writes stays out until 'osd up' rebuilt them,
         # even if its directory is back (backend/missed.py)
@@ -114,7 +114,7 @@ class OsdMap:
         with self._lock:
             self.states = states
 
-    def _check_dir(self, i: int, p: str) -> str:
+    def check_dir(self, i: int, p: str) -> str:
         """Why OSD directory ``p`` cannot serve as osd.i ('' if it can)."""
         if not os.path.isdir(p):
             return "directory missing" if not os.path.lexists(p) else "not a directory"

@@ -7,6 +7,7 @@ from backend import counters
 from backend.errors import InvalidArgument, NotFound
 from backend.objectstore import ObjectStore, amplification
 from backend.osdmap import OsdMap
+from backend.space import full_osds
 from backend.pool import WRITE_MODES, create_store, load_pool
 
 from . import progress
@@ -74,19 +75,43 @@ def cmd_init(args) -> int:
 
 
 def _osd_rows(store: str, pool, osdmap: OsdMap, usage: bool = True) -> list[dict]:
-    return [{"id": s.id, "path": s.path, "up": s.up, "status": "up" if s.up else "down",
-             "reason": s.reason, "bytes": osdmap.usage(s.id) if usage and s.up else 0}
+    full = full_osds({i: p for i, p in osdmap.paths.items() if osdmap.is_up(i)})
+    return [{"id": s.id, "path": s.path, "up": s.up,
+             "status": "down" if not s.up else full[s.id][0] if s.id in full else "up",
+             "full": full.get(s.id, ("",))[0] == "full",
+             "reason": s.reason or full.get(s.id, ("", ""))[1],
+             "bytes": osdmap.usage(s.id) if usage and s.up else 0}
             for s in sorted(osdmap.states.values(), key=lambda s: s.id)]
 
 
 def health(pool, osdmap: OsdMap) -> tuple[str, str]:
     down = [s for s in osdmap.states.values() if not s.up]
-    if not down:
-        return "HEALTH_OK", ""
-    names = ", ".join(f"osd.{s.id} ({s.reason})" for s in sorted(down, key=lambda s: s.id))
-    if len(down) > pool.m:
-        return "HEALTH_ERR", f"{len(down)} OSDs down, more than M={pool.m}: data unavailable: {names}"
-    return "HEALTH_DEGRADED", f"{len(down)} OSD{'s' if len(down) > 1 else ''} down: {names}"
+    full = full_osds({i: p for i, p in osdmap.paths.items() if osdmap.is_up(i)})
+    reasons, status = [], "HEALTH_OK"
+    if down:
+        names = ", ".join(f"osd.{s.id} ({s.reason})" for s in sorted(down, key=lambda s: s.id))
+        if len(down) > pool.m:
+            status = "HEALTH_ERR"
+            reasons.append(f"{len(down)} OSDs down, more than M={pool.m}: data unavailable: {names}")
+        else:
+            status = "HEALTH_DEGRADED"
+            reasons.append(f"{len(down)} OSD{'s' if len(down) > 1 else ''} down: {names}")
+    for level in ("full", "nearfull"):
+        these = {i: why for i, (lv, why) in full.items() if lv == level}
+        if not these:
+            continue
+        names = ", ".join(f"osd.{i} ({why})" for i, why in sorted(these.items()))
+        n = f"{len(these)} OSD{'s' if len(these) > 1 else ''}"
+        if level == "full":
+            # as Ceph's OSD_FULL: an error, since writes stop
+            status = "HEALTH_ERR"
+            reasons.append(f"{n} full, writes refused (free space on their disks or add "
+                           f"OSDs; reads go on): {names}")
+        else:
+            if status == "HEALTH_OK":
+                status = "HEALTH_DEGRADED"
+            reasons.append(f"{n} nearly full (free space on their disks or add OSDs): {names}")
+    return status, "; ".join(reasons)
 
 
 def cmd_status(args) -> int:

@@ -7,7 +7,10 @@ Each mapping is recorded in ``STORE/rbd/mapped/loopN.json`` with the
 backing file's inode and device numbers, so ``unmap`` and ``showmapped``
 still know the device after its mount died (the kernel then reports the
 backing path relative to the lost mount), and never take a loop device
-that has been reused for something else for one of ours.
+that has been reused for something else for one of ours. Once the mount is
+gone the backing inode cannot be asked any more (losetup shows no inode
+and no device numbers): a device in that state is still ours when its
+backing path is the recorded image's path relative to the lost mount.
 """
 from __future__ import annotations
 
@@ -75,6 +78,17 @@ def _identity(dev: dict) -> tuple:
     return (str(dev.get("back-ino")), str(dev.get("back-maj:min")))
 
 
+def _orphan_of(dev: dict, rec: dict) -> bool:
+    """``dev`` lost its mount (no backing inode to ask) and still backs the
+    recorded image, by its path relative to that mount."""
+    if dev.get("back-ino") is not None or dev.get("back-maj:min") is not None:
+        return False
+    rel = rec.get("image", "") if not rec.get("snap") else \
+        f".snap/{rec.get('image', '')}/{rec['snap']}"
+    back = (dev.get("back-file") or "").removesuffix(" (deleted)")
+    return bool(rel) and back == "/" + rel
+
+
 def _recorded(store: str) -> dict[str, dict]:
     """{device: record} of the mappings this store made that still hold
     (a record whose device now backs something else is dropped)."""
@@ -88,7 +102,8 @@ def _recorded(store: str) -> dict[str, dict]:
             dev = _losetup_list(rec["device"])
         except (OSError, ValueError, KeyError):
             dev = []
-        if dev and _identity(dev[0]) == tuple(rec.get("identity", ())):
+        if dev and (_identity(dev[0]) == tuple(rec.get("identity", ()))
+                    or _orphan_of(dev[0], rec)):
             out[rec["device"]] = rec
         else:
             try:

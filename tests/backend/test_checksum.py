@@ -180,3 +180,29 @@ def test_mixed_flips_everywhere(store):
         assert snap[dpath][p * PAGE:(p + 1) * PAGE] == clean[dpath][p * PAGE:(p + 1) * PAGE], (i, p)
         assert snap[mpath] == clean[mpath], (i, p)
     check_parity(d)
+
+
+@pytest.mark.parametrize("damage", ["cut", "zeroed"])
+def test_a_lost_checksum_table_is_damage_never_zeros(store, damage):
+    """A data shard's sidecar cut to its 4 KiB header, or zeroed past it:
+    its pages hold data against checksums that read as 'zero page'. The
+    read returns the right bytes, counts every page as a checksum error,
+    and rewrites the table, so the next read is clean."""
+    d, s, data = store
+    clean = _snapshot(d, "obj")
+    _, meta = shard_paths(d, "obj", 1)
+    dpath = shard_paths(d, "obj", 1)[0]
+    pages = -(-os.path.getsize(dpath) // PAGE)
+    if damage == "cut":
+        os.truncate(meta, sf.HEADER_AREA)
+    else:
+        with open(meta, "r+b") as f:
+            f.seek(sf.HEADER_AREA)
+            f.write(bytes(4 * pages))
+    c = _delta(s, _read_all(s, data))
+    assert c["checksum_errors"] == c["checksum_repairs"] == pages, c
+    assert _snapshot(d, "obj") == clean, "the table was not rewritten"
+    c = _delta(s, _read_all(s, data))
+    assert c["checksum_errors"] == 0, c
+    s.close()
+    check_parity(d)

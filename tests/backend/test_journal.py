@@ -62,3 +62,53 @@ def test_corrupt_record_skipped(tmp_path):
     got = list(j.records())
     assert [g.name for g in got] == ["obj0", "obj2"]
     j.close()
+
+
+def test_a_failed_fdatasync_fails_every_waiter_it_covered(tmp_path, monkeypatch):
+    """Group commit: two records covered by one fdatasync that fails. Both
+    waiters get the error (before, the second was told 'durable'), and the
+    journal refuses appends and waits until reopened."""
+    import threading
+
+    import pytest
+
+    from backend import journal as jmod
+    from backend.errors import StoreError
+    j = Journal(str(tmp_path / "j"))
+    t1, _ = j.append(_rec(1))
+    t2, _ = j.append(_rec(2))
+    entered, go = threading.Event(), threading.Event()
+
+    def failing(fd):
+        entered.set()
+        go.wait(30)
+        raise OSError(5, "injected EIO")
+
+    monkeypatch.setattr(jmod.os, "fdatasync", failing)
+    results = {}
+
+    def wait(name, t):
+        try:
+            results[name] = j.wait_durable(t)
+        except StoreError as e:
+            results[name] = e
+
+    a = threading.Thread(target=wait, args=("a", t1))
+    a.start()
+    assert entered.wait(30)
+    b = threading.Thread(target=wait, args=("b", t2))
+    b.start()
+    go.set()
+    a.join(30)
+    b.join(30)
+    monkeypatch.undo()
+    assert isinstance(results["a"], StoreError) and isinstance(results["b"], StoreError), results
+    assert j.failed
+    with pytest.raises(StoreError, match="fdatasync failed"):
+        j.append(_rec(3))
+    with pytest.raises(StoreError):
+        j.reset()
+    j.close()
+    j = Journal(str(tmp_path / "j"))       # reopened: usable again
+    j.wait_durable(j.append(_rec(4))[0])
+    j.close()

@@ -217,3 +217,30 @@ def test_sigkill_during_fio_keeps_fsynced_data_and_parity(store, tmp_path):
         fio("--name=base", "--rw=randwrite", *base, "--verify_only", "--verify_fatal=1",
             cwd=tmp_path)
     check_parity(str(store))
+
+
+def test_unavailable_data_is_eio_never_zeros(store, tmp_path):
+    """The OSDs holding object 10's info shards down (HEALTH_ERR): reading
+    that object through the mount fails with EIO, and the CLI says
+    'unavailable', never zeros and never 'does not exist'."""
+    from backend.placement import place
+    from rbdlike.header import data_object
+    from rbdlike.directory import load as load_dir
+    from backend.objectstore import ObjectStore
+    mnt = tmp_path / "mnt"
+    img = tmp_path / "img.raw"
+    img.write_bytes(os.urandom(48 * MiB))
+    ecfs(store, "rbd", "import", str(img), "i")
+    with ObjectStore(str(store), readonly=True) as s:
+        name = data_object(load_dir(s)["i"], 10)
+        loc = place(name, s.width, s.osdmap.ids)
+        victims = sorted({loc[j] for j in s.info_shards})
+    for osd in victims:
+        ecfs(store, "osd", "down", str(osd))
+    assert ecfs_json(store, "status")["health"]["status"] == "HEALTH_ERR"
+    p = ecfs(store, "rados", "stat", name, check=False)
+    assert p.returncode != 0 and b"unavailable" in p.stderr, p.stderr
+    with mounted(store, mnt):
+        p = subprocess.run(["dd", f"if={mnt / 'i'}", "of=/dev/null", "bs=4M", "skip=10",
+                            "count=1", "iflag=direct"], capture_output=True, text=True)
+        assert p.returncode != 0 and "Input/output error" in p.stderr, p.stderr
