@@ -176,12 +176,17 @@ class Counters:
             os.close(fd)
 
     def close(self) -> None:
-        if self._fd is None:
-            return
-        self._arr.flush()
-        del self._arr
-        os.close(self._fd)
-        self._fd = None
+        """Fold this process's counts into total.ctr. A thread still at work
+        (a watch or proxy thread finishing while the store closes) may count
+        after this: its counts stay in memory and are dropped, never an
+        error in the middle of its operation."""
+        with self._lock:
+            if self._fd is None:
+                return
+            self._arr.flush()
+            self._arr = np.array(self._arr)     # unmaps the file
+            os.close(self._fd)
+            self._fd = None
         self._fold_dead()
 
 

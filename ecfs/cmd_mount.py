@@ -88,14 +88,38 @@ def _lazy_unmount(mnt: str) -> None:
                        f"{(p.stderr or '').strip().splitlines()[-1:] or ['umount failed']}")
 
 
+def _check_apart(mnt: str, store_dir: str) -> None:
+    """Refuse a mount point that is, holds, or lies inside the store, an
+    OSD directory or the journal: the mount process would reach its own
+    store through its own mount, and every access there would hang in the
+    kernel (D state) until the process is killed."""
+    from backend.pool import load_pool, osd_abspath
+    store = os.path.realpath(store_dir)
+    # the most specific first: an OSD directory inside the store is named as such
+    places = {f"osd.{e.id}": os.path.realpath(osd_abspath(store, e)) for e in load_pool(store).osds}
+    places |= {"the journal": os.path.join(store, "journal.log"), "the store": store}
+    real = os.path.realpath(mnt)
+    above = real.rstrip("/") + "/"
+    found = [("is", w, p) for w, p in places.items() if real == p] + \
+        [("lies inside", w, p) for w, p in places.items() if real.startswith(p + "/")] + \
+        [("holds", w, p) for w, p in reversed(places.items()) if p.startswith(above)]
+    if found:
+        rel, what, p = found[0]
+        raise InvalidArgument(f"mount point {mnt} {rel} {what} ({p}); mount it "
+                              f"somewhere outside the store and its OSD directories")
+
+
 def cmd_mount(args) -> int:
     opts = _options(args.options)
     parse_size(args.cache_size, what="cache size")
+    if not args.mountpoint:
+        raise InvalidArgument("the mount point must not be empty")
     mnt = mounts.resolve(os.path.abspath(args.mountpoint))
     store_dir = args.store
     # check the store before forking, so a bad one is one error line here
     from backend.objectstore import ObjectStore
     ObjectStore(store_dir).close()
+    _check_apart(mnt, store_dir)
     if args.foreground:
         _setup_logging(None)          # first: clearing a stale mount is worth a log line
     _check_mountpoint(mnt)

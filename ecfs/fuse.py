@@ -125,16 +125,30 @@ class EcfsFS(pyfuse3.Operations):
                 return n
         raise NotFound("image gone")
 
-    def _image(self, key: tuple) -> Image:
-        """The shared Image for an open key (kind, id[, snap])."""
-        ent = self._images.get(key)
-        if ent is not None:
-            return ent[0]
+    def _hold_image(self, key: tuple) -> Image:
+        """The shared Image for an open key (kind, id[, snap]), its open
+        count raised. A new one is built outside ``self._lock`` (store
+        reads, a socket bind, a thread): lookups and readdirs, which need
+        that lock for inode numbers, never wait behind a slow open. Two
+        opens racing to build one keep the first; the other is closed."""
+        with self._lock:
+            ent = self._images.get(key)
+            if ent is not None:
+                ent[1] += 1
+                return ent[0]
         if key[0] == "img":
-            img = Image(self.store, self._name_of(key[1]), read_only=self.read_only, watch=True)
+            new = Image(self.store, self._name_of(key[1]), read_only=self.read_only, watch=True)
         else:
-            img = Image(self.store, self._name_of(key[1]), snapshot=key[2])
-        self._images[key] = [img, 0]
+            new = Image(self.store, self._name_of(key[1]), snapshot=key[2])
+        with self._lock:
+            ent = self._images.get(key)
+            if ent is None:
+                ent = self._images[key] = [new, 0]
+                new = None
+            ent[1] += 1
+            img = ent[0]
+        if new is not None:
+            new.close()
         return img
 
     # ------------------------------------------------------------ attributes
@@ -290,7 +304,8 @@ class EcfsFS(pyfuse3.Operations):
 
     def _entries(self, ino: int) -> list:
         key = self._key(ino)
-        out = []
+        parent = {"root": ROOT, "snaproot": ROOT, "snapdir": SNAPROOT}[key[0]]
+        out = [(".", self._dir_attr(ino)), ("..", self._dir_attr(parent))]   # as ls -a shows
         if key[0] == "root":
             out.append((SNAPDIR, self._dir_attr(SNAPROOT)))
             for name, image_id in sorted(self._names().items()):
@@ -322,9 +337,7 @@ class EcfsFS(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable and (key[0] == "snap" or self.read_only):
             raise pyfuse3.FUSEError(errno.EROFS)
-        with self._lock:
-            img = self._image(key)
-            self._images[key][1] += 1
+        img = self._hold_image(key)
         try:
             if writable:
                 # at open, not at the first write: a write-back error would
@@ -417,9 +430,13 @@ class EcfsFS(pyfuse3.Operations):
         await self._run(self._release, h)
 
     def _release(self, h: Handle) -> None:
-        if h.writable:
-            h.image.flush()
-        self._drop(h.key)
+        try:
+            if h.writable:
+                h.image.flush()
+        finally:
+            # even when the flush failed: else the image is never closed and
+            # its lock never handed back
+            self._drop(h.key)
 
     def _drop(self, key: tuple) -> None:
         with self._lock:

@@ -112,3 +112,4 @@ def test_a_failed_fdatasync_fails_every_waiter_it_covered(tmp_path, monkeypatch)
     j = Journal(str(tmp_path / "j"))       # reopened: usable again
     j.wait_durable(j.append(_rec(4))[0])
     j.close()
+

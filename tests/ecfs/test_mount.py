@@ -255,3 +255,22 @@ def test_a_mapping_outlives_a_killed_mount_and_can_be_unmapped(store, tmp_path):
                 subprocess.run(["losetup", "-d", dev], capture_output=True)
     # a device that is not ours is refused, and left alone
     assert_user_error(ecfs(store, "rbd", "unmap", "/dev/loop7", check=False), "not an image")
+
+
+def test_a_mount_point_at_or_around_the_store_is_refused(store, tmp_path):
+    """Mounting over (or inside) the store, an OSD directory or the journal
+    would make the mount reach its own store through itself and hang every
+    access there: refused, one line, nothing mounted. So is an empty path."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for mnt, what in ((tmp_path, "holds the store"), (store, "is the store"),
+                      (store / "osd.3", "is osd.3"), (store / "rbd", "lies inside the store"),
+                      ("", "empty")):
+        p = ecfs(store, "mount", str(mnt), check=False, env={"PWD": str(tmp_path)})
+        assert_user_error(p, what)
+        if mnt:
+            assert mounts.fstype(str(mnt)) is None
+    p = subprocess.run(["python3", "-c", "import os; os.stat('/')"], timeout=10)  # nothing hung
+    assert p.returncode == 0
+    with mounted(store, outside):
+        pass
