@@ -394,7 +394,10 @@ class ObjectStore:
         if self.readonly:
             return
         try:
-            if not self.journal.failed and (self._dirty or self.journal.size() > 16):
+            # only a process that wrote checkpoints: a reader (rbd ls, du,
+            # info beside a writing mount) never stalls the writers with a
+            # syncfs under the exclusive gate
+            if not self.journal.failed and self._dirty:
                 self.checkpoint()
         finally:
             self.counters.close()

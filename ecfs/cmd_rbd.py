@@ -211,6 +211,9 @@ def cmd_info(args) -> int:
             "features": h.features, "flags": flags,
             "snapshot_count": len(h.snapshots), "objects_present": present,
             "create_timestamp": time.ctime(h.created),
+            "access_timestamp": time.ctime(h.attrs.get("atime_ns", h.attrs.get(
+                "mtime_ns", h.created * 1e9)) / 1e9),
+            "modify_timestamp": time.ctime(h.attrs.get("mtime_ns", h.created * 1e9) / 1e9),
             "parent": None if par is None else
             {"pool": "ecfs", "image": pname, "snapshot": par.snap_name, "overlap": par.overlap},
             "lock_owner": None if o is None else {"pid": o.pid, "host": o.host,
@@ -231,6 +234,8 @@ def cmd_info(args) -> int:
     print(f"\tfeatures: {', '.join(h.features)}")
     print(f"\tflags: {', '.join(info['flags'])}")
     print(f"\tcreate_timestamp: {info['create_timestamp']}")
+    print(f"\taccess_timestamp: {info['access_timestamp']}")
+    print(f"\tmodify_timestamp: {info['modify_timestamp']}")
     if sn is not None:
         print(f"\tprotected: {'True' if sn.protected else 'False'}")
         if kids:

@@ -191,6 +191,7 @@ class EcfsFS(pyfuse3.Operations):
         a.st_size = size
         a.st_blocks = self._allocated(key, hdr, size, ent[0] if ent else None) // 512
         a.st_mtime_ns = a.st_ctime_ns = attrs.get("mtime_ns", int(hdr.created * 1e9))
+        a.st_atime_ns = attrs.get("atime_ns", a.st_mtime_ns)
         return a
 
     def _allocated(self, key, hdr, size, img) -> int:
@@ -264,6 +265,8 @@ class EcfsFS(pyfuse3.Operations):
                 changes["gid"] = attr.st_gid
         if fields.update_mtime and key[0] == "img":
             changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_atime and key[0] == "img":
+            changes["atime_ns"] = attr.st_atime_ns
         if changes:
             if self.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)

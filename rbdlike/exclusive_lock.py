@@ -8,6 +8,13 @@ pid, host, cookie, epoch, acquired, the address of its watch socket, and
 whether it holds the lock exclusively) says who holds it and where to ask
 for it (rbdlike.notify; the hand-over itself is rbdlike.image's).
 
+Whether a recorded owner is alive is asked without taking the lock: the
+holder also holds an OFD write lock (fcntl F_OFD_SETLK) on the lock file,
+and others test for it with F_OFD_GETLK, which never acquires anything.
+(Probing with a non-blocking flock would hold the lock for an instant, and
+a writer trying to acquire it at that instant would be refused.) OFD locks
+belong to the open file like flocks, so they too vanish with the process.
+
 Breaking the lock (``lock rm``) must also stop a live but paused owner from
 writing later (fencing). The breaker raises the epoch while holding the
 store's checkpoint gate exclusive, which waits for every transaction in
@@ -23,6 +30,7 @@ import fcntl
 import json
 import os
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -94,14 +102,28 @@ def owner(store, image_id: str) -> Owner | None:
         return None
     if o.epoch != read_epoch(store, image_id):
         return None
-    fd = os.open(_lock_path(store, image_id, o.epoch), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return o              # held: the record's owner is alive
+        fd = os.open(_lock_path(store, image_id, o.epoch), os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return o if _ofd_held(fd) else None
     finally:
         os.close(fd)
-    return None
+
+
+# struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _ofd_lock(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+
+
+def _ofd_held(fd: int) -> bool:
+    """Someone holds the OFD write lock of the file (asked, not taken)."""
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
+    return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
 
 
 class ExclusiveLock:
@@ -138,6 +160,7 @@ class ExclusiveLock:
             if read_epoch(self.store, self.image_id) != epoch:
                 os.close(fd)          # broken meanwhile: try the new epoch
                 continue
+            _ofd_lock(fd)             # what owner() asks about (never conflicts: we hold it)
             self._fd, self.epoch = fd, epoch
             self._epoch_fd = os.open(_epoch_path(self.store, self.image_id),
                                      os.O_RDWR | os.O_CREAT, 0o600)

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from backend.errors import Busy, Exists, InvalidArgument, NotFound, ReadOnly
+from backend.errors import Busy, EcfsError, Exists, InvalidArgument, NotFound, ReadOnly
 
 from . import directory, layering, notify, snapshot
 from .exclusive_lock import ExclusiveLock, owner
@@ -37,6 +37,10 @@ from .header import (MAX_IMAGE_SIZE, ImageHeader, Parent, Snapshot, data_object,
 from .objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, PENDING, ObjectMap
 
 _OBJ_LOCKS = 64
+# librbd's rbd_mtime_update_interval / rbd_atime_update_interval: the image's
+# modify and access timestamps move at most this often (seconds), so
+# writes and reads stay cheap
+TIMESTAMP_INTERVAL = float(os.environ.get("ECFS_TIMESTAMP_INTERVAL", "60"))
 
 
 def load_header(store, image_id: str, name: str = "") -> ImageHeader:
@@ -82,6 +86,10 @@ class Image:
         self._watch: notify.Watch | None = None
         self._exclusive = False
         self._closed = False
+        # the access timestamp is kept by the mount's own images only (a CLI
+        # export reading an image does not write its header)
+        self._keeps_atime = watch and not self.read_only
+        self._stamped: dict[str, int] = {}        # attr -> value last written
         if watch:
             self._ensure_watch()
 
@@ -135,7 +143,31 @@ class Image:
                 self._read_parent(objno * self.header.object_size + off, out[at:at + n])
             else:
                 out[at:at + len(got)] = np.frombuffer(got, dtype=np.uint8)
+        if self._keeps_atime:
+            self._stamp("atime_ns")
         return out.tobytes()
+
+    def _stamp(self, attr: str) -> None:
+        """Move the image's modify ("mtime_ns") or access ("atime_ns")
+        timestamp to now, if it is TIMESTAMP_INTERVAL old or older. Best
+        effort: a header that cannot be written now is tried again later,
+        never an error for the write or read that asked."""
+        now = time.time_ns()
+        last = self._stamped.get(attr)
+        if last is None:
+            last = self.header.attrs.get(attr, self.header.attrs.get(
+                "mtime_ns", int(self.header.created * 1e9)))
+        if now - last < TIMESTAMP_INTERVAL * 1e9:
+            return
+        self._stamped[attr] = now            # first: concurrent writers do not all write
+        try:
+            with directory.header_lock(self.store, self.id):
+                hdr = load_header(self.store, self.id, self.name)
+                hdr.attrs = {**hdr.attrs, attr: now}
+                save_header(self.store, hdr)
+            self.header.attrs = {**self.header.attrs, attr: now}
+        except EcfsError:
+            self._stamped[attr] = last
 
     def _read_object(self, objno: int, off: int, n: int) -> bytes | None:
         """The object's bytes (short at its end), or None when this view has
@@ -241,6 +273,7 @@ class Image:
                             self._in_flight[objno] = left
                         else:
                             del self._in_flight[objno]
+            self._stamp("mtime_ns")
         return len(data)
 
     def _zeros_cover(self, objno: int, off: int, n: int) -> bool:
@@ -345,6 +378,7 @@ class Image:
             raise InvalidArgument("offset and length must not be negative")
         with self._writing():
             self._discard(offset, length)
+            self._stamp("mtime_ns")
 
     def _discard(self, offset: int, length: int) -> None:
         length = max(0, min(length, self.header.size - offset))

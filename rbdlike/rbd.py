@@ -274,7 +274,7 @@ def _whiteouts_from_snap_map(store, hdr, sn) -> None:
         store.write_full(clone_object(hdr.id, objno, sn.id), b"")
 
 
-FILE_ATTRS = ("mode", "uid", "gid", "mtime_ns")
+FILE_ATTRS = ("mode", "uid", "gid", "mtime_ns", "atime_ns")
 
 
 def update_attrs(store, image_id: str, changes: dict) -> ImageHeader:

@@ -115,3 +115,24 @@ def test_export_never_overwrites_a_file_but_writes_devices(store, tmp_path):
     assert out.read_bytes() == b"precious"
     ecfs(store, "rbd", "export", "e", "/dev/null")          # a device is written, not replaced
     assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+def test_listing_commands_never_checkpoint_beside_a_writer(tmp_path):
+    """rbd ls / info / du / status beside a process that keeps writing: they
+    leave the journal alone (a checkpoint there is a syncfs under the
+    exclusive gate, stalling the writer every time)."""
+    from backend.objectstore import ObjectStore
+    st = tmp_path / "s"
+    ecfs(st, "init")
+    ecfs(st, "rbd", "create", "img", "--size", "8")
+    writer = ObjectStore(str(st))
+    try:
+        writer.write_full("busy", os.urandom(64 << 10))
+        size = writer.journal.size()
+        assert size > 16
+        for args in (("rbd", "ls", "-l"), ("rbd", "info", "img"), ("rbd", "du"),
+                     ("rbd", "status", "img"), ("status",)):
+            ecfs(st, *args)
+            assert writer.journal.size() == size, f"{' '.join(args)} checkpointed"
+    finally:
+        writer.close()

@@ -139,8 +139,17 @@ def test_exclusive_mount_refuses_other_writers_at_open(store, tmp_path):
                 open(m2 / "x", "r+b")
             assert e.value.errno == errno.EBUSY
             assert (m2 / "x").read_bytes()[:4] == b"mine"    # reading is fine
-        # closed: the lock went back, the other mount may write now
-        with open(m2 / "x", "r+b") as g:
+        # closed: the lock goes back once m1 has seen the release, which the
+        # kernel sends after close() returned (FUSE RELEASE is asynchronous)
+        def opened():
+            try:
+                return open(m2 / "x", "r+b")
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                return None
+        g = wait_for(opened, what="m1 handed the lock back after the close")
+        with g:
             g.write(b"your")
         assert (m1 / "x").read_bytes()[:4] == b"your"
 
@@ -274,3 +283,33 @@ def test_a_mount_point_at_or_around_the_store_is_refused(store, tmp_path):
     assert p.returncode == 0
     with mounted(store, outside):
         pass
+
+
+def test_mtime_and_atime_follow_writes_and_reads(store, tmp_path):
+    """ls -l and backup tools see an image's mtime move when it is written
+    (and rbd info its modify_timestamp); the interval is 0 here, 60 s by
+    default (librbd's rbd_mtime_update_interval)."""
+    import time
+    mnt = tmp_path / "mnt"
+    ecfs(store, "rbd", "create", "t", "--size", "8")
+    with mounted(store, mnt, env={"ECFS_TIMESTAMP_INTERVAL": "0"}):
+        before = os.stat(mnt / "t").st_mtime_ns
+        t0 = time.time_ns()
+        fd = os.open(mnt / "t", os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"w" * 4096, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        wait_for(lambda: os.stat(mnt / "t").st_mtime_ns >= t0 > before, what="mtime moved")
+        t1 = time.time_ns()
+        fd = os.open(mnt / "t", os.O_RDONLY | os.O_DIRECT)
+        try:
+            import mmap
+            buf = mmap.mmap(-1, 4096)
+            os.preadv(fd, [buf], 0)
+        finally:
+            os.close(fd)
+        wait_for(lambda: os.stat(mnt / "t").st_atime_ns >= t1, what="atime moved")
+    info = ecfs(store, "rbd", "info", "t").stdout.decode()
+    assert "modify_timestamp:" in info and "access_timestamp:" in info

@@ -207,3 +207,27 @@ def test_lock_break_fences_the_old_owner(store):
 def _id(store, name):
     from rbdlike import directory
     return directory.lookup(store, name)
+
+
+def test_modify_and_access_timestamps_move_at_most_once_an_interval(store, monkeypatch):
+    """As librbd's modify_timestamp / access_timestamp: a write moves the
+    image's mtime and a read (by the mount's own image) its atime, but only
+    once they are TIMESTAMP_INTERVAL old, so I/O stays cheap."""
+    import time
+
+    import rbdlike.image as image_mod
+    from rbdlike.image import load_header
+    RBD().create(store, "t", 1 << 20)
+    with Image(store, "t", watch=True) as img:
+        img.write(b"x" * 4096, 0)          # created just now: within the interval
+        assert "mtime_ns" not in load_header(store, img.id).attrs
+        monkeypatch.setattr(image_mod, "TIMESTAMP_INTERVAL", 0)
+        t0 = time.time_ns()
+        img.write(b"y" * 4096, 0)
+        m = load_header(store, img.id).attrs["mtime_ns"]
+        assert m >= t0
+        img.read(0, 4096)
+        assert load_header(store, img.id).attrs["atime_ns"] >= m
+        monkeypatch.setattr(image_mod, "TIMESTAMP_INTERVAL", 3600)
+        img.write(b"z" * 4096, 0)
+        assert load_header(store, img.id).attrs["mtime_ns"] == m, "moved within the interval"

@@ -118,3 +118,48 @@ def test_closing_while_a_peer_asks_for_the_lock(store):
     assert not errors, errors
     with Image(store, "h", read_only=True) as img:
         assert img.read(0, 2) == b"a" + bytes([39]) and img.read(4096, 2) == b"b" + bytes([39])
+
+
+def test_asking_who_owns_a_lock_never_makes_an_acquire_fail(store):
+    """owner() (rbd status, lock ls, the error texts) asks whether the
+    holder lives without taking the lock: a writer acquiring at the moment
+    another process asks about a killed holder's leftover record is never
+    refused, and a live holder is still seen."""
+    import json
+    from dataclasses import asdict
+
+    from rbdlike.exclusive_lock import ExclusiveLock, Owner, _owner_path, owner, read_epoch
+    RBD().create(store, "o", MiB)
+    with Image(store, "o") as img:
+        image_id = img.id
+    # the probe in another process, so it runs while this one acquires
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    probe = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys\n"
+         "from backend.objectstore import ObjectStore\n"
+         "from rbdlike.exclusive_lock import owner\n"
+         "s = ObjectStore(sys.argv[1])\n"
+         "print('go', flush=True)\n"
+         "while True: owner(s, sys.argv[2])\n", store.store, image_id],
+        cwd=root, env=dict(os.environ, PYTHONPATH=root), stdout=subprocess.PIPE, text=True)
+    refused = 0
+    try:
+        assert probe.stdout.readline().strip() == "go"
+        for _ in range(1000):
+            # a killed holder's record stays behind: the probe keeps asking
+            with open(_owner_path(store, image_id), "w") as f:
+                json.dump(asdict(Owner(999999999, "h", "dead", read_epoch(store, image_id),
+                                       0.0)), f)
+            lock = ExclusiveLock(store, image_id, "o")
+            if not lock.try_acquire():
+                refused += 1
+                continue
+            assert owner(store, image_id) is not None, "a live holder was not seen"
+            lock.release()
+    finally:
+        probe.kill()
+        probe.wait(30)
+    assert refused == 0, f"{refused} of 1000 acquires refused by a mere owner() probe"
