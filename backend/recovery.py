@@ -110,30 +110,49 @@ def _recover_object(store, name: str, osd: int, res: RecoveryResult) -> None:
                           kind="recovery")
             res.removed += 1
             return
-        info = obj.info
-        want = info.vector[j]
-        is_info = j in store.info_shards
-        hdr = sf.ShardHeader(shard=j, k=store.k, m=store.m, name=name,
-                             shard_version=want, info=is_info,
-                             object_version=info.object_version, object_size=info.object_size,
-                             chunk_size=info.chunk_size, vector=list(info.vector))
+        want = obj.info.vector[j]
+        hdr = _current_header(store, obj, j)
         if want == 0:
-            ops = [FileOp(OP_UNLINK, osd, rd), FileOp(OP_UNLINK, osd, rm)]
-            if is_info:
-                ops.append(FileOp(OP_WRITE, osd, rm, 0, hdr.pack()))
-            store._commit(obj, (ops, None), kind="recovery")
+            rebuild_shard(store, obj, j, osd)
             res.headers += 1
             return
         have = _header_on(store, obj, j)
         if have is not None and have.shard_version == want:
-            if is_info and have.pack() != hdr.pack():
+            if j in store.info_shards and have.pack() != hdr.pack():
                 store._commit(obj, ([FileOp(OP_WRITE, osd, rm, 0, hdr.pack())], None),
                               kind="recovery")
                 res.headers += 1
             return
-        _rebuild_shard(store, obj, j, osd)
-        store._commit(obj, ([FileOp(OP_WRITE, osd, rm, 0, hdr.pack())], None), kind="recovery")
+        rebuild_shard(store, obj, j, osd)
         res.rebuilt += 1
+
+
+def _current_header(store, obj, j: int) -> sf.ShardHeader:
+    info = obj.info
+    return sf.ShardHeader(shard=j, k=store.k, m=store.m, name=obj.name,
+                          shard_version=info.vector[j], info=j in store.info_shards,
+                          object_version=info.object_version, object_size=info.object_size,
+                          chunk_size=info.chunk_size, vector=list(info.vector))
+
+
+def rebuild_shard(store, obj, j: int, osd: int, kind: str = "recovery") -> None:
+    """Make shard j of ``obj`` (locked whole by the caller) current on
+    ``osd``: its files emptied where it holds nothing in this incarnation,
+    else every stripe decoded from K others (its own bytes are never used)
+    and written sparse, the header last (until it lands the shard stays
+    stale by its vector, so a crash midway is harmless). Used by recovery
+    (``osd up``) and by repair (backend/scrub.py)."""
+    rd, rm = sf.rel_paths(obj.name, j)
+    hdr = _current_header(store, obj, j)
+    if obj.info.vector[j] == 0:
+        ops = [FileOp(OP_UNLINK, osd, rd), FileOp(OP_UNLINK, osd, rm)]
+        if j in store.info_shards:
+            ops.append(FileOp(OP_WRITE, osd, rm, 0, hdr.pack()))
+        store._commit(obj, (ops, None), kind=kind)
+        return
+    obj.usable[j] = False
+    _rebuild_data(store, obj, j, osd, kind)
+    store._commit(obj, ([FileOp(OP_WRITE, osd, rm, 0, hdr.pack())], None), kind=kind)
 
 
 def _header_on(store, obj, j: int) -> sf.ShardHeader | None:
@@ -151,7 +170,7 @@ def _header_on(store, obj, j: int) -> sf.ShardHeader | None:
     return h if h.name == obj.name and h.shard == j else None
 
 
-def _rebuild_shard(store, obj, j: int, osd: int) -> None:
+def _rebuild_data(store, obj, j: int, osd: int, kind: str) -> None:
     """Decode shard j of every stripe from the others and write it to
     ``osd``, sparse, in batches (the header is the caller's last step)."""
     from .objectstore import _Window, _runs
@@ -160,7 +179,7 @@ def _rebuild_shard(store, obj, j: int, osd: int) -> None:
     ext = store._extents(obj.info.object_size, C)
     rd, rm = sf.rel_paths(obj.name, j)
     store._commit(obj, ([FileOp(OP_TRUNCATE, osd, rd, 0),
-                         FileOp(OP_TRUNCATE, osd, rm, sf.crc_offset(0))], None), kind="recovery")
+                         FileOp(OP_TRUNCATE, osd, rm, sf.crc_offset(0))], None), kind=kind)
     last_page = -(-ext[j] // PAGE)
     per_batch = max(1, BATCH_BYTES // C)
     nstripes = -(-last_page // P)
@@ -169,7 +188,7 @@ def _rebuild_shard(store, obj, j: int, osd: int) -> None:
         win = _Window(store.width, store.k, C, s0, s1)
         store._mark_known_zero(win, ext)
         p0, p1 = s0 * P, min((s1 + 1) * P, last_page)
-        store._fetch(obj, win, {j: [(p0, p1)]}, "recovery")
+        store._fetch(obj, win, {j: [(p0, p1)]}, kind)
         buf = win.pages(j, p0, p1)
         crcs = sf.page_crcs(buf)
         ops = []
@@ -179,4 +198,4 @@ def _rebuild_shard(store, obj, j: int, osd: int) -> None:
                               win.pages(j, a, b)[: stop - a * PAGE].tobytes()))
         if ops:
             ops.append(FileOp(OP_WRITE, osd, rm, sf.crc_offset(p0), crcs.astype("<u4").tobytes()))
-            store._commit(obj, (ops, None), kind="recovery")
+            store._commit(obj, (ops, None), kind=kind)
