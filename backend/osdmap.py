@@ -19,9 +19,9 @@ import shutil
 import threading
 from dataclasses import dataclass
 
-from .errors import StoreError
+from .errors import EcfsError, StoreError
 from .missed import MissedLog
-from .pool import OSD_FILE, PoolConfig, osd_abspath, write_json_atomic
+from .pool import OSD_FILE, PoolConfig, load_pool, osd_abspath, write_json_atomic
 
 
 @dataclass
@@ -81,7 +81,8 @@ class OsdMap:
         OSD starts or stops missing writes: the map file and the missed-log
         directory (files appear and go there)."""
         out = []
-        for p in (self._mapfile(), os.path.join(self.store, "missed")):
+        for p in (self._mapfile(), os.path.join(self.store, "missed"),
+                  os.path.join(self.store, "pool.json")):
             try:
                 st = os.stat(p)
                 out.append((st.st_mtime_ns, st.st_ino, st.st_size))
@@ -97,6 +98,7 @@ class OsdMap:
 
     def refresh(self) -> None:
         self._seen = self._stamp()
+        self._reload_paths()
         admin = self._admin_down()
         states = {}
         for i, p in self.paths.items():
@@ -113,6 +115,17 @@ class OsdMap:
                                      f"behind: missed writes to recover (run 'ecfs osd up {i}')")
         with self._lock:
             self.states = states
+
+    def _reload_paths(self) -> None:
+        """Follow 'ecfs osd replace' by another process: an OSD's directory
+        may have moved (updated in place: other layers hold this dict)."""
+        try:
+            pool = load_pool(self.store)
+        except EcfsError:
+            return            # damaged now: keep what was read; the next open says so
+        new = {e.id: osd_abspath(self.store, e) for e in pool.osds}
+        if new != self.paths and set(new) == set(self.paths):
+            self.paths.update(new)
 
     def check_dir(self, i: int, p: str) -> str:
         """Why OSD directory ``p`` cannot serve as osd.i ('' if it can)."""

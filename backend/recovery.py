@@ -62,12 +62,16 @@ def recover_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
             todo = [n for n in names if n not in done]
             if not todo:
                 with store.locks.checkpoint_gate():
+                    # No transaction is in flight now. An object recovered
+                    # earlier may have been written again since: its name is
+                    # in the log already, and a writer does not log a name
+                    # twice, so only its shard's version can tell.
                     names, _ = store.missed.read(osd)
-                    if not set(names) - done:
+                    todo = [n for n in names if n not in done or not _current_on(store, n, osd)]
+                    if not todo:
                         store.missed.clear(osd)
                         store.osdmap.mark_up(osd)
                         return res
-                continue
             for name in todo:
                 _recover_object(store, name, osd, res)
                 done.add(name)
@@ -125,6 +129,27 @@ def _recover_object(store, name: str, osd: int, res: RecoveryResult) -> None:
             return
         rebuild_shard(store, obj, j, osd)
         res.rebuilt += 1
+
+
+def _current_on(store, name: str, osd: int) -> bool:
+    """Every shard of ``name`` placed on ``osd`` holds what its vector asks
+    (or the object is gone and nothing of it is left there)."""
+    obj = store._load(name)
+    for j in range(store.width):
+        if obj.loc[j] != osd:
+            continue
+        if obj.info is None:
+            if any(os.path.lexists(p) for p in store._abs(obj, j)):
+                return False
+            continue
+        want = obj.info.vector[j]
+        if want == 0:
+            continue
+        have = _header_on(store, obj, j)
+        if have is None or have.shard_version < want or (
+                j in store.info_shards and have.object_version < obj.info.object_version):
+            return False
+    return True
 
 
 def _current_header(store, obj, j: int) -> sf.ShardHeader:

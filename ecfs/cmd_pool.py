@@ -38,7 +38,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("osd", help="OSD directories")
-    osub = p.add_subparsers(dest="osd_cmd", metavar="ls|down|up", parser_class=p.__class__)
+    osub = p.add_subparsers(dest="osd_cmd", metavar="ls|down|up|rebuild|replace",
+                            parser_class=p.__class__)
     osub.required = True
     q = osub.add_parser("ls", help="list OSDs")
     add_json(q)
@@ -49,6 +50,19 @@ def register(sub) -> None:
     q = osub.add_parser("up", help="mark an OSD up again")
     q.add_argument("id", type=_osd_id)
     q.set_defaults(func=cmd_osd_up)
+    q = osub.add_parser("rebuild", help="rebuild every shard an OSD should hold (online, "
+                                         "resumable)")
+    q.add_argument("id", type=_osd_id)
+    q.add_argument("--max-rate", default=None, metavar="BYTES",
+                   help="shard bytes written per second at most (e.g. 64M)")
+    q.set_defaults(func=cmd_osd_rebuild)
+    q = osub.add_parser("replace", help="put an OSD on a new (empty) directory and rebuild it")
+    q.add_argument("id", type=_osd_id)
+    q.add_argument("--dir", default=None, metavar="NEWDIR",
+                   help="the new directory (default: the OSD's own path, a new empty disk)")
+    q.add_argument("--max-rate", default=None, metavar="BYTES",
+                   help="shard bytes written per second at most (e.g. 64M)")
+    q.set_defaults(func=cmd_osd_replace)
 
 
 def _osd_id(text: str) -> int:
@@ -182,6 +196,36 @@ def cmd_osd_down(args) -> int:
     OsdMap(args.store, pool).mark_down(args.id, "marked down")
     print(f"marked down osd.{args.id}")
     return 0
+
+
+def _backfill(args, verb: str) -> int:
+    from backend.backfill import rebuild_osd
+    rate = parse_size(args.max_rate, what="rate") if args.max_rate else None
+    if rate is not None and rate <= 0:
+        raise InvalidArgument("--max-rate must be positive")
+    with ObjectStore(args.store) as s:
+        with progress.bar(args, total=None, desc=f"Rebuilding osd.{args.id}", unit="obj") as bar:
+            res = rebuild_osd(s, args.id, rate=rate,
+                              progress=lambda done, total: (bar.set_total(total), bar.update(1)))
+    print(f"osd.{args.id} {verb}: {res.shards} shards of {res.objects} objects rebuilt"
+          + (f" ({res.skipped} objects done by an earlier run)" if res.skipped else "")
+          + "; marked up")
+    return 0
+
+
+def cmd_osd_rebuild(args) -> int:
+    pool = load_pool(args.store)
+    _check_osd(pool, args.id)
+    return _backfill(args, "rebuilt")
+
+
+def cmd_osd_replace(args) -> int:
+    from backend.backfill import prepare_replacement
+    pool = load_pool(args.store)
+    _check_osd(pool, args.id)
+    OsdMap(args.store, pool).mark_down(args.id, "being replaced")
+    prepare_replacement(args.store, args.id, args.dir)
+    return _backfill(args, "replaced")
 
 
 def cmd_osd_up(args) -> int:

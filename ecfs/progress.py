@@ -46,6 +46,12 @@ class _Bar:
     def update(self, n: int = 1) -> None:
         self._t.update(n)
 
+    def set_total(self, total: int) -> None:
+        """The total, once known (the bar started without one)."""
+        if self._t.total != total:
+            self._t.total = total
+            self._t.refresh()
+
     def note(self, text: str) -> None:
         """Text after the bar (e.g. ``123 ops``)."""
         self._t.set_postfix_str(text, refresh=True)
@@ -67,6 +73,9 @@ class _Bar:
 
 class _NoBar:
     def update(self, n: int = 1) -> None:
+        pass
+
+    def set_total(self, total: int) -> None:
         pass
 
     def note(self, text: str) -> None:

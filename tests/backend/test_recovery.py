@@ -176,3 +176,34 @@ def test_a_long_running_process_follows_osd_down_and_up_from_another(make_store)
     finally:
         admin.close()
     assert check_parity(d).stale_shards == 0     # asserts parity and crcs itself
+
+
+def test_an_object_written_again_after_its_recovery_is_recovered_again(make_store):
+    """A mount (w) writes X while osd.N is down (X is logged), 'osd up'
+    (r, another opener) recovers X, then w writes X again before the OSD
+    is up: w does not log a name twice, so recovery must see from X's shard
+    version that it is stale again, and rebuild it before marking up."""
+    from backend.objectstore import ObjectStore
+    d, r = make_store(k=K, m=M, chunk_size=4096)
+    w = ObjectStore(d)
+    try:
+        victim = osd_of(d, "x", 1)
+        w.write_full("x", os.urandom(40 << 10))
+        w.osdmap.mark_down(victim, "test")
+        w.write("x", 0, os.urandom(8192))
+        last = os.urandom(8192)
+        wrote = []
+
+        def after_each(done, total):
+            if not wrote:
+                wrote.append(1)
+                w.write("x", 4096, last)
+
+        r.osdmap.refresh()
+        recover_osd(r, victim, progress=after_each)
+        assert wrote and r.osdmap.is_up(victim)
+        for osd in [osd_of(d, "x", j) for j in (0, 2)]:
+            r.osdmap.mark_down(osd, "test")
+        assert r.read("x", 4096, 8192) == last
+    finally:
+        w.close()

@@ -1,0 +1,132 @@
+"""ecfs osd rebuild / replace as an operator uses them: a wiped disk, a new
+directory for a lost one, a backfill killed and run again, and a rebuild
+under a mount that keeps serving fio with verification."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+from .mountutil import mounted, need_root
+from .util import assert_user_error, ecfs, ecfs_json, _cmd
+from ..waiting import wait_for
+
+MiB = 1 << 20
+
+
+def _store(tmp_path, size=24 * MiB):
+    st = tmp_path / "s"
+    ecfs(st, "init")
+    img = os.urandom(size)
+    (tmp_path / "img.raw").write_bytes(img)
+    ecfs(st, "rbd", "import", str(tmp_path / "img.raw"), "i")
+    return st, img
+
+
+def _export(st, tmp_path):
+    out = tmp_path / "out.raw"
+    if out.exists():
+        out.unlink()
+    ecfs(st, "rbd", "export", "i", str(out))
+    return out.read_bytes()
+
+
+def _lose_two_others(st, keep):
+    others = [i for i in range(6) if i != keep][:2]
+    for i in others:
+        ecfs(st, "osd", "down", str(i))
+    return others
+
+
+def test_rebuild_a_wiped_osd_then_any_two_others_may_fail(tmp_path):
+    st, img = _store(tmp_path)
+    shutil.rmtree(st / "osd.3" / "objects")
+    os.mkdir(st / "osd.3" / "objects")
+    out = ecfs(st, "osd", "rebuild", "3").stdout.decode()
+    assert "osd.3 rebuilt" in out and "marked up" in out
+    assert ecfs_json(st, "status")["health"]["status"] == "HEALTH_OK"
+    assert ecfs(st, "scrub", "--deep").returncode == 0
+    _lose_two_others(st, 3)
+    assert _export(st, tmp_path) == img
+
+
+def test_replace_a_lost_osd_with_a_new_directory(tmp_path):
+    st, img = _store(tmp_path)
+    shutil.rmtree(st / "osd.4")
+    assert "osd.4" in ecfs_json(st, "status")["health"]["reason"]
+    assert_user_error(ecfs(st, "osd", "rebuild", "4", check=False), "osd replace 4")
+    new = tmp_path / "disk2" / "osd4"
+    out = ecfs(st, "osd", "replace", "4", "--dir", str(new)).stdout.decode()
+    assert "osd.4 replaced" in out
+    osds = {o["id"]: o for o in ecfs_json(st, "osd", "ls")}
+    assert osds[4]["path"] == str(new) and osds[4]["up"]
+    assert ecfs(st, "scrub", "--full").returncode == 0
+    _lose_two_others(st, 4)
+    assert _export(st, tmp_path) == img
+    # a non-empty directory is refused, nothing changed
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    assert_user_error(ecfs(st, "osd", "replace", "5", "--dir", str(busy), check=False),
+                      "not empty")
+
+
+def test_a_killed_rebuild_goes_on_where_it_stopped(tmp_path):
+    st, img = _store(tmp_path, size=40 * MiB)
+    shutil.rmtree(st / "osd.1" / "objects")
+    os.mkdir(st / "osd.1" / "objects")
+    prog = st / "backfill" / "osd.1"
+    p = subprocess.Popen(_cmd(st, ["osd", "rebuild", "1", "--max-rate", "2M"]),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: prog.exists() and prog.read_bytes().count(b"\0") >= 3,
+                 what="three objects backfilled")
+    finally:
+        p.kill()
+        p.wait(30)
+    assert p.returncode == -signal.SIGKILL
+    st_ = ecfs_json(st, "status")
+    assert "backfilling" in st_["health"]["reason"], st_["health"]
+    out = ecfs(st, "osd", "rebuild", "1").stdout.decode()
+    done_before = int(out.split("(")[1].split()[0])
+    assert done_before >= 3, out
+    assert not prog.exists()
+    assert ecfs(st, "scrub", "--deep").returncode == 0
+    _lose_two_others(st, 1)
+    assert _export(st, tmp_path) == img
+
+
+def test_rebuild_while_a_mount_serves_fio_with_verify(tmp_path):
+    need_root()
+    st = tmp_path / "s"
+    ecfs(st, "init")
+    ecfs(st, "rbd", "create", "f", "--size", "32")
+    mnt = tmp_path / "mnt"
+    job = [f"--name=v", f"--filename={mnt / 'f'}", "--size=24M", "--rw=randwrite", "--bs=16k",
+           "--ioengine=psync", "--direct=1", "--verify=crc32c", "--randseed=7",
+           "--output-format=terse"]
+    with mounted(st, mnt):
+        subprocess.run(["fio", *job, "--do_verify=0"], check=True, capture_output=True,
+                       timeout=300)
+        shutil.rmtree(st / "osd.2" / "objects")
+        os.mkdir(st / "osd.2" / "objects")
+        writer = subprocess.Popen(["fio", *job, "--do_verify=0", "--time_based", "--runtime=4",
+                                   "--randseed=8", f"--offset=0"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+        try:
+            ecfs(st, "osd", "rebuild", "2")
+        finally:
+            assert writer.wait(120) == 0, writer.stderr.read()
+        # what the second job wrote last is what must read back: verify it
+        subprocess.run(["fio", *job, "--do_verify=0", "--randseed=9"], check=True,
+                       capture_output=True, timeout=300)
+        v = subprocess.run(["fio", *job, "--verify_only", "--randseed=9"],
+                           capture_output=True, text=True, timeout=300)
+        assert v.returncode == 0, v.stdout + v.stderr
+    p = ecfs(st, "scrub", "--deep", check=False)
+    assert p.returncode == 0, p.stdout.decode()
+    _lose_two_others(st, 2)
+    with mounted(st, mnt):
+        v = subprocess.run(["fio", *job, "--verify_only", "--randseed=9"],
+                           capture_output=True, text=True, timeout=300)
+        assert v.returncode == 0, v.stdout + v.stderr
