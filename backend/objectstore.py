@@ -265,9 +265,10 @@ class ObjectStore:
             if obj.info is None:
                 self._absent(obj)
             up = sum(1 for osd in obj.loc if self.osdmap.is_up(osd))
-            if up < self.k:
+            if up < self.pool.write_min:
                 raise DataUnavailable(f"object {name!r}: only {up} of its {self.width} OSDs "
-                                      f"are up (need {self.k}); not removed")
+                                      f"are up (need {self.pool.write_min}, the pool's "
+                                      f"min_size); not removed")
             self.counters.add("client_other_ops")
             self._commit(obj, (self._unlink_ops(obj), None),
                          version=obj.info.object_version + 1)
@@ -1167,11 +1168,14 @@ class ObjectStore:
     def _header_ops(self, obj: _Obj, C: int, size: int, version: int,
                     touched: set[int]) -> tuple[list[FileOp], sf.ShardHeader]:
         writable = [j for j in range(self.width) if self._writable(obj, j)]
-        if len(writable) < self.k or not set(writable) & set(self.info_shards):
-            # fewer than K current shards could take it: the write could
-            # never be read back, so it is refused
+        need = self.pool.write_min
+        if len(writable) < need or not set(writable) & set(self.info_shards):
+            # as Ceph's min_size: below it a write is refused, so a write
+            # that returned always has redundancy left (at K it could never
+            # survive one more loss)
             raise DataUnavailable(f"object {obj.name!r}: only {len(writable)} of {self.width} "
-                                  f"shards can be written (need {self.k} and an info shard)")
+                                  f"shards can be written (need {need}, the pool's min_size, "
+                                  f"and an info shard)")
         vec = list(obj.info.vector) if obj.info else [0] * self.width
         for j in touched:
             vec[j] = version

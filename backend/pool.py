@@ -49,6 +49,12 @@ class PoolConfig:
     write_mode: str = "auto"
     fsid: str = field(default_factory=lambda: str(uuid.uuid4()))
     format_version: int = FORMAT_VERSION
+    # shards a write must reach (Ceph's min_size); None: K+1, Ceph's EC default
+    min_size: int | None = None
+
+    @property
+    def write_min(self) -> int:
+        return self.k + 1 if self.min_size is None else self.min_size
 
     def chunk_for(self, size: int) -> int:
         """Chunk size for an object of (expected) ``size`` bytes.
@@ -137,9 +143,12 @@ def load_pool(store: str) -> PoolConfig:
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise bad(f"osd.{dup[0]} is listed more than once")
+    ms = d.get("min_size")
+    if ms is not None and (not _is_int(ms) or not d["k"] <= ms <= d["k"] + d["m"]):
+        raise bad(f"min_size must be an integer within k..k+m (got {ms!r})")
     cfg = PoolConfig(k=d["k"], m=d["m"], plugin=d["plugin"], chunk_size=cs,
                      object_size=d["object_size"], osds=osds, write_mode=wm,
-                     fsid=d["fsid"], format_version=d["format_version"])
+                     fsid=d["fsid"], format_version=d["format_version"], min_size=ms)
     paths = [os.path.realpath(osd_abspath(store, o)) for o in osds]
     if len(set(paths)) != len(paths):
         raise bad("two OSDs share one directory")
@@ -290,7 +299,8 @@ def _listdir(p: str) -> list[str]:
 def create_store(store: str, *, k: int = 4, m: int = 2, osds: int | None = None,
                  osd_dirs: list[str] | None = None, plugin: str = "isa_l_rs_vand",
                  chunk_size="auto", object_size: int = 4 << 20,
-                 write_mode: str = "auto", finish=None) -> PoolConfig:
+                 write_mode: str = "auto", min_size: int | None = None,
+                 finish=None) -> PoolConfig:
     """Create a store. Everything is checked before anything is written; if
     writing fails all the same, what this call created is removed again.
     ``finish(store)`` runs last, under the same guarantee."""
@@ -308,6 +318,8 @@ def create_store(store: str, *, k: int = 4, m: int = 2, osds: int | None = None,
         if osds is not None and osds < 1:
             raise InvalidArgument(f"--osds must be positive (got {osds})")
     validate_profile(k, m, n, plugin, chunk_size)
+    if min_size is not None and not k <= min_size <= k + m:
+        raise InvalidArgument(f"min size must be within K..K+M ({k}..{k + m}; got {min_size})")
     if n > MAX_OSDS:
         raise InvalidArgument(f"at most {MAX_OSDS} OSDs (got {n})")
     validate_object_size(object_size)
@@ -324,7 +336,8 @@ def create_store(store: str, *, k: int = 4, m: int = 2, osds: int | None = None,
         rel = os.path.relpath(p, store) if _inside(p, store) else p
         entries.append(OsdEntry(i, rel))
     cfg = PoolConfig(k=k, m=m, plugin=plugin, chunk_size=chunk_size,
-                     object_size=object_size, osds=entries, write_mode=write_mode)
+                     object_size=object_size, osds=entries, write_mode=write_mode,
+                     min_size=k + 1 if min_size is None else min_size)
     undo = _Undo()
     try:
         undo.makedirs(store)

@@ -215,3 +215,21 @@ def test_shrink_while_down_then_grow(make_store, cut):
     assert s.read("t", 0, 65536) == want
     s.close()
     check_parity(d, allow_stale=True)
+
+
+def test_writes_stop_below_min_size_and_nothing_written_is_lost(make_store):
+    """As Ceph's min_size (default K+1): with M OSDs of an object down a
+    write is refused (nothing changes), with M-1 down it goes on."""
+    from backend.errors import DataUnavailable
+    d, s = make_store(k=4, m=2, chunk_size=4096, min_size=5)
+    old = os.urandom(40 << 10)
+    s.write_full("o", old)
+    s.osdmap.mark_down(osd_of(d, "o", 1), "test")
+    new = os.urandom(4096)
+    s.write("o", 0, new)                                  # 5 reachable: goes on
+    s.osdmap.mark_down(osd_of(d, "o", 2), "test")
+    with pytest.raises(DataUnavailable, match="min_size"):
+        s.write("o", 4096, os.urandom(4096))
+    with pytest.raises(DataUnavailable, match="min_size"):
+        s.remove("o")
+    assert s.read("o", 0, 40 << 10) == new + old[4096:]
