@@ -9,6 +9,7 @@ from backend.objectstore import ObjectStore, amplification
 from backend.osdmap import OsdMap
 from backend.space import full_osds
 from backend.pool import WRITE_MODES, create_store, load_pool
+from rbdlike.header import validate_object_size as validate_image_object_size
 
 from . import progress
 from .cli import add_json, wants_json
@@ -28,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--plugin", default="isa_l_rs_vand",
                    help="erasure code plugin (isa_l_rs_vand, liberasurecode_rs_vand, isa_l_rs_cauchy)")
     p.add_argument("--chunk-size", default="auto", help="auto, or 4K..1M in 4K steps")
-    p.add_argument("--object-size", default="4M", help="default image object size (4M)")
+    p.add_argument("--object-size", default="4M",
+                   help="default object size of new images, a power of two 4K..32M (4M)")
     p.add_argument("--write-mode", default="auto", choices=WRITE_MODES,
                    help="parity update policy (default auto)")
     p.set_defaults(func=cmd_init)
@@ -63,6 +65,8 @@ def cmd_init(args) -> int:
     if cs != "auto":
         cs = parse_size(cs, what="chunk size")
     obj_size = parse_size(args.object_size, what="object size")
+    # it is the default of new images only, so it must be one an image can take
+    validate_image_object_size(obj_size)
     # The first open makes the store's working files (journal, locks,
     # counters), so that no later command, failed or not, adds files.
     cfg = create_store(args.store, k=args.k, m=args.m, osds=args.osds, osd_dirs=args.osd_dir,

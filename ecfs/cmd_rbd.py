@@ -36,7 +36,8 @@ def register(sub) -> None:
     q = rs.add_parser("create", help="create an image")
     q.add_argument("name")
     q.add_argument("--size", "-s", required=True, help="size (a bare number is MiB)")
-    q.add_argument("--object-size", default=None, help="object size, a power of two 4K..32M")
+    q.add_argument("--object-size", default=None, help="object size, a power of two 4K..32M "
+                                                        "(default: the pool's, from ecfs init)")
     q.add_argument("--image-shared", action="store_true",
                    help="no exclusive lock, no object map: several writers at once")
     q.add_argument("--image-feature", action="append", default=None, metavar="FEATURE",
@@ -70,7 +71,8 @@ def register(sub) -> None:
     q = rs.add_parser("import", help="create image NAME from FILE (or - for stdin), sparse")
     q.add_argument("file")
     q.add_argument("name")
-    q.add_argument("--object-size", default=None, help="object size, a power of two 4K..32M")
+    q.add_argument("--object-size", default=None, help="object size, a power of two 4K..32M "
+                                                        "(default: the pool's, from ecfs init)")
     q.add_argument("--image-shared", action="store_true", help="import as a shared image")
     q.set_defaults(func=cmd_import)
     q = rs.add_parser("du", help="provisioned and used space, from the object maps")
@@ -121,6 +123,12 @@ def _size(text: str) -> int:
     return parse_size(text, default_unit="M", what="size")
 
 
+def _object_size(text: str | None) -> int | None:
+    """--object-size, or None when not given (the pool's default applies;
+    an empty value is not 'not given')."""
+    return None if text is None else parse_size(text, what="object size")
+
+
 def split_features(values) -> list[str] | None:
     """--image-feature values (repeated and/or comma-separated) as a list;
     None when none were given (the defaults apply)."""
@@ -134,7 +142,7 @@ def split_features(values) -> list[str] | None:
 
 def cmd_create(args) -> int:
     size = _size(args.size)
-    osz = parse_size(args.object_size, what="object size") if args.object_size else 4 << 20
+    osz = _object_size(args.object_size)
     with open_store(args) as s:
         RBD().create(s, args.name, size, object_size=osz, features=split_features(args.image_feature),
                      shared=args.image_shared)
@@ -312,7 +320,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    osz = parse_size(args.object_size, what="object size") if args.object_size else 4 << 20
+    osz = _object_size(args.object_size)
     if args.file == "-":
         src, size = sys.stdin.buffer, None
     else:
@@ -340,6 +348,7 @@ def cmd_import(args) -> int:
         try:
             with Image(s, args.name) as img:
                 pos = 0
+                osz = img.header.object_size      # given, or the pool's default
                 while pos < size:
                     n = min(osz - pos % osz, size - pos)
                     buf = src.read(n)

@@ -35,6 +35,7 @@ def test_init_into_existing_empty_dir_and_osd_dirs(tmp_path):
     (["--k", "-3"], "K must be >= 2"),
     (["--osds", "100000"], "at most"),
     (["--object-size", "3M"], "object size"),
+    (["--object-size", "64M"], "4K..32M"),   # an image default no image could take
     (["--m", "0"], "m must be"),
     (["--k", "5", "--m", "2", "--osds", "6"], "needs at least"),
     (["--osds", "5"], "needs at least"),

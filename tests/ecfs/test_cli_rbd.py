@@ -115,3 +115,19 @@ def test_export_never_overwrites_a_file_but_writes_devices(store, tmp_path):
     assert out.read_bytes() == b"precious"
     ecfs(store, "rbd", "export", "e", "/dev/null")          # a device is written, not replaced
     assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+def test_pool_object_size_is_the_image_default(tmp_path):
+    """``ecfs init --object-size`` sets the object size of every new image
+    (create, import) that names none; an explicit --object-size wins."""
+    st = tmp_path / "s"
+    ecfs(st, "init", "--object-size", "1M")
+    ecfs(st, "rbd", "create", "i", "--size", "24M")
+    assert "order 20 (1 MiB objects)" in ecfs(st, "rbd", "info", "i").stdout.decode()
+    assert ecfs_json(st, "rbd", "info", "i")["objects"] == 24
+    ecfs(st, "rbd", "create", "big", "--size", "24M", "--object-size", "8M")
+    assert ecfs_json(st, "rbd", "info", "big")["object_size"] == 8 * MiB
+    ecfs(st, "rbd", "import", "-", "im", input=os.urandom(3 * MiB))
+    assert ecfs_json(st, "rbd", "info", "im")["object_size"] == MiB
+    ecfs(st, "rbd", "import", "-", "im8", "--object-size", "8M", input=os.urandom(MiB))
+    assert ecfs_json(st, "rbd", "info", "im8")["object_size"] == 8 * MiB

@@ -255,3 +255,13 @@ def test_a_mapping_outlives_a_killed_mount_and_can_be_unmapped(store, tmp_path):
                 subprocess.run(["losetup", "-d", dev], capture_output=True)
     # a device that is not ours is refused, and left alone
     assert_user_error(ecfs(store, "rbd", "unmap", "/dev/loop7", check=False), "not an image")
+
+
+def test_file_created_in_the_mount_takes_the_pool_object_size(tmp_path):
+    need_root()
+    st, mnt = tmp_path / "s", tmp_path / "mnt"
+    ecfs(st, "init", "--object-size", "1M")
+    with mounted(st, mnt):
+        (mnt / "new").write_bytes(os.urandom(3 * MiB))
+    info = ecfs_json(st, "rbd", "info", "new")
+    assert info["object_size"] == MiB and info["objects"] == 3
