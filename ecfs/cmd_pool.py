@@ -14,15 +14,15 @@ from rbdlike.header import validate_object_size as validate_image_object_size
 from . import progress
 from .cli import add_json, wants_json
 from .output import print_json, print_table
-from .units import format_size, parse_size
+from .units import format_size, int_option, parse_int, parse_size
 
 
 def register(sub) -> None:
     p = sub.add_parser("init", help="create a store")
-    p.add_argument("--k", type=int, default=4, help="data chunks per stripe (default 4)")
-    p.add_argument("--m", type=int, default=2, help="parity chunks per stripe (default 2)")
+    p.add_argument("--k", type=int_option("--k"), default=4, help="data chunks per stripe (default 4)")
+    p.add_argument("--m", type=int_option("--m"), default=2, help="parity chunks per stripe (default 2)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--osds", type=int, default=None,
+    g.add_argument("--osds", type=int_option("--osds"), default=None,
                    help="number of OSD directories STORE/osd.N (default K+M)")
     g.add_argument("--osd-dir", nargs="+", action="extend", default=None, metavar="PATH",
                    help="OSD directories, one per OSD (each may be on its own disk)")
@@ -55,9 +55,13 @@ def register(sub) -> None:
 
 def _osd_id(text: str) -> int:
     t = text[4:] if text.startswith("osd.") else text
-    if not t.isdigit():
-        raise InvalidArgument(f"invalid OSD id {text!r} (use N or osd.N)")
-    return int(t)
+    try:
+        n = parse_int(t, "OSD id")
+    except InvalidArgument:
+        n = -1
+    if n < 0:
+        raise InvalidArgument(f"invalid OSD id {text!r} (use N or osd.N, N in ASCII digits)")
+    return n
 
 
 def cmd_init(args) -> int:

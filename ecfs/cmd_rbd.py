@@ -136,7 +136,10 @@ def split_features(values) -> list[str] | None:
         return None
     out = []
     for f in values:
-        out += [x.strip() for x in f.split(",") if x.strip()]
+        names = [x.strip() for x in f.split(",")]
+        if "" in names:     # a stray comma is a typo, never "no feature"
+            raise InvalidArgument(f"empty feature name in {f!r} (give FEATURE[,FEATURE...])")
+        out += names
     return out
 
 

@@ -53,6 +53,26 @@ def test_create_info_ls_resize_rename_rm(store):
     (("rbd", "rename", "b", "bad@name"), "name"),
     (("rbd", "export", "nosuch", "-"), "does not exist"),
     (("rbd", "import", "/nonexistent/file", "y"), "nonexistent"),
+    # sizes: ASCII digits only (int() takes any Unicode digit), no whitespace
+    (("rbd", "create", "x", "--size", "\u0663"), "invalid size"),       # Arabic-Indic 3
+    (("rbd", "create", "x", "--size", "\uff13"), "invalid size"),       # fullwidth 3
+    (("rbd", "create", "x", "--size", "\u0663M"), "invalid size"),
+    (("rbd", "create", "x", "--size", "\u00b2"), "invalid size"),       # superscript 2
+    (("rbd", "create", "x", "--size", "4M\n"), "invalid size"),
+    (("rbd", "create", "x", "--size", " 4M"), "invalid size"),
+    (("rbd", "create", "x", "--size", "4 M"), "invalid size"),
+    (("rbd", "create", "x", "--size", "1_0"), "invalid size"),
+    (("rbd", "create", "x", "--size", ""), "invalid size"),
+    (("rbd", "create", "x", "--size", "9" * 5000), "invalid size"),    # past int()'s digit limit
+    (("rbd", "create", "x", "--size", "1", "--object-size", ""), "invalid object size"),
+    (("rbd", "create", "x", "--size", "1", "--object-size", "1M\n"), "invalid object size"),
+    (("rbd", "import", "-", "x", "--object-size", ""), "invalid object size"),
+    (("rbd", "resize", "b", "--size", "\u0662\u0660"), "invalid size"),
+    # feature lists: no empty entries
+    (("rbd", "feature", "disable", "b", "fast-diff,,"), "empty"),
+    (("rbd", "feature", "disable", "b", ",fast-diff"), "empty"),
+    (("rbd", "feature", "disable", "b", ""), "empty"),
+    (("rbd", "create", "x", "--size", "1", "--image-feature", "layering,,"), "empty"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(store, args, msg):
     ecfs(store, "rbd", "create", "b", "--size", "10")
