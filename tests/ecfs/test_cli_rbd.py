@@ -51,6 +51,14 @@ def test_create_info_ls_resize_rename_rm(store):
     (("rbd", "rm", "nosuch"), "does not exist"),
     (("rbd", "resize", "b", "--size", "1"), "allow-shrink"),
     (("rbd", "rename", "b", "bad@name"), "name"),
+    # '.' and '..' are directory entries in the mount, never images or snapshots
+    (("rbd", "create", ".", "--size", "1"), "'.' and '..'"),
+    (("rbd", "create", "..", "--size", "1"), "'.' and '..'"),
+    (("rbd", "rename", "b", ".."), "'.' and '..'"),
+    (("rbd", "import", "-", "."), "'.' and '..'"),
+    (("rbd", "clone", "b@s", ".."), "'.' and '..'"),
+    (("rbd", "snap", "create", "b@."), "'.' and '..'"),
+    (("rbd", "snap", "create", "b@.."), "'.' and '..'"),
     (("rbd", "export", "nosuch", "-"), "does not exist"),
     (("rbd", "import", "/nonexistent/file", "y"), "nonexistent"),
     # sizes: ASCII digits only (int() takes any Unicode digit), no whitespace
