@@ -21,7 +21,7 @@ from rbdlike.image import Image, load_header
 from rbdlike.objectmap import ObjectMap
 from rbdlike.rbd import RBD, object_map_check, object_map_rebuild
 
-from . import progress
+from . import outfile, progress
 from .cli import add_json, wants_json
 from .output import print_json, print_table
 from .units import format_size, parse_size
@@ -282,43 +282,25 @@ def cmd_export(args) -> int:
     in_place = out_path is not None and _check_output(out_path)
     from .cmd_rbd_snap import image_spec
     name, snap = image_spec(args.name)
+    # a new file is written sparse; stdout, a device or a FIFO as a stream
+    sparse = out_path is not None and not in_place
     with open_store(args) as s:
         with Image(s, name, snapshot=snap, read_only=True) as img:
             size = img.size()
-            bar = progress.bar(args, total=size, desc="Exporting image")
-            tmp = None
-            try:
-                if out_path is None:
-                    out = sys.stdout.buffer
-                elif in_place:                 # a device or FIFO: written as a stream
-                    out = open(out_path, "wb")
-                else:
-                    tmp = f"{out_path}.ecfs-tmp.{os.getpid()}"
-                    out = open(tmp, "wb")
-                sparse = tmp is not None
-                with (out if out_path is not None else _nullctx()):
-                    pos = 0
-                    while pos < size:
-                        n = min(IO_CHUNK, size - pos)
-                        buf = img.read(pos, n)
-                        if sparse:
-                            _write_sparse(out, pos, buf)
-                        else:
-                            out.write(buf)
-                        pos += n
-                        bar.update(n)
+            with progress.bar(args, total=size, desc="Exporting image") as bar, \
+                    outfile.output(out_path, in_place) as out:
+                pos = 0
+                while pos < size:
+                    n = min(IO_CHUNK, size - pos)
+                    buf = img.read(pos, n)
                     if sparse:
-                        out.truncate(size)
-                if tmp:
-                    os.replace(tmp, out_path)
-                    tmp = None
-            finally:
-                bar.close()
-                if tmp:
-                    try:
-                        os.unlink(tmp)
-                    except OSError:
-                        pass
+                        _write_sparse(out, pos, buf)
+                    else:
+                        out.write(buf)
+                    pos += n
+                    bar.update(n)
+                if sparse:
+                    out.truncate(size)
     return 0
 
 
@@ -494,14 +476,6 @@ def cmd_om_rebuild(args) -> int:
         n = object_map_rebuild(s, args.name)
     print(f"object map rebuilt: {n} objects present")
     return 0
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 SPARSE_BLOCK = 64 << 10
