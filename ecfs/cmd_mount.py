@@ -25,7 +25,7 @@ import time
 from backend.errors import Busy, InvalidArgument, StoreError
 
 from . import mounts
-from .units import parse_size
+from .units import format_size, parse_size
 
 OPTIONS = ("ro", "rw", "allow_other", "allow_root", "default_permissions")
 UMOUNT_WAIT = 120.0     # seconds ecfs umount waits for the mount process to flush and exit
@@ -109,9 +109,22 @@ def _check_apart(mnt: str, store_dir: str) -> None:
                               f"somewhere outside the store and its OSD directories")
 
 
+def cache_size(text: str) -> int:
+    """--cache-size, at most half of physical memory: the stripe cache is
+    RAM (write-back), and the rest of the host needs the other half. Half
+    is also the default bound of Linux's ZFS ARC, the nearest such cache."""
+    n = parse_size(text, what="cache size")
+    limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    if n > limit:
+        raise InvalidArgument(f"cache size {text!r} is more than half of the physical memory "
+                              f"({format_size(limit)} of {format_size(2 * limit)}); the stripe "
+                              f"cache lives in RAM")
+    return n
+
+
 def cmd_mount(args) -> int:
     opts = _options(args.options)
-    parse_size(args.cache_size, what="cache size")
+    cache_size(args.cache_size)
     if not args.mountpoint:
         raise InvalidArgument("the mount point must not be empty")
     mnt = mounts.resolve(os.path.abspath(args.mountpoint))

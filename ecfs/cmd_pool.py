@@ -9,28 +9,33 @@ from backend.objectstore import ObjectStore, amplification
 from backend.osdmap import OsdMap
 from backend.space import full_osds
 from backend.pool import WRITE_MODES, create_store, load_pool
+from rbdlike.header import validate_object_size as validate_image_object_size
 
 from . import progress
 from .cli import add_json, wants_json
 from .output import print_json, print_table
-from .units import format_size, parse_size
+from .units import format_size, int_option, parse_int, parse_size
 
 
 def register(sub) -> None:
     p = sub.add_parser("init", help="create a store")
-    p.add_argument("--k", type=int, default=4, help="data chunks per stripe (default 4)")
-    p.add_argument("--m", type=int, default=2, help="parity chunks per stripe (default 2)")
+    p.add_argument("--k", type=int_option("--k"), default=4, help="data chunks per stripe (default 4)")
+    p.add_argument("--m", type=int_option("--m"), default=2, help="parity chunks per stripe (default 2)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--osds", type=int, default=None,
+    g.add_argument("--osds", type=int_option("--osds"), default=None,
                    help="number of OSD directories STORE/osd.N (default K+M)")
     g.add_argument("--osd-dir", nargs="+", action="extend", default=None, metavar="PATH",
                    help="OSD directories, one per OSD (each may be on its own disk)")
     p.add_argument("--plugin", default="isa_l_rs_vand",
                    help="erasure code plugin (isa_l_rs_vand, liberasurecode_rs_vand, isa_l_rs_cauchy)")
     p.add_argument("--chunk-size", default="auto", help="auto, or 4K..1M in 4K steps")
-    p.add_argument("--object-size", default="4M", help="default image object size (4M)")
+    p.add_argument("--object-size", default="4M",
+                   help="default object size of new images, a power of two 4K..32M (4M)")
     p.add_argument("--write-mode", default="auto", choices=WRITE_MODES,
                    help="parity update policy (default auto)")
+    p.add_argument("--min-size", type=int_option("--min-size"), default=None,
+                   help="shards a write must reach, K..K+M (default K+1, as Ceph's min_size); "
+                        "below it writes fail and nothing written is lost")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("status", help="pool, OSDs, health, I/O counters")
@@ -67,9 +72,13 @@ def register(sub) -> None:
 
 def _osd_id(text: str) -> int:
     t = text[4:] if text.startswith("osd.") else text
-    if not t.isdigit():
-        raise InvalidArgument(f"invalid OSD id {text!r} (use N or osd.N)")
-    return int(t)
+    try:
+        n = parse_int(t, "OSD id")
+    except InvalidArgument:
+        n = -1
+    if n < 0:
+        raise InvalidArgument(f"invalid OSD id {text!r} (use N or osd.N, N in ASCII digits)")
+    return n
 
 
 def cmd_init(args) -> int:
@@ -77,14 +86,16 @@ def cmd_init(args) -> int:
     if cs != "auto":
         cs = parse_size(cs, what="chunk size")
     obj_size = parse_size(args.object_size, what="object size")
+    # it is the default of new images only, so it must be one an image can take
+    validate_image_object_size(obj_size)
     # The first open makes the store's working files (journal, locks,
     # counters), so that no later command, failed or not, adds files.
     cfg = create_store(args.store, k=args.k, m=args.m, osds=args.osds, osd_dirs=args.osd_dir,
                        plugin=args.plugin, chunk_size=cs, object_size=obj_size,
-                       write_mode=args.write_mode,
+                       write_mode=args.write_mode, min_size=args.min_size,
                        finish=lambda store: ObjectStore(store).close())
     print(f"created store {os.path.abspath(args.store)}: {cfg.k}+{cfg.m} {cfg.plugin} over "
-          f"{len(cfg.osds)} OSDs, chunk size {cfg.chunk_size}")
+          f"{len(cfg.osds)} OSDs, chunk size {cfg.chunk_size}, min size {cfg.write_min}")
     return 0
 
 
@@ -143,7 +154,7 @@ def cmd_status(args) -> int:
         print_json({
             "store": os.path.abspath(args.store), "fsid": pool.fsid,
             "format_version": pool.format_version,
-            "pool": {"k": pool.k, "m": pool.m, "plugin": pool.plugin,
+            "pool": {"k": pool.k, "m": pool.m, "plugin": pool.plugin, "min_size": pool.write_min,
                      "chunk_size": pool.chunk_size, "object_size": pool.object_size,
                      "write_mode": pool.write_mode},
             "health": {"status": h, "reason": reason},
@@ -153,7 +164,8 @@ def cmd_status(args) -> int:
         return 0
     print(f"store:   {os.path.abspath(args.store)} (fsid {pool.fsid})")
     print(f"health:  {h}" + (f": {reason}" if reason else ""))
-    print(f"pool:    {pool.k}+{pool.m} {pool.plugin}, chunk size {pool.chunk_size}, "
+    print(f"pool:    {pool.k}+{pool.m} {pool.plugin} (min size {pool.write_min}), "
+          f"chunk size {pool.chunk_size}, "
           f"object size {format_size(pool.object_size)}, write mode {pool.write_mode}")
     up = sum(1 for o in osds if o["up"])
     print(f"osds:    {len(osds)} total, {up} up, {len(osds) - up} down")

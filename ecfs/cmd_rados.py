@@ -17,7 +17,7 @@ from backend.pool import MAX_OBJECT_SIZE
 from .cli import add_json, wants_json
 from . import progress
 from .output import print_json
-from .units import parse_size
+from .units import parse_int, parse_size
 
 BENCH_META = "benchmark_last_metadata"
 
@@ -62,7 +62,7 @@ def register(sub) -> None:
     q.add_argument("names", nargs="+", metavar="name")
     q.set_defaults(func=cmd_rm)
     q = rs.add_parser("bench", help="benchmark the store, as rados bench")
-    q.add_argument("seconds", type=_positive_int)
+    q.add_argument("seconds", type=_seconds)
     q.add_argument("mode", choices=["write", "seq", "rand"])
     q.add_argument("--block-size", "-b", default="4M", help="bytes per object (write; default 4M)")
     q.add_argument("--threads", "-t", type=_threads, default=16,
@@ -73,18 +73,19 @@ def register(sub) -> None:
     q.set_defaults(func=cmd_bench)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise InvalidArgument(f"not a whole number: {text!r}")
+def _positive_int(text: str, what: str) -> int:
+    v = parse_int(text, what)
     if v <= 0:
-        raise InvalidArgument(f"must be positive: {text!r}")
+        raise InvalidArgument(f"{what} must be positive (got {text!r})")
     return v
 
 
+def _seconds(text: str) -> int:
+    return _positive_int(text, "seconds")
+
+
 def _threads(text: str) -> int:
-    v = _positive_int(text)
+    v = _positive_int(text, "--threads")
     if v > MAX_THREADS:
         raise InvalidArgument(f"--threads must be at most {MAX_THREADS} (got {v})")
     return v

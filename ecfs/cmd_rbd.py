@@ -21,7 +21,7 @@ from rbdlike.image import Image, load_header
 from rbdlike.objectmap import ObjectMap
 from rbdlike.rbd import RBD, object_map_check, object_map_rebuild
 
-from . import progress
+from . import outfile, progress
 from .cli import add_json, wants_json
 from .output import print_json, print_table
 from .units import format_size, parse_size
@@ -36,7 +36,8 @@ def register(sub) -> None:
     q = rs.add_parser("create", help="create an image")
     q.add_argument("name")
     q.add_argument("--size", "-s", required=True, help="size (a bare number is MiB)")
-    q.add_argument("--object-size", default=None, help="object size, a power of two 4K..32M")
+    q.add_argument("--object-size", default=None, help="object size, a power of two 4K..32M "
+                                                        "(default: the pool's, from ecfs init)")
     q.add_argument("--image-shared", action="store_true",
                    help="no exclusive lock, no object map: several writers at once")
     q.add_argument("--image-feature", action="append", default=None, metavar="FEATURE",
@@ -70,7 +71,8 @@ def register(sub) -> None:
     q = rs.add_parser("import", help="create image NAME from FILE (or - for stdin), sparse")
     q.add_argument("file")
     q.add_argument("name")
-    q.add_argument("--object-size", default=None, help="object size, a power of two 4K..32M")
+    q.add_argument("--object-size", default=None, help="object size, a power of two 4K..32M "
+                                                        "(default: the pool's, from ecfs init)")
     q.add_argument("--image-shared", action="store_true", help="import as a shared image")
     q.set_defaults(func=cmd_import)
     q = rs.add_parser("du", help="provisioned and used space, from the object maps")
@@ -121,6 +123,12 @@ def _size(text: str) -> int:
     return parse_size(text, default_unit="M", what="size")
 
 
+def _object_size(text: str | None) -> int | None:
+    """--object-size, or None when not given (the pool's default applies;
+    an empty value is not 'not given')."""
+    return None if text is None else parse_size(text, what="object size")
+
+
 def split_features(values) -> list[str] | None:
     """--image-feature values (repeated and/or comma-separated) as a list;
     None when none were given (the defaults apply)."""
@@ -128,13 +136,16 @@ def split_features(values) -> list[str] | None:
         return None
     out = []
     for f in values:
-        out += [x.strip() for x in f.split(",") if x.strip()]
+        names = [x.strip() for x in f.split(",")]
+        if "" in names:     # a stray comma is a typo, never "no feature"
+            raise InvalidArgument(f"empty feature name in {f!r} (give FEATURE[,FEATURE...])")
+        out += names
     return out
 
 
 def cmd_create(args) -> int:
     size = _size(args.size)
-    osz = parse_size(args.object_size, what="object size") if args.object_size else 4 << 20
+    osz = _object_size(args.object_size)
     with open_store(args) as s:
         RBD().create(s, args.name, size, object_size=osz, features=split_features(args.image_feature),
                      shared=args.image_shared)
@@ -276,48 +287,30 @@ def cmd_export(args) -> int:
     in_place = out_path is not None and _check_output(out_path)
     from .cmd_rbd_snap import image_spec
     name, snap = image_spec(args.name)
+    # a new file is written sparse; stdout, a device or a FIFO as a stream
+    sparse = out_path is not None and not in_place
     with open_store(args) as s:
         with Image(s, name, snapshot=snap, read_only=True) as img:
             size = img.size()
-            bar = progress.bar(args, total=size, desc="Exporting image")
-            tmp = None
-            try:
-                if out_path is None:
-                    out = sys.stdout.buffer
-                elif in_place:                 # a device or FIFO: written as a stream
-                    out = open(out_path, "wb")
-                else:
-                    tmp = f"{out_path}.ecfs-tmp.{os.getpid()}"
-                    out = open(tmp, "wb")
-                sparse = tmp is not None
-                with (out if out_path is not None else _nullctx()):
-                    pos = 0
-                    while pos < size:
-                        n = min(IO_CHUNK, size - pos)
-                        buf = img.read(pos, n)
-                        if sparse:
-                            _write_sparse(out, pos, buf)
-                        else:
-                            out.write(buf)
-                        pos += n
-                        bar.update(n)
+            with progress.bar(args, total=size, desc="Exporting image") as bar, \
+                    outfile.output(out_path, in_place) as out:
+                pos = 0
+                while pos < size:
+                    n = min(IO_CHUNK, size - pos)
+                    buf = img.read(pos, n)
                     if sparse:
-                        out.truncate(size)
-                if tmp:
-                    os.replace(tmp, out_path)
-                    tmp = None
-            finally:
-                bar.close()
-                if tmp:
-                    try:
-                        os.unlink(tmp)
-                    except OSError:
-                        pass
+                        _write_sparse(out, pos, buf)
+                    else:
+                        out.write(buf)
+                    pos += n
+                    bar.update(n)
+                if sparse:
+                    out.truncate(size)
     return 0
 
 
 def cmd_import(args) -> int:
-    osz = parse_size(args.object_size, what="object size") if args.object_size else 4 << 20
+    osz = _object_size(args.object_size)
     if args.file == "-":
         src, size = sys.stdin.buffer, None
     else:
@@ -345,6 +338,7 @@ def cmd_import(args) -> int:
         try:
             with Image(s, args.name) as img:
                 pos = 0
+                osz = img.header.object_size      # given, or the pool's default
                 while pos < size:
                     n = min(osz - pos % osz, size - pos)
                     buf = src.read(n)
@@ -487,14 +481,6 @@ def cmd_om_rebuild(args) -> int:
         n = object_map_rebuild(s, args.name)
     print(f"object map rebuilt: {n} objects present")
     return 0
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 SPARSE_BLOCK = 64 << 10

@@ -28,7 +28,7 @@ from rbdlike.image import Image
 from . import progress
 from .cli import add_json, wants_json
 from .output import print_json
-from .units import parse_size
+from .units import parse_int, parse_size
 
 MAX_THREADS = 1024          # as rados bench -t
 MAX_IO_SIZE = (1 << 32) - 1  # rbd: "io-size should be less than 4G"
@@ -59,22 +59,15 @@ def register(rs, parser_class) -> None:
 
 
 # ------------------------------------------------------------ arguments
-def _int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidArgument(f"{what} must be a whole number (got {text!r})")
-
-
 def _threads(text: str) -> int:
-    v = _int(text, "--io-threads")
+    v = parse_int(text, "--io-threads")
     if not 1 <= v <= MAX_THREADS:
         raise InvalidArgument(f"--io-threads must be within 1..{MAX_THREADS} (got {v})")
     return v
 
 
 def _percent(text: str) -> int:
-    v = _int(text, "--rw-mix-read")
+    v = parse_int(text, "--rw-mix-read")
     if not 0 <= v <= 100:
         raise InvalidArgument(f"--rw-mix-read must be within 0..100 (got {v})")
     return v

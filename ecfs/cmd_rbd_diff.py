@@ -3,7 +3,6 @@ moving it between images in Ceph's ``rbd diff v1`` stream
 (docs/format-rbd-diff.md)."""
 from __future__ import annotations
 
-import os
 import sys
 
 from backend.errors import Exists, InvalidArgument, NotFound
@@ -12,7 +11,7 @@ from rbdlike.diff import diff_extents
 from rbdlike.header import MAX_IMAGE_SIZE, validate_image_name
 from rbdlike.image import Image
 
-from . import progress
+from . import outfile, progress
 from .cli import add_json, wants_json
 from .cmd_rbd import _check_output, open_store
 from .cmd_rbd_snap import image_spec
@@ -65,16 +64,8 @@ def cmd_export_diff(args) -> int:
             img.header.snap(args.from_snap)
         size = img.size()
         header = diffstream.DiffHeader(args.from_snap, snap, size)
-        tmp = None
-        bar = progress.bar(args, total=size, desc="Exporting image")
-        try:
-            if out_path is None:
-                out = sys.stdout.buffer
-            elif in_place:
-                out = open(out_path, "wb")
-            else:
-                tmp = f"{out_path}.ecfs-tmp.{os.getpid()}"
-                out = open(tmp, "wb")
+        with progress.bar(args, total=size, desc="Exporting image") as bar, \
+                outfile.output(out_path, in_place) as out:
             done = 0
             with diffstream.DiffWriter(out, header) as w:
                 for off, n, exists, data in diff_extents(img, args.from_snap, 0, size,
@@ -86,20 +77,6 @@ def cmd_export_diff(args) -> int:
                     bar.update(off + n - done)
                     done = off + n
             bar.update(size - done)
-            if out_path is not None:
-                out.close()
-                if tmp is not None:
-                    os.replace(tmp, out_path)
-                    tmp = None
-            else:
-                out.flush()
-        finally:
-            bar.close()
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
     return 0
 
 

@@ -48,6 +48,11 @@ def validate_image_name(name: str, what: str = "image") -> None:
         raise InvalidArgument(f"{what} name {name!r} must not contain {bad[0]!r}")
     if name == ".snap":
         raise InvalidArgument(f"{what} name '.snap' is reserved")
+    if name in (".", ".."):
+        # images and snapshots are files in the mount, where these two
+        # name the directory itself and its parent
+        raise InvalidArgument(f"{what} name {name!r} is not allowed: '.' and '..' name "
+                              f"directories")
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:

@@ -19,16 +19,30 @@ from .header import (DEFAULT_FEATURES, FEATURES, MAX_IMAGE_SIZE, ImageHeader, Pa
 from .image import load_header, save_header
 from .objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, ObjectMap
 
-DEFAULT_OBJECT_SIZE = 4 << 20
+
+def default_object_size(store) -> int:
+    """The pool's image default (``ecfs init --object-size``), as Ceph's
+    rbd_default_order: what an image gets when its creator names none."""
+    osz = store.pool.object_size
+    try:
+        validate_object_size(osz)
+    except InvalidArgument:
+        # a store made before init checked this: say where the size comes from
+        raise InvalidArgument(f"the pool's default object size ({osz}) is not an image object "
+                              f"size (a power of two in 4K..32M); give --object-size")
+    return osz
 
 
 class RBD:
-    def create(self, store, name: str, size: int, object_size: int = DEFAULT_OBJECT_SIZE,
+    def create(self, store, name: str, size: int, object_size: int | None = None,
                features=None, shared: bool = False, parent: Parent | None = None) -> str:
-        """Create an image; returns its id."""
+        """Create an image; returns its id. ``object_size`` None: the pool's
+        default."""
         validate_image_name(name)
         if not isinstance(size, int) or size < 0 or size > MAX_IMAGE_SIZE:
             raise InvalidArgument(f"image size must be within 0..{MAX_IMAGE_SIZE} bytes")
+        if object_size is None:
+            object_size = default_object_size(store)
         validate_object_size(object_size)
         if shared:
             features = ["layering", "shared"] if features is None else list(features) + ["shared"]

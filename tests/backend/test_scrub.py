@@ -2,7 +2,6 @@
 second scrub is clean and every byte reads back (backend/scrub.py)."""
 import os
 
-import numpy as np
 import pytest
 
 from backend import shardfile as sf

@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 
 from .mountutil import mounted, need_root
 from .util import assert_user_error, ecfs, ecfs_json, _cmd
@@ -102,7 +101,7 @@ def test_rebuild_while_a_mount_serves_fio_with_verify(tmp_path):
     ecfs(st, "init")
     ecfs(st, "rbd", "create", "f", "--size", "32")
     mnt = tmp_path / "mnt"
-    job = [f"--name=v", f"--filename={mnt / 'f'}", "--size=24M", "--rw=randwrite", "--bs=16k",
+    job = ["--name=v", f"--filename={mnt / 'f'}", "--size=24M", "--rw=randwrite", "--bs=16k",
            "--ioengine=psync", "--direct=1", "--verify=crc32c", "--randseed=7",
            "--output-format=terse"]
     with mounted(st, mnt):
@@ -111,7 +110,7 @@ def test_rebuild_while_a_mount_serves_fio_with_verify(tmp_path):
         shutil.rmtree(st / "osd.2" / "objects")
         os.mkdir(st / "osd.2" / "objects")
         writer = subprocess.Popen(["fio", *job, "--do_verify=0", "--time_based", "--runtime=4",
-                                   "--randseed=8", f"--offset=0"], stdout=subprocess.DEVNULL,
+                                   "--randseed=8", "--offset=0"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE)
         try:
             ecfs(st, "osd", "rebuild", "2")

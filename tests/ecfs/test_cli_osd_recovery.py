@@ -48,3 +48,23 @@ def test_directory_back_without_osd_up_stays_out(tmp_path):
     ecfs(st, "osd", "up", "1")
     assert _health(st)["status"] == "HEALTH_OK"
     assert ecfs(st, "rados", "get", "x", "-").stdout == new
+
+
+def test_min_size_k_plus_1_by_default_k_on_request(tmp_path):
+    """As Ceph's EC pools: with M OSDs down, writes stop (a clear error,
+    nothing changes) while reads go on; 'init --min-size K' lets writes go
+    on down to K shards."""
+    from .util import assert_user_error
+    blob, new = os.urandom(60_000), os.urandom(60_000)
+    for min_size, writes in ((None, False), ("4", True)):
+        st = tmp_path / f"s{min_size}"
+        ecfs(st, "init", *(["--min-size", min_size] if min_size else []))
+        ecfs(st, "rados", "put", "x", "-", input=blob)
+        ecfs(st, "osd", "down", "0")
+        ecfs(st, "osd", "down", "1")
+        p = ecfs(st, "rados", "put", "x", "-", input=new, check=False)
+        if writes:
+            assert p.returncode == 0, p.stderr
+        else:
+            assert_user_error(p, "min_size")
+        assert ecfs(st, "rados", "get", "x", "-").stdout == (new if writes else blob)

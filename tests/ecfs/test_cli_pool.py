@@ -35,6 +35,7 @@ def test_init_into_existing_empty_dir_and_osd_dirs(tmp_path):
     (["--k", "-3"], "K must be >= 2"),
     (["--osds", "100000"], "at most"),
     (["--object-size", "3M"], "object size"),
+    (["--object-size", "64M"], "4K..32M"),   # an image default no image could take
     (["--m", "0"], "m must be"),
     (["--k", "5", "--m", "2", "--osds", "6"], "needs at least"),
     (["--osds", "5"], "needs at least"),
@@ -42,7 +43,15 @@ def test_init_into_existing_empty_dir_and_osd_dirs(tmp_path):
     (["--chunk-size", "6K"], "chunk size"),
     (["--chunk-size", "2M"], "chunk size"),
     (["--chunk-size", "huge"], "invalid chunk size"),
-    (["--k", "x"], "invalid int"),
+    (["--k", "x"], "--k must be a whole number"),
+    (["--k", "\u0663"], "--k must be a whole number"),          # Arabic-Indic 3
+    (["--m", "\uff12"], "--m must be a whole number"),          # fullwidth 2
+    (["--osds", "\u0666"], "--osds must be a whole number"),
+    (["--osds", " 6"], "--osds must be a whole number"),
+    (["--osds", "6\n"], "--osds must be a whole number"),
+    (["--chunk-size", "\u0668K"], "invalid chunk size"),
+    (["--object-size", "\u0664M"], "invalid object size"),
+    (["--object-size", ""], "invalid object size"),
     (["--bogus"], "unrecognized"),
 ])
 def test_init_refuses_bad_profiles_and_writes_nothing(tmp_path, args, msg):
@@ -171,5 +180,7 @@ def test_osd_down_up_and_health(tmp_path):
     assert ecfs_json(st, "status")["health"]["status"] == "HEALTH_OK"
     assert_user_error(ecfs(st, "osd", "down", "9", check=False), "osd.9")
     assert_user_error(ecfs(st, "osd", "down", "x", check=False), "invalid OSD")
+    for bad in ("\u0663", "osd.\u0663", "\u00b3", "3\n", " 3", "osd.", ""):
+        assert_user_error(ecfs(st, "osd", "down", bad, check=False), "invalid OSD")
     rows = ecfs_json(st, "osd", "ls")
     assert len(rows) == 6 and all(r["up"] for r in rows)

@@ -75,6 +75,16 @@ def test_names_with_slash_and_unicode(store):
     (["rados", "frobnicate"], "invalid choice"),
     (["rados", "bench", "0", "write"], "positive"),
     (["rados", "bench", "1", "seq"], "no benchmark objects"),
+    # numbers: ASCII digits only (int() takes any Unicode digit), no whitespace
+    (["rados", "write", "obj", "-", "--offset", "\u0663"], "invalid offset"),   # Arabic-Indic 3
+    (["rados", "write", "obj", "-", "--offset", "\uff13"], "invalid offset"),   # fullwidth 3
+    (["rados", "write", "obj", "-", "--offset", "3\n"], "invalid offset"),
+    (["rados", "read", "obj", "--offset", " 1", "--length", "1"], "invalid offset"),
+    (["rados", "read", "obj", "--length", "\u0661K"], "invalid length"),
+    (["rados", "bench", "\u0661", "write", "-b", "4K", "-t", "1"], "whole number"),
+    (["rados", "bench", "1 ", "write", "-b", "4K", "-t", "1"], "whole number"),
+    (["rados", "bench", "1", "write", "-b", "4K", "-t", "\u0661"], "whole number"),
+    (["rados", "bench", "1", "write", "-b", "\u0664K", "-t", "1"], "invalid block size"),
 ])
 def test_bad_input_one_line_no_change(store, args, msg):
     ecfs(store, "rados", "put", "obj", "-", input=b"payload")

@@ -161,6 +161,17 @@ BAD = [
     (("img", "--io-type", "write", "--io-threads", "x"), "io-threads"),
     (("img", "--io-type", "readwrite", "--rw-mix-read", "101"), "rw-mix-read"),
     (("img", "--io-type", "write", "--io-pattern", "zigzag"), "invalid choice"),
+    # ASCII digits only, no whitespace (int() would take these); --io-total
+    # keeps a wrongly accepted run short
+    (("img", "--io-type", "write", "--io-threads", "\u0663", "--io-total", "4K"), "io-threads"),
+    (("img", "--io-type", "write", "--io-threads", " 2", "--io-total", "4K"), "io-threads"),
+    (("img", "--io-type", "write", "--io-threads", "2\n", "--io-total", "4K"), "io-threads"),
+    (("img", "--io-type", "write", "--io-threads", "+2", "--io-total", "4K"), "io-threads"),
+    (("img", "--io-type", "write", "--io-threads", "1_0", "--io-total", "4K"), "io-threads"),
+    (("img", "--io-type", "readwrite", "--rw-mix-read", "\uff15\uff10", "--io-total", "4K"),
+     "rw-mix-read"),
+    (("img", "--io-type", "write", "--io-size", "\u0664K", "--io-total", "4K"), "io size"),
+    (("img", "--io-type", "write", "--io-total", "\u0664K"), "io total"),
 ]
 
 

@@ -2,7 +2,6 @@
 what they name, their exit status, and the bytes read back after repair."""
 import glob
 import os
-import subprocess
 import threading
 
 from backend import shardfile as sf

@@ -313,3 +313,13 @@ def test_mtime_and_atime_follow_writes_and_reads(store, tmp_path):
         wait_for(lambda: os.stat(mnt / "t").st_atime_ns >= t1, what="atime moved")
     info = ecfs(store, "rbd", "info", "t").stdout.decode()
     assert "modify_timestamp:" in info and "access_timestamp:" in info
+
+
+def test_file_created_in_the_mount_takes_the_pool_object_size(tmp_path):
+    need_root()
+    st, mnt = tmp_path / "s", tmp_path / "mnt"
+    ecfs(st, "init", "--object-size", "1M")
+    with mounted(st, mnt):
+        (mnt / "new").write_bytes(os.urandom(3 * MiB))
+    info = ecfs_json(st, "rbd", "info", "new")
+    assert info["object_size"] == MiB and info["objects"] == 3

@@ -38,6 +38,12 @@ def ecfs(store, *args, input=None, check=True, env=None, stdout=None):
     return p
 
 
+def ecfs_popen(store, *args, **kwargs):
+    """Start ``ecfs --store STORE ARGS`` without waiting (the caller waits
+    or kills it, in a finally)."""
+    return subprocess.Popen(_cmd(store, args), env=_env(), cwd=ROOT, **kwargs)
+
+
 def ecfs_json(store, *args):
     return json.loads(ecfs(store, *args, "--json").stdout)
 

@@ -26,9 +26,16 @@ def test_create_list_rename_remove(store):
     assert r.list(store) == ["a", "b"]
     with pytest.raises(Exists):
         r.create(store, "a", MiB)
-    for bad in ("", "x/y", "x@y", ".snap", "n" * 251):
+    for bad in ("", "x/y", "x@y", ".snap", "n" * 251, ".", ".."):
         with pytest.raises(InvalidArgument):
             r.create(store, bad, MiB)
+    for bad in (".", ".."):      # directory entries in the mount, as snapshots too
+        with pytest.raises(InvalidArgument):
+            r.rename(store, "a", bad)
+        with Image(store, "a") as img, pytest.raises(InvalidArgument):
+            img.create_snap(bad)
+    assert r.list(store) == ["a", "b"]
+    assert Image(store, "a", read_only=True).list_snaps() == []
     for osz in (1000, 3 << 20, 64 << 20, 2048):
         with pytest.raises(InvalidArgument):
             r.create(store, "c", MiB, object_size=osz)
