@@ -513,6 +513,10 @@ class ObjectStore:
         missed, so their return rebuilds it from the others. If more than
         M OSDs are then out, the journal may hold the only good copy of a
         stripe: it is kept, and StoreError raised."""
+        # under the exclusive gate the map cannot change: read it afresh, or an
+        # OSD another process marked up meanwhile ('osd up', a rebuild) would
+        # be taken for down and logged behind again
+        self.osdmap.maybe_refresh()
         out = set(failed) | {i for i in self.osdmap.paths if not self.osdmap.is_up(i)}
         if out:
             try:

@@ -84,7 +84,7 @@ def wants_json(args) -> bool:
 
 
 def build_parser() -> Parser:
-    from . import cmd_mount, cmd_pool, cmd_rados, cmd_rbd, cmd_scrub
+    from . import cmd_fsck, cmd_mount, cmd_pool, cmd_rados, cmd_rbd, cmd_scrub
     p = Parser(prog="ecfs", description="Erasure-coded block store with a FUSE face.")
     add_globals(p, top=True)
     add_json(p, top=True)
@@ -93,6 +93,7 @@ def build_parser() -> Parser:
     sub.required = True
     cmd_pool.register(sub)
     cmd_scrub.register(sub)
+    cmd_fsck.register(sub)
     cmd_rados.register(sub)
     cmd_rbd.register(sub)
     cmd_mount.register(sub)

@@ -290,3 +290,25 @@ def test_a_directory_mounted_over_an_osd_is_never_written_into(make_store, tmp_p
     for osd in _other_osds(d, "obj", 2, M):
         s.osdmap.mark_down(osd, "test")
     assert s.read("obj", 0, 64 << 10) == new
+
+
+def test_a_checkpoint_does_not_log_an_osd_marked_up_meanwhile_as_behind(make_store):
+    """A mount (a) wrote while osd.N was down; another process brought N
+    back ('osd up'). a's next checkpoint must judge N by the map as it is
+    now: up, with nothing to log (before, its stale view logged every
+    journaled object again, and N was behind right after 'osd up')."""
+    d, a = make_store(k=K, m=M, chunk_size=4096)
+    b = ObjectStore(d)
+    try:
+        victim = osd_of(d, "x", 1)
+        a.write_full("x", os.urandom(40 << 10))
+        a.osdmap.mark_down(victim, "test")
+        a.write("x", 0, os.urandom(8192))
+        b.osdmap.refresh()
+        recover_osd(b, victim)
+        a.checkpoint()
+        assert MissedLog(d).behind() == {}, "osd.N is behind right after osd up"
+        a.osdmap.refresh()
+        assert a.osdmap.is_up(victim)
+    finally:
+        b.close()

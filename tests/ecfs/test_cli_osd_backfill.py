@@ -122,6 +122,8 @@ def test_rebuild_while_a_mount_serves_fio_with_verify(tmp_path):
         v = subprocess.run(["fio", *job, "--verify_only", "--randseed=9"],
                            capture_output=True, text=True, timeout=300)
         assert v.returncode == 0, v.stdout + v.stderr
+    health = ecfs_json(st, "status")["health"]
+    assert health["status"] == "HEALTH_OK", health      # osd.2 stayed up, nothing behind
     p = ecfs(st, "scrub", "--deep", check=False)
     assert p.returncode == 0, p.stdout.decode()
     _lose_two_others(st, 2)
