@@ -7,19 +7,22 @@ one, or whose contents are suspect. The steps, each safe to interrupt:
 
 1. The OSD is marked down (persistently, reason "backfilling"), so nobody
    reads it and every write meanwhile is logged as missed by it.
-2. First run only (no progress file yet): its ``objects/`` is emptied, so
-   no shard of an object removed long ago can come back. ``replace`` first
-   prepares the new directory (``osd.json`` naming this store and OSD id)
-   and points the pool at it.
-3. Every object of the store (listed from the other OSDs) is visited under
+   ``replace`` first prepares the new directory (``osd.json`` naming this
+   store and OSD id) and points the pool at it.
+2. Every object of the store (listed from the other OSDs) is visited under
    its full lock: each of its shards placed on the OSD is rebuilt from K
-   others, header last (recovery's ``rebuild_shard``). The name is then
-   appended to ``STORE/backfill/osd.N`` (records ``NAME NUL``, as the
-   missed log); a rerun skips the names there, so a killed backfill goes
-   on where it stopped.
+   others, header last (recovery's ``rebuild_shard``, which marks the shard
+   stale in the same transaction that empties it, and touches nothing when
+   fewer than K other shards are usable: nothing is dropped before its
+   replacement exists, as in Ceph's backfill). The name is then appended to
+   ``STORE/backfill/osd.N`` (records ``NAME NUL``, as the missed log); a
+   rerun skips the names there, so a killed backfill goes on where it
+   stopped. An object that cannot be rebuilt now is retried by the next run.
+3. Shard files on the OSD of objects that no longer exist are removed.
 4. Then the missed log is drained and the OSD marked up exactly as
    ``osd up`` does (under the checkpoint gate), and the progress file is
-   removed.
+   removed. If any object could not be rebuilt the OSD stays down and the
+   command fails, naming how many.
 
 The mount keeps serving throughout: each object is locked only while its
 shard is rebuilt. ``rate`` (bytes/s of shard writes) paces the work.
@@ -28,12 +31,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import InvalidArgument, NotFound, StoreError
+from . import shardfile as sf
+from .errors import DataUnavailable, NotFound, StoreError
 from .pool import (FORMAT_VERSION, OSD_FILE, _check_layout, _usable_dir, load_pool,
                    osd_abspath, pool_path, write_json_atomic)
 from .recovery import rebuild_shard, recover_osd
@@ -63,9 +66,11 @@ def _done(store_dir: str, osd: int) -> set[str] | None:
     return {r.decode("utf-8", "replace") for r in raw[:end].split(b"\0") if r}
 
 
-def prepare_replacement(store_dir: str, osd: int, new_dir: str | None) -> str:
+def prepare_replacement(store_dir: str, osd: int, new_dir: str | None,
+                        check_only: bool = False) -> str:
     """Point osd.N at ``new_dir`` (default: its present path, now an empty
-    disk), an empty directory given this store's osd.json; returns it."""
+    disk), an empty directory given this store's osd.json; returns it.
+    ``check_only``: refuse a bad directory, change nothing."""
     pool = load_pool(store_dir)
     entry = next((e for e in pool.osds if e.id == osd), None)
     if entry is None:
@@ -75,9 +80,13 @@ def prepare_replacement(store_dir: str, osd: int, new_dir: str | None) -> str:
     _check_layout(store_dir, others + [path])
     if not _is_ours(path, pool.fsid, osd):
         _usable_dir(path, "new OSD directory")
+        if check_only:
+            return path
         os.makedirs(os.path.join(path, "objects"), mode=0o700, exist_ok=True)
         write_json_atomic(os.path.join(path, OSD_FILE),
                           {"format_version": FORMAT_VERSION, "fsid": pool.fsid, "osd_id": osd})
+    if check_only:
+        return path
     if os.path.realpath(path) != os.path.realpath(osd_abspath(store_dir, entry)):
         with open(pool_path(store_dir)) as f:
             raw = json.load(f)
@@ -113,7 +122,6 @@ def rebuild_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
     reason = REASON.format(osd=osd)
     store.osdmap.mark_down(osd, reason)
     if done is None:
-        _empty_objects(path)
         os.makedirs(os.path.dirname(progress_path(store.store, osd)), mode=0o700, exist_ok=True)
         open(progress_path(store.store, osd), "ab").close()
         done = set()
@@ -124,14 +132,20 @@ def rebuild_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
     fd = os.open(progress_path(store.store, osd), os.O_WRONLY | os.O_APPEND)
     store.begin_recovery(osd)
     t0, written0 = time.monotonic(), store.counters.snapshot()["shard_write_bytes"]
+    failed = []
     try:
         for i, name in enumerate(todo):
-            with store._locked(name) as obj:
-                if obj.info is not None:
-                    for j in range(store.width):
-                        if obj.loc[j] == osd:
-                            rebuild_shard(store, obj, j, osd)
-                            res.shards += 1
+            try:
+                with store._locked(name) as obj:
+                    if obj.info is not None:
+                        for j in range(store.width):
+                            if obj.loc[j] == osd:
+                                rebuild_shard(store, obj, j, osd)
+                                res.shards += 1
+            except (DataUnavailable, NotFound) as e:
+                if isinstance(e, DataUnavailable):
+                    failed.append(name)
+                continue
             os.write(fd, name.encode() + b"\0")
             res.objects += 1
             if progress:
@@ -139,10 +153,17 @@ def rebuild_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
             if rate:
                 _pace(store, t0, written0, rate)
         os.fsync(fd)
+        if not failed:
+            _remove_leftovers(store, osd, set(names))
     finally:
         os.close(fd)
         store.end_recovery(osd)
-    recover_osd(store, osd)           # what was written meanwhile; marks it up
+    if failed:
+        raise DataUnavailable(f"osd.{osd}: {len(failed)} objects could not be rebuilt (fewer "
+                              f"than K of their other shards readable, e.g. {failed[0]!r}); "
+                              f"it stays down: bring the other OSDs back and run "
+                              f"'ecfs osd rebuild {osd}' again")
+    recover_osd(store, osd, backfill=True)   # what was written meanwhile; marks it up
     try:
         os.unlink(progress_path(store.store, osd))
     except FileNotFoundError:
@@ -159,13 +180,29 @@ def _pace(store, t0: float, written0: int, rate: int) -> None:
         time.sleep(min(ahead, 1.0))
 
 
-def _empty_objects(path: str) -> None:
-    root = os.path.join(path, "objects")
-    for e in os.listdir(root):
-        p = os.path.join(root, e)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        else:
-            os.unlink(p)
-    if not os.path.isdir(root):
-        raise InvalidArgument(f"{root} is not a directory")
+def _remove_leftovers(store, osd: int, names: set[str]) -> None:
+    """Unlink the shard files on ``osd`` of objects the store no longer has
+    (removed while the disk was away): they must never come back."""
+    keep = names | set(store.missed.read(osd)[0])     # created meanwhile: recovery's
+    root = os.path.join(store.osdmap.paths[osd], "objects")
+    for sub in sorted(os.listdir(root)):
+        d = os.path.join(root, sub)
+        if not os.path.isdir(d):
+            continue
+        for f in sorted(os.listdir(d)):
+            parsed = sf.parse_shard_filename(f[:-5] if f.endswith(".meta") else f)
+            if parsed is None:
+                continue
+            name = sf.unescape_name(parsed[0])
+            if name is None:          # a hashed long name: its header says it
+                meta = os.path.join(d, f if f.endswith(".meta") else f + ".meta")
+                try:
+                    with open(meta, "rb") as fh:
+                        name = sf.ShardHeader.unpack(fh.read(sf.HEADER_SIZE)).name
+                except (OSError, sf.CorruptHeader):
+                    continue
+            if name not in keep:
+                try:
+                    os.unlink(os.path.join(d, f))
+                except FileNotFoundError:
+                    pass

@@ -526,14 +526,16 @@ class ObjectStore:
             except OSError as e:
                 raise StoreError(f"checkpoint: cannot log the writes OSDs may have lost "
                                  f"({e.strerror or e}); the journal is kept")
+        if failed and len(out) > self.m:
+            # not marked down: with more than M out nothing could rebuild
+            # them; the journal kept is what holds their writes
+            raise StoreError(f"checkpoint: {', '.join(f'osd.{i}' for i in sorted(failed))} "
+                             f"could not make their writes durable and {len(out)} OSDs are "
+                             f"out (more than M={self.m}); the journal is kept")
         for osd, why in sorted(failed.items()):
             _log.error("osd.%d: %s; marked down", osd, why)
             if self.osdmap.is_up(osd):
                 self.osdmap.mark_down(osd, why)
-        if failed and len(out) > self.m:
-            raise StoreError(f"checkpoint: {', '.join(f'osd.{i}' for i in sorted(failed))} "
-                             f"could not make their writes durable and {len(out)} OSDs are "
-                             f"out (more than M={self.m}); the journal is kept")
 
     def _syncfs_groups(self, osds, touched: set[int]) -> dict[int, str]:
         """syncfs the file systems of ``osds`` (once per file system):
@@ -1313,14 +1315,20 @@ class ObjectStore:
                 for op in rec.ops:
                     if op.type == OP_WRITE:
                         needs[op.osd] = needs.get(op.osd, 0) + len(op.data)
-                self.space.check(needs, frees=any(op.type != OP_WRITE for op in rec.ops))
+                # a removal or discard (no data written, only headers and
+                # checksums beside unlinks and holes) may use the reserve
+                frees = not any(op.type == OP_WRITE and not op.path.endswith(".meta")
+                                for op in rec.ops)
+                self.space.check(needs, frees=frees)
             self._note_missed(obj)
             self.locks.set_inflight(obj.slot, True)
             self._crashpoint()
             try:
                 ticket, nbytes = self.journal.append(rec)
-            except OSError as e:
+            except BaseException as e:
                 self.locks.set_inflight(obj.slot, False)    # nothing of it is anywhere
+                if not isinstance(e, OSError):
+                    raise
                 if e.errno == errno.ENOSPC:
                     raise NoSpace(f"journal {self.journal.path}: no space left; "
                                   f"the write is refused")

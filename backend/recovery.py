@@ -46,12 +46,16 @@ class RecoveryResult:
     removed: int = 0           # leftovers of removed objects unlinked
 
 
-def recover_osd(store, osd: int, progress: Callable[[int, int], None] | None = None
-                ) -> RecoveryResult:
+def recover_osd(store, osd: int, progress: Callable[[int, int], None] | None = None,
+                backfill: bool = False) -> RecoveryResult:
     """Make ``osd`` current and mark it up. ``progress(done, total)`` is
-    called after each object."""
+    called after each object. ``backfill``: called by the backfill itself
+    (else an OSD with a backfill under way is refused: it is not current)."""
     if osd not in store.osdmap.paths:
         raise NotFound(f"no such OSD: osd.{osd}")
+    if not backfill and os.path.exists(os.path.join(store.store, "backfill", f"osd.{osd}")):
+        raise StoreError(f"osd.{osd} is being backfilled (an 'osd rebuild' or 'osd replace' "
+                         f"was interrupted): run 'ecfs osd rebuild {osd}' to finish it")
     _check_directory(store, osd)
     res = RecoveryResult(osd)
     done: set[str] = set()
@@ -164,9 +168,11 @@ def rebuild_shard(store, obj, j: int, osd: int, kind: str = "recovery") -> None:
     """Make shard j of ``obj`` (locked whole by the caller) current on
     ``osd``: its files emptied where it holds nothing in this incarnation,
     else every stripe decoded from K others (its own bytes are never used)
-    and written sparse, the header last (until it lands the shard stays
-    stale by its vector, so a crash midway is harmless). Used by recovery
-    (``osd up``) and by repair (backend/scrub.py)."""
+    and written sparse, the header last. The transaction that empties the
+    shard also writes it a header claiming no version, so until the last
+    step lands the shard is stale to every reader and a crash midway is
+    harmless; with fewer than K other shards usable nothing is touched.
+    Used by recovery (``osd up``), backfill and repair (backend/scrub.py)."""
     rd, rm = sf.rel_paths(obj.name, j)
     hdr = _current_header(store, obj, j)
     if obj.info.vector[j] == 0:
@@ -176,8 +182,49 @@ def rebuild_shard(store, obj, j: int, osd: int, kind: str = "recovery") -> None:
         store._commit(obj, (ops, None), kind=kind)
         return
     obj.usable[j] = False
-    _rebuild_data(store, obj, j, osd, kind)
+    helpers = [i for i in range(store.width) if i != j and store._is_usable(obj, i)]
+    if len(helpers) < store.k:
+        raise DataUnavailable(f"object {obj.name!r}: only {len(helpers)} other shards usable "
+                              f"(need {store.k}); shard {j} on osd.{osd} left as it is")
+    _rebuild_data(store, obj, j, osd, kind, _stale_header(store, obj, j))
     store._commit(obj, ([FileOp(OP_WRITE, osd, rm, 0, hdr.pack())], None), kind=kind)
+
+
+def rewrite_pages(store, obj, j: int, osd: int, p0: int, p1: int, kind: str = "repair") -> None:
+    """Decode pages [p0, p1) of shard j from K others (shard j and every
+    shard marked unusable in ``obj`` never help) and write them, with their
+    checksums, in place: nothing else of the shard is touched, so a failure
+    midway leaves it no worse (repair of a torn stripe or a bad page)."""
+    from .objectstore import _Window
+    C = obj.info.chunk_size
+    P = C // PAGE
+    ext = store._extents(obj.info.object_size, C)
+    p1 = min(p1, -(-ext[j] // PAGE))
+    if p1 <= p0:
+        return
+    was = obj.usable.get(j)
+    obj.usable[j] = False
+    try:
+        win = _Window(store.width, store.k, C, p0 // P, (p1 - 1) // P)
+        store._mark_known_zero(win, ext)
+        store._fetch(obj, win, {j: [(p0, p1)]}, kind)
+    finally:
+        obj.usable[j] = was if was is not None else True
+    buf = win.pages(j, p0, p1)
+    stop = min(p1 * PAGE, ext[j])
+    rd, rm = sf.rel_paths(obj.name, j)
+    store._commit(obj, ([FileOp(OP_WRITE, osd, rd, p0 * PAGE, buf[: stop - p0 * PAGE].tobytes()),
+                         FileOp(OP_WRITE, osd, rm, sf.crc_offset(p0),
+                                sf.page_crcs(buf).astype("<u4").tobytes())], None), kind=kind)
+
+
+def _stale_header(store, obj, j: int) -> bytes:
+    """Shard j's header claiming no version: written with the truncation
+    that starts a rebuild, so a rebuild cut short leaves a shard every
+    reader takes for stale, never an empty one that claims to be current."""
+    h = _current_header(store, obj, j)
+    h.shard_version = 0
+    return h.pack()
 
 
 def _header_on(store, obj, j: int) -> sf.ShardHeader | None:
@@ -195,7 +242,7 @@ def _header_on(store, obj, j: int) -> sf.ShardHeader | None:
     return h if h.name == obj.name and h.shard == j else None
 
 
-def _rebuild_data(store, obj, j: int, osd: int, kind: str) -> None:
+def _rebuild_data(store, obj, j: int, osd: int, kind: str, stale_header: bytes) -> None:
     """Decode shard j of every stripe from the others and write it to
     ``osd``, sparse, in batches (the header is the caller's last step)."""
     from .objectstore import _Window, _runs
@@ -204,7 +251,8 @@ def _rebuild_data(store, obj, j: int, osd: int, kind: str) -> None:
     ext = store._extents(obj.info.object_size, C)
     rd, rm = sf.rel_paths(obj.name, j)
     store._commit(obj, ([FileOp(OP_TRUNCATE, osd, rd, 0),
-                         FileOp(OP_TRUNCATE, osd, rm, sf.crc_offset(0))], None), kind=kind)
+                         FileOp(OP_TRUNCATE, osd, rm, sf.crc_offset(0)),
+                         FileOp(OP_WRITE, osd, rm, 0, stale_header)], None), kind=kind)
     last_page = -(-ext[j] // PAGE)
     per_batch = max(1, BATCH_BYTES // C)
     nstripes = -(-last_page // P)

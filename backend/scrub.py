@@ -310,14 +310,34 @@ def _consistent(store, chunks: dict[int, np.ndarray]) -> bool:
 
 # ------------------------------------------------------------------ repair
 def _repair_locked(store, obj, problems: list[Problem]) -> list[Problem]:
-    from .recovery import rebuild_shard
+    """Fix what scrub found, least destructive first: pages and torn stripes
+    are rewritten in place (decoded from the others), whole shards rebuilt
+    only when the shard itself is missing, stale or has a damaged header.
+    One fix that cannot be made (too few good shards) is left reported;
+    the others go on."""
+    from .recovery import rebuild_shard, rewrite_pages
+    P = obj.info.chunk_size // PAGE if obj.info else 1
     fixed = []
-    bad = sorted({p.shard for p in problems if p.fix == "rebuild" and p.shard is not None})
-    for j in bad:
-        obj.usable[j] = False           # never a helper for itself or the others
-    for j in bad:
-        rebuild_shard(store, obj, j, obj.loc[j], kind="repair")
+    whole = sorted({p.shard for p in problems if p.fix == "rebuild" and p.shard is not None
+                    and p.stripe is None and p.page is None})
+    for j in whole:
+        obj.usable[j] = False           # never a helper for itself or another suspect
+    for j in whole:
+        try:
+            rebuild_shard(store, obj, j, obj.loc[j], kind="repair")
+        except DataUnavailable:
+            continue
         fixed += [p for p in problems if p.shard == j and p.fix == "rebuild"]
+    for p in problems:
+        if p.fix != "rebuild" or p.shard is None or p.shard in whole:
+            continue
+        p0, p1 = (p.page, p.page + 1) if p.page is not None else \
+            (p.stripe * P, (p.stripe + 1) * P)
+        try:
+            rewrite_pages(store, obj, p.shard, obj.loc[p.shard], p0, p1)
+        except DataUnavailable:
+            continue
+        fixed.append(p)
     for p in problems:
         if p.fix == "remove" and p.shard is not None:
             rd, rm = sf.rel_paths(obj.name, p.shard)

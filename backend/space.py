@@ -72,8 +72,10 @@ class SpaceGuard:
 
     def check(self, needs: dict[int, int], frees: bool) -> None:
         """Refuse (NoSpace) a transaction putting ``needs[osd]`` bytes on
-        each OSD if any of their file systems would drop into its reserve;
-        else count the bytes against them."""
+        each OSD if any of their file systems is into its reserve already
+        (full), or the bytes would not fit in what is left less SLACK; a
+        transaction that ``frees`` space is refused only if it does not fit
+        at all. Else count the bytes against them."""
         now = time.monotonic()
         with self._lock:
             per_fs: dict[int, tuple[FsSpace, int, list[int]]] = {}
@@ -101,6 +103,7 @@ class SpaceGuard:
         """Read free space afresh at the next check (e.g. after ENOSPC)."""
         with self._lock:
             self._fs.clear()
+            self._dev.clear()     # an OSD may have moved to another disk (osd replace)
 
 
 def full_osds(paths: dict[int, str]) -> dict[int, tuple[str, str]]:

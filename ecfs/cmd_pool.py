@@ -38,7 +38,10 @@ def register(sub) -> None:
                         "below it writes fail and nothing written is lost")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("status", help="pool, OSDs, health, I/O counters")
+    p = sub.add_parser("status", help="health, pool, OSDs, data and I/O in a few lines "
+                                      "(--verbose: every OSD and counter)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also the OSD table and every I/O counter")
     add_json(p)
     p.set_defaults(func=cmd_status)
 
@@ -121,6 +124,11 @@ def health(pool, osdmap: OsdMap) -> tuple[str, str]:
         else:
             status = "HEALTH_DEGRADED"
             reasons.append(f"{len(down)} OSD{'s' if len(down) > 1 else ''} down: {names}")
+            if len(down) > pool.k + pool.m - pool.write_min:
+                # as Ceph's PG_AVAILABILITY: below min_size writes stop
+                reasons.append(f"writes blocked for objects with a shard on "
+                               f"{pool.k + pool.m - pool.write_min + 1} or more of them "
+                               f"(min size {pool.write_min}); reads go on")
     for level in ("full", "nearfull"):
         these = {i: why for i, (lv, why) in full.items() if lv == level}
         if not these:
@@ -168,8 +176,19 @@ def cmd_status(args) -> int:
           f"chunk size {pool.chunk_size}, "
           f"object size {format_size(pool.object_size)}, write mode {pool.write_mode}")
     up = sum(1 for o in osds if o["up"])
-    print(f"osds:    {len(osds)} total, {up} up, {len(osds) - up} down")
+    nfull = sum(1 for o in osds if o["status"] in ("full", "nearfull"))
+    print(f"osds:    {len(osds)} total, {up} up, {len(osds) - up} down"
+          + (f", {nfull} full or nearly full" if nfull else ""))
     print(f"data:    {nobj} objects, {nimg} images, usable capacity {format_size(usable)}")
+    print(f"io:      {ctr['client_read_ops']} reads ({format_size(ctr['client_read_bytes'])}), "
+          f"{ctr['client_write_ops']} writes ({format_size(ctr['client_write_bytes'])}); "
+          f"{ctr['shard_reads']} shard reads, {ctr['shard_writes']} shard writes, "
+          f"{ctr['fsyncs']} fsyncs")
+    print(f"         {amp['shard_ios_per_write']:.2f} shard I/Os per write, "
+          f"{amp['shard_reads_per_read']:.2f} shard reads per read, "
+          f"byte amplification {amp['byte_amplification']:.2f}")
+    if not getattr(args, "verbose", False):
+        return 0
     print()
     print_table(["ID", "STATUS", "BYTES", "PATH"],
                 [[f"osd.{o['id']}", o["status"] + (f" ({o['reason']})" if o["reason"] else ""),
@@ -235,6 +254,7 @@ def cmd_osd_replace(args) -> int:
     from backend.backfill import prepare_replacement
     pool = load_pool(args.store)
     _check_osd(pool, args.id)
+    prepare_replacement(args.store, args.id, args.dir, check_only=True)   # bad input: no change
     OsdMap(args.store, pool).mark_down(args.id, "being replaced")
     prepare_replacement(args.store, args.id, args.dir)
     return _backfill(args, "replaced")

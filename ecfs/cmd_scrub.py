@@ -7,7 +7,7 @@ remain. Each object is checked under its full lock, so a mount writing the
 image meanwhile waits for it instead of racing it."""
 from __future__ import annotations
 
-from backend.errors import Inconsistent, NotFound
+from backend.errors import DataUnavailable, Inconsistent, NotFound
 from backend.objectstore import ObjectStore
 from backend.scrub import repair_object, scrub_names
 
@@ -93,13 +93,15 @@ def cmd_repair(args) -> int:
         found, fixed = [], []
         with progress.bar(args, total=len(names), desc="repair", unit="obj") as bar:
             for name in names:
+                bar.update(1)
                 try:
                     rep, done = repair_object(store, name)
                 except NotFound:
                     continue              # removed meanwhile
+                except DataUnavailable:
+                    continue              # reported by the check that follows
                 found += rep.problems
                 fixed += done
-                bar.update(1)
         after, left = _summary(_scrub(args, store, names, "deep", "verify (deep)"))
     if wants_json(args):
         print_json({"found": [p.as_dict() for p in found], "repaired": [p.as_dict() for p in fixed],

@@ -139,6 +139,7 @@ def test_a_syncfs_failing_on_every_osd_keeps_the_journal(make_store, monkeypatch
     with pytest.raises(StoreError, match="journal is kept"):
         s.checkpoint()
     assert s.journal.size() == size
+    assert all(s.osdmap.is_up(i) for i in range(K + M)), "nothing could rebuild them"
     monkeypatch.undo()
 
 

@@ -155,3 +155,37 @@ def test_deep_scrub_compares_only_4k_summaries_per_stripe(make_store, monkeypatc
     _silently_rewrite(d, 4, 16 + 3)           # stripe 1, a page inside the chunk
     probs = scrub_object(s, "o", "deep").problems
     assert [(p.stripe, p.shard) for p in probs] == [(1, 4)]
+
+
+def test_a_rebuild_cut_short_never_leaves_wrong_bytes(obj, monkeypatch):
+    """A whole-shard rebuild (repair, backfill) killed after it emptied a
+    shard that was current: the shard then says it is stale and is decoded
+    around, never an empty shard claiming to be current (read as zeros)."""
+    from backend.recovery import rebuild_shard
+    d, s, data = obj
+
+    def cut(*a, **k):
+        raise RuntimeError("killed mid-rebuild")
+
+    with s._locked("o") as o:
+        monkeypatch.setattr(s, "_fetch", cut)
+        with pytest.raises(RuntimeError):
+            rebuild_shard(s, o, 3, o.loc[3], kind="repair")
+    monkeypatch.undo()
+    assert s.read("o", 0, len(data)) == data
+    assert [p.shard for p in _problems(s, "light")] == [3]
+    _repaired(d, s, data)
+
+
+def test_repair_fixes_pages_in_place_when_others_are_damaged_too(make_store):
+    """One bad page on each of three shards, in different stripes: each page
+    is rewritten from the others, nothing else of the shards is touched."""
+    d, s = make_store(k=K, m=M, chunk_size=4096)
+    data = os.urandom(256 << 10)
+    s.write_full("o", data)
+    for shard, page in ((0, 1), (1, 6), (4, 11)):
+        _silently_rewrite(d, shard, page)
+    rep, fixed = repair_object(s, "o")
+    assert len(fixed) == 3, rep.problems
+    assert scrub_object(s, "o", "full").problems == []
+    assert s.read("o", 0, len(data)) == data

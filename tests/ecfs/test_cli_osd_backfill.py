@@ -131,3 +131,33 @@ def test_rebuild_while_a_mount_serves_fio_with_verify(tmp_path):
         v = subprocess.run(["fio", *job, "--verify_only", "--randseed=9"],
                            capture_output=True, text=True, timeout=300)
         assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_a_rebuild_that_cannot_succeed_drops_nothing(tmp_path):
+    """With two other OSDs down no object of a 4+2 pool can be rebuilt:
+    'osd rebuild 0' fails, leaves every shard of osd.0 as it was, 'osd up 0'
+    will not call the half-done OSD current, and once the others are back
+    the rebuild goes through."""
+    st, img = _store(tmp_path, size=8 * MiB)
+    before = {p: open(p, "rb").read() for p in
+              map(str, (st / "osd.0" / "objects").rglob("*")) if os.path.isfile(p)}
+    ecfs(st, "osd", "down", "1")
+    ecfs(st, "osd", "down", "2")
+    p = ecfs(st, "osd", "rebuild", "0", check=False)
+    assert_user_error(p, "could not be rebuilt")
+    after = {p: open(p, "rb").read() for p in before}
+    assert after == before, "the rebuild dropped shards it could not replace"
+    assert_user_error(ecfs(st, "osd", "up", "0", check=False), "being backfilled")
+    ecfs(st, "osd", "up", "1")
+    ecfs(st, "osd", "up", "2")
+    ecfs(st, "osd", "rebuild", "0")
+    assert ecfs_json(st, "status")["health"]["status"] == "HEALTH_OK"
+    _lose_two_others(st, 0)
+    assert _export(st, tmp_path) == img
+
+
+def test_replace_with_a_bad_directory_changes_nothing(tmp_path):
+    st, _ = _store(tmp_path, size=4 * MiB)
+    for bad in (st / "osd.3", st, st / "osd.0" / "x"):
+        assert ecfs(st, "osd", "replace", "5", "--dir", str(bad), check=False).returncode != 0
+        assert ecfs_json(st, "status")["health"]["status"] == "HEALTH_OK", bad

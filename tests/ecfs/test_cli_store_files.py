@@ -93,7 +93,8 @@ def test_broken_osd_directories_are_down_with_reasons(store, tmp_path):
 
 def test_status_lists_cache_hits_and_stdout_write_errors_are_one_line(store):
     assert ecfs_json(store, "status")["counters"]["cache_hits"] == 0
-    assert b"cache_hits" in ecfs(store, "status").stdout
+    assert b"cache_hits" in ecfs(store, "status", "--verbose").stdout
+    assert b"\n  cache_hits" not in ecfs(store, "status").stdout   # a summary, as ceph -s
     with open("/dev/full", "wb") as full:
         for cmd in (["status"], ["rados", "get", "obj", "-"]):
             p = ecfs(store, *cmd, check=False, stdout=full)
