@@ -105,6 +105,7 @@ class _Obj:
     usable: dict[int, bool] = field(default_factory=dict)
     bad_header: set[int] = field(default_factory=set)
     absent: set[int] = field(default_factory=set)   # info shards known not to be there
+    gen: int = 0                           # the OSD map generation this view was judged on
     whole: bool = True                     # all stripes locked (no one else can commit)
 
 
@@ -129,6 +130,33 @@ class _Window:
     def data_view(self) -> np.ndarray:
         """Object-order view (stripe, chunk, byte) of the data shards."""
         return self.bufs[: self.k].reshape(self.k, self.ns, self.C).transpose(1, 0, 2)
+
+
+class _Replan(Exception):
+    """The OSD map changed under a write before it was journaled."""
+
+
+_REPLANS = 8
+
+
+def _replanning(fn):
+    """Run a mutating operation again, from its locking on, while the OSD
+    map changes between its plan and its commit (rare; bounded)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(self, *a, **k):
+        for _ in range(_REPLANS - 1):
+            try:
+                return fn(self, *a, **k)
+            except _Replan:
+                continue
+        try:
+            return fn(self, *a, **k)
+        except _Replan:
+            raise DataUnavailable("the OSD map kept changing under this write; not done")
+    return run
+
 
 
 class ObjectStore:
@@ -197,6 +225,7 @@ class ObjectStore:
                 return b""
             return self._read_range(obj, offset, end, "read")
 
+    @_replanning
     def write(self, name: str, offset: int, data, *, size_hint: int = 0) -> None:
         """Write ``data`` at ``offset`` (creating the object), atomically."""
         validate_name(name)
@@ -210,6 +239,7 @@ class ObjectStore:
             self.counters.add_many((("client_write_ops", 1), ("client_write_bytes", len(data))))
             self._write_locked(obj, offset, data, size_hint=size_hint)
 
+    @_replanning
     def zero(self, name: str, offset: int, length: int) -> None:
         """Make bytes [offset, offset+length) of the object read as zeros,
         deallocating the shard pages that become all zero (discard). Never
@@ -227,6 +257,7 @@ class ObjectStore:
             self.counters.add("client_other_ops")
             self._write_locked(obj, offset, memoryview(bytes(end - offset)))
 
+    @_replanning
     def write_full(self, name: str, data) -> None:
         """Replace the object's whole content (rados put)."""
         validate_name(name)
@@ -239,6 +270,7 @@ class ObjectStore:
             self._rewrite(obj, np.frombuffer(data, dtype=np.uint8), len(data),
                           self.pool.chunk_for(len(data)))
 
+    @_replanning
     def truncate(self, name: str, size: int) -> None:
         validate_name(name)
         if size < 0 or size > MAX_OBJECT_SIZE:
@@ -259,6 +291,7 @@ class ObjectStore:
             else:
                 self._shrink(obj, size)
 
+    @_replanning
     def remove(self, name: str) -> None:
         validate_name(name)
         with self._locked(name) as obj:
@@ -643,6 +676,7 @@ class ObjectStore:
                    place(name, self.width, self.osdmap.ids))
         if not self.readonly:
             self._check_identity(obj.loc)
+        obj.gen = self.osdmap.generation
         hdrs = {}
         for i in self.info_shards:
             hdr = hdrs[i] = self._header(obj, i)
@@ -1288,8 +1322,10 @@ class ObjectStore:
             raise StoreError("store opened read-only")
         self._dirty = True
         with self.locks.meta(obj.slot):
+            plan_gen = obj.gen
             if callable(txn):
                 cur = obj if obj.whole else self._load(obj.name, obj.slot)
+                plan_gen = cur.gen
                 txn = txn(cur)
             ops, hdr = txn
             if hdr is not None:
@@ -1298,13 +1334,22 @@ class ObjectStore:
                 # a repair or recovery step: the object stays at its version
                 cur = obj if obj.whole else self._load(obj.name, obj.slot)
                 version = cur.info.object_version if cur.info is not None else 0
-            self._commit_locked(obj, Record(obj.name, obj.slot, ops, version), hdr, kind)
+            self._commit_locked(obj, Record(obj.name, obj.slot, ops, version), hdr, kind,
+                                plan_gen)
         if self.journal.size() > JOURNAL_LIMIT:
             self._ckpt_due = True
 
     def _commit_locked(self, obj: _Obj, rec: Record, hdr: sf.ShardHeader | None,
-                       kind: str) -> None:
+                       kind: str, plan_gen: int | None = None) -> None:
         with self.locks.commit_gate():
+            if kind == "write" and plan_gen is not None:
+                # An OSD came up (or went down) between planning and now: the
+                # plan left out shards it could write now and would log them
+                # as missed (an OSD just brought up would be behind again).
+                # Nothing is journaled yet: plan again (see _replanning).
+                self.osdmap.maybe_refresh()
+                if self.osdmap.generation != plan_gen:
+                    raise _Replan()
             for prefix, check in list(self._guards.items()):
                 if obj.name.startswith(prefix):
                     check()         # e.g. an image's lock epoch (fencing): may raise

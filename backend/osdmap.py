@@ -39,6 +39,8 @@ class OsdMap:
         self._lock = threading.Lock()
         self.paths = {e.id: osd_abspath(store, e) for e in pool.osds}
         self.ids = tuple(sorted(self.paths))
+        self.generation = 0      # counts changes of the states (a write planned on an
+        self.states = {}         # older generation is planned again: objectstore)
         self.refresh()
 
     def _mapfile(self) -> str:
@@ -114,6 +116,8 @@ class OsdMap:
                 states[i] = OsdState(i, states[i].path, False,
                                      f"behind: missed writes to recover (run 'ecfs osd up {i}')")
         with self._lock:
+            if states != self.states:
+                self.generation += 1
             self.states = states
 
     def _reload_paths(self) -> None:
@@ -164,6 +168,7 @@ class OsdMap:
             if not self.states[osd].up and self.states[osd].reason == reason:
                 return
             self.states[osd] = OsdState(osd, self.paths[osd], False, reason)
+            self.generation += 1
         self._edit(lambda down, reasons: (down | {osd}, reasons | {str(osd): reason}))
 
     def mark_up(self, osd: int) -> None:

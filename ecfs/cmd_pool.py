@@ -38,8 +38,7 @@ def register(sub) -> None:
                         "below it writes fail and nothing written is lost")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("status", help="health, pool, OSDs, data and I/O in a few lines "
-                                      "(--verbose: every OSD and counter)")
+    p = sub.add_parser("status", help="health, pool, OSDs, data and I/O, as ceph -s")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="also the OSD table and every I/O counter")
     add_json(p)

@@ -313,3 +313,40 @@ def test_a_checkpoint_does_not_log_an_osd_marked_up_meanwhile_as_behind(make_sto
         assert a.osdmap.is_up(victim)
     finally:
         b.close()
+
+
+def test_a_write_planned_while_an_osd_was_down_is_planned_again_if_it_came_up(
+        make_store, monkeypatch):
+    """osd.N is brought up (by 'osd up' elsewhere) between a write's plan,
+    which left N's shard out, and its commit: the write is planned again
+    and reaches N, instead of logging N as missed (behind again right
+    after 'osd up')."""
+    from contextlib import contextmanager
+    d, s = make_store(k=K, m=M, chunk_size=4096)
+    other = ObjectStore(d)
+    try:
+        victim = osd_of(d, "x", 1)
+        s.write_full("x", os.urandom(40 << 10))
+        s.osdmap.mark_down(victim, "test")
+        real = s.locks.commit_gate
+        flipped = []
+
+        @contextmanager
+        def gate():
+            if not flipped:
+                flipped.append(1)
+                other.osdmap.refresh()
+                other.osdmap.mark_up(victim)       # the race: up after the plan
+            with real():
+                yield
+
+        monkeypatch.setattr(s.locks, "commit_gate", gate)
+        new = os.urandom(8192)
+        s.write("x", 0, new)
+        monkeypatch.undo()
+        assert flipped and MissedLog(d).behind() == {}, "osd.N logged behind after coming up"
+        for osd in [osd_of(d, "x", j) for j in (0, 2)]:
+            s.osdmap.mark_down(osd, "test")
+        assert s.read("x", 0, 8192) == new
+    finally:
+        other.close()
