@@ -201,6 +201,7 @@ class ObjectStore:
         # writeback errors seen since *its file* was opened, so an fd opened
         # at checkpoint time would miss every error from before.
         self._osd_fds: dict[int, int] = {}
+        self._osd_ident: dict[int, tuple[int, tuple[int, int]]] = {}   # osd -> (fd, identity)
         for osd, path in self.osdmap.paths.items():
             try:
                 self._osd_fds[osd] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -1455,8 +1456,8 @@ class ObjectStore:
                 continue
             path = self.osdmap.paths[osd]
             try:
-                st, was = os.stat(path), os.fstat(fd)
-                if (st.st_dev, st.st_ino) == (was.st_dev, was.st_ino):
+                st = os.stat(path)      # one stat per OSD per load: the fd's own is kept
+                if (st.st_dev, st.st_ino) == self._osd_id(osd, fd):
                     continue
                 why = self.osdmap.check_dir(osd, path)
             except OSError as e:
@@ -1471,6 +1472,15 @@ class ObjectStore:
                 os.close(fd)
             except OSError:
                 pass
+
+    def _osd_id(self, osd: int, fd: int) -> tuple[int, int]:
+        """(st_dev, st_ino) of the directory fd kept for ``osd`` (it cannot
+        change while the fd is open: asked once per fd)."""
+        got = self._osd_ident.get(osd)
+        if got is None or got[0] != fd:
+            st = os.fstat(fd)
+            got = self._osd_ident[osd] = (fd, (st.st_dev, st.st_ino))
+        return got[1]
 
     def _log_missed(self, osd: int, name: str) -> None:
         try:

@@ -51,6 +51,16 @@ def load_header(store, image_id: str, name: str = "") -> ImageHeader:
     return ImageHeader.decode(raw, f"image {name or image_id!r}")
 
 
+def merge_attrs(store, image_id: str, changes: dict[str, int]) -> ImageHeader:
+    """Merge file attributes (mode, owner, timestamps) into the image's
+    header under its header lock; returns the new header."""
+    with directory.header_lock(store, image_id):
+        hdr = load_header(store, image_id)
+        hdr.attrs = {**hdr.attrs, **{k: int(v) for k, v in changes.items()}}
+        save_header(store, hdr)
+        return hdr
+
+
 def save_header(store, hdr: ImageHeader) -> None:
     store.write_full(header_object(hdr.id), hdr.encode())
 
@@ -161,10 +171,7 @@ class Image:
             return
         self._stamped[attr] = now            # first: concurrent writers do not all write
         try:
-            with directory.header_lock(self.store, self.id):
-                hdr = load_header(self.store, self.id, self.name)
-                hdr.attrs = {**hdr.attrs, attr: now}
-                save_header(self.store, hdr)
+            merge_attrs(self.store, self.id, {attr: now})
             self.header.attrs = {**self.header.attrs, attr: now}
         except EcfsError:
             self._stamped[attr] = last

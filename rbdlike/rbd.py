@@ -16,7 +16,7 @@ from .notify import forget as forget_watch
 from .header import (DEFAULT_FEATURES, FEATURES, MAX_IMAGE_SIZE, ImageHeader, Parent, clone_object,
                      data_object, header_object,
                      validate_features, validate_image_name, validate_object_size)
-from .image import load_header, save_header
+from .image import load_header, merge_attrs, save_header
 from .objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, ObjectMap
 
 
@@ -297,8 +297,4 @@ def update_attrs(store, image_id: str, changes: dict) -> ImageHeader:
     bad = [k for k in changes if k not in FILE_ATTRS]
     if bad:
         raise InvalidArgument(f"unknown file attribute {bad[0]!r}")
-    with directory.header_lock(store, image_id):
-        hdr = load_header(store, image_id)
-        hdr.attrs = {**hdr.attrs, **{k: int(v) for k, v in changes.items()}}
-        save_header(store, hdr)
-        return hdr
+    return merge_attrs(store, image_id, changes)

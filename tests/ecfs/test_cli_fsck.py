@@ -5,17 +5,13 @@ import os
 
 from backend.objectstore import ObjectStore
 
-from .util import assert_user_error, ecfs, ecfs_json
+from .util import assert_user_error, ecfs, ecfs_json, store_with_images
 
 MiB = 1 << 20
 
 
 def test_fsck_finds_and_repairs_shards_maps_and_orphans(tmp_path):
-    st = tmp_path / "s"
-    ecfs(st, "init")
-    img = os.urandom(8 * MiB)
-    (tmp_path / "img.raw").write_bytes(img)
-    ecfs(st, "rbd", "import", str(tmp_path / "img.raw"), "i")
+    st, img = store_with_images(tmp_path, 8 * MiB, "i")
     ecfs(st, "rbd", "create", "sparse", "--size", "64")
     out = ecfs(st, "fsck").stdout.decode()
     assert out.strip().endswith("clean"), out

@@ -7,19 +7,14 @@ import signal
 import subprocess
 
 from .mountutil import mounted, need_root
-from .util import assert_user_error, ecfs, ecfs_json, _cmd
+from .util import _cmd, assert_user_error, ecfs, ecfs_json, store_with_images
 from ..waiting import wait_for
 
 MiB = 1 << 20
 
 
 def _store(tmp_path, size=24 * MiB):
-    st = tmp_path / "s"
-    ecfs(st, "init")
-    img = os.urandom(size)
-    (tmp_path / "img.raw").write_bytes(img)
-    ecfs(st, "rbd", "import", str(tmp_path / "img.raw"), "i")
-    return st, img
+    return store_with_images(tmp_path, size, "i")
 
 
 def _export(st, tmp_path):

@@ -7,19 +7,13 @@ import threading
 from backend import shardfile as sf
 
 from .mountutil import mounted, need_root
-from .util import assert_user_error, ecfs, ecfs_json
+from .util import assert_user_error, ecfs, ecfs_json, store_with_images
 
 MiB = 1 << 20
 
 
 def _store(tmp_path):
-    st = tmp_path / "s"
-    ecfs(st, "init")
-    img = os.urandom(16 * MiB)
-    (tmp_path / "img.raw").write_bytes(img)
-    ecfs(st, "rbd", "import", str(tmp_path / "img.raw"), "a")
-    ecfs(st, "rbd", "import", str(tmp_path / "img.raw"), "b")
-    return st, img
+    return store_with_images(tmp_path, 16 * MiB, "a", "b")
 
 
 def _shard_file(st, image_id, shard, objno=1):

@@ -116,3 +116,15 @@ def assert_user_error(p, contains=""):
     assert lines[0].startswith("ecfs: error: "), err
     assert "Traceback" not in err
     assert contains.lower() in lines[0].lower(), (contains, err)
+
+
+def store_with_images(tmp_path, size: int, *names: str):
+    """A default store at tmp_path/s with ``names`` imported from one random
+    raw image of ``size`` bytes (tmp_path/img.raw); returns (store, bytes)."""
+    st = tmp_path / "s"
+    ecfs(st, "init")
+    img = os.urandom(size)
+    (tmp_path / "img.raw").write_bytes(img)
+    for n in names:
+        ecfs(st, "rbd", "import", str(tmp_path / "img.raw"), n)
+    return st, img
