@@ -42,10 +42,16 @@ NAMES = (
     "recovery_shard_reads", "recovery_shard_writes",
     "cache_hits",
     "journal_damaged", "journal_skipped",
+    "cache_misses", "cache_writes", "cache_write_bytes", "cache_waits",
+    "cache_flushes", "cache_flush_extents", "cache_dirty_bytes",
 )
+# Levels, not counts: set by their process, and not carried into total.ctr
+# when it ends (a dead process holds no dirty bytes).
+GAUGES = ("cache_dirty_bytes",)
 # Room to add counters without changing the file format.
 SLOTS = 64
 IDX = {n: i for i, n in enumerate(NAMES)}
+_GAUGE_IDX = [IDX[n] for n in GAUGES]
 
 
 MAGIC = b"ECFSCTRS"
@@ -122,6 +128,11 @@ class Counters:
         with self._lock:
             self._arr[IDX[name]] += n
 
+    def set(self, name: str, value: int) -> None:
+        """Set a gauge (GAUGES) to its current level."""
+        with self._lock:
+            self._arr[IDX[name]] = value
+
     def add_many(self, pairs) -> None:
         with self._lock:
             for name, n in pairs:
@@ -162,7 +173,9 @@ class Counters:
                 except BlockingIOError:
                     os.close(pfd)
                     continue
-                acc += _read(p)
+                got = _read(p)
+                got[_GAUGE_IDX] = 0
+                acc += got
                 dead.append((p, pfd))
             for p in glob.glob(os.path.join(self._dir, ".*.tmp")):
                 _unlink_if_unlocked(p)      # left by a process killed while opening

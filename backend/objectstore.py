@@ -30,9 +30,8 @@ a choice; every stripe a write covers whole (the stripes between, and a
 first or last one it covers entirely) is encoded and written with no reads,
 whatever the mode.
 
-Write-back seam: ``read``/``write``/``flush`` is the whole interface the
-image layer uses; the stripe cache will implement the same three calls and
-sit between, handing ``write`` batches down on flush.
+Write-back seam: the stripe cache (backend/stripecache.py) offers this
+class's interface in front of it and hands writes down on flush.
 
 Concurrency: each operation locks the stripes it touches (in-process and
 across processes, backend/locks.py), so writes to one stripe apply in order
@@ -377,10 +376,15 @@ class ObjectStore:
                         names.add(n)
         return sorted(names)
 
-    def flush(self) -> None:
+    def flush(self, prefix: str = "") -> None:
         """Everything written so far is durable. (Writes are journaled and
-        synced before they return, so this has nothing left to do until a
-        write-back cache sits in front.)"""
+        synced before they return: nothing is left to do here; the stripe
+        cache in front, backend/stripecache.py, has.)"""
+
+    def set_writeback(self, prefix: str, on: bool) -> bool:
+        """Whether writes under ``prefix`` are written back: never here
+        (the stripe cache in front says yes)."""
+        return False
 
     def checkpoint(self) -> None:
         """Empty the journal: every record it holds is applied and durable

@@ -37,8 +37,8 @@ def register(sub) -> None:
     p.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground (systemd, debugging); log to stderr")
     p.add_argument("--cache-size", default="64M",
-                   help="stripe cache size (default 64M; the cache arrives with a later "
-                        "release, the value is checked and kept)")
+                   help="write-back stripe cache size (default 64M; 0: every write is "
+                        "durable before it returns)")
     p.add_argument("--exclusive", action="store_true",
                    help="keep the lock of every image opened for writing: other writers "
                         "get EBUSY instead of a hand-over")
@@ -124,7 +124,7 @@ def cache_size(text: str) -> int:
 
 def cmd_mount(args) -> int:
     opts = _options(args.options)
-    cache_size(args.cache_size)
+    cache = cache_size(args.cache_size)
     if not args.mountpoint:
         raise InvalidArgument("the mount point must not be empty")
     mnt = mounts.resolve(os.path.abspath(args.mountpoint))
@@ -137,7 +137,8 @@ def cmd_mount(args) -> int:
         _setup_logging(None)          # first: clearing a stale mount is worth a log line
     _check_mountpoint(mnt)
     if args.foreground:
-        return serve(store_dir, mnt, opts, args.exclusive, ready=lambda: sd_notify("READY=1"))
+        return serve(store_dir, mnt, opts, args.exclusive, ready=lambda: sd_notify("READY=1"),
+                     cache=cache)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                  # the mount process
@@ -148,7 +149,7 @@ def cmd_mount(args) -> int:
             _setup_logging(os.path.join(store_dir, "mount.log"))
             _detach_stdio()
             rc = serve(store_dir, mnt, opts, args.exclusive,
-                       ready=lambda: (os.write(w, b"ok\n"), os.close(w)))
+                       ready=lambda: (os.write(w, b"ok\n"), os.close(w)), cache=cache)
         except BaseException as e:       # report to the parent, then go
             msg = str(e) if isinstance(e, (StoreError, InvalidArgument, Busy)) or \
                 hasattr(e, "errno") else f"{type(e).__name__}: {e}"
@@ -203,7 +204,8 @@ def sd_notify(msg: str) -> None:
         logging.getLogger("ecfs.mount").warning("sd_notify %s: %s", msg, e)
 
 
-def serve(store_dir: str, mnt: str, opts: set[str], exclusive: bool, ready) -> int:
+def serve(store_dir: str, mnt: str, opts: set[str], exclusive: bool, ready,
+          cache: int = 0) -> int:
     """Mount, serve until unmounted or signalled, flush, exit status."""
     import pyfuse3
     import trio
@@ -217,6 +219,9 @@ def serve(store_dir: str, mnt: str, opts: set[str], exclusive: bool, ready) -> i
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     store = ObjectStore(store_dir)
+    if cache and "ro" not in opts:
+        from backend.stripecache import StripeCache
+        store = StripeCache(store, cache)
     fs = EcfsFS(store, read_only="ro" in opts, exclusive=exclusive)
     fuse_opts = set(pyfuse3.default_options) | {f"fsname=ecfs:{os.path.abspath(store_dir)}",
                                                 "subtype=ecfs"}

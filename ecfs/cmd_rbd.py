@@ -17,7 +17,7 @@ from backend.errors import InvalidArgument, NotFound
 from backend.objectstore import ObjectStore
 from rbdlike import directory
 from rbdlike.exclusive_lock import break_lock, owner
-from rbdlike.image import Image, load_header
+from rbdlike.image import Image, flush_owner, load_header
 from rbdlike.objectmap import ObjectMap
 from rbdlike.rbd import RBD, object_map_check, object_map_rebuild
 
@@ -387,6 +387,7 @@ def _du_rows(s, name: str) -> list[dict]:
     since the snapshot before it, from the maps alone (no data I/O)."""
     from rbdlike.objectmap import EXISTS, NONEXISTENT
     image_id = directory.lookup(s, name)
+    flush_owner(s, image_id)        # a mount's cached writes count too
     h = load_header(s, image_id, name)
     osz = h.object_size
     snaps = sorted(h.snapshots, key=lambda x: x.id)

@@ -21,6 +21,7 @@ object per snapshot interval.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -28,13 +29,15 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from backend.errors import Busy, EcfsError, Exists, InvalidArgument, NotFound, ReadOnly
+from backend.errors import Busy, EcfsError, Exists, Fenced, InvalidArgument, NotFound, ReadOnly
 
 from . import directory, layering, notify, snapshot
 from .exclusive_lock import ExclusiveLock, owner
 from .header import (MAX_IMAGE_SIZE, ImageHeader, Parent, Snapshot, data_object,
                      header_object, validate_image_name)
 from .objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, PENDING, ObjectMap
+
+log = logging.getLogger("ecfs.image")
 
 _OBJ_LOCKS = 64
 # librbd's rbd_mtime_update_interval / rbd_atime_update_interval: the image's
@@ -59,6 +62,26 @@ def merge_attrs(store, image_id: str, changes: dict[str, int]) -> ImageHeader:
         hdr.attrs = {**hdr.attrs, **{k: int(v) for k, v in changes.items()}}
         save_header(store, hdr)
         return hdr
+
+
+def flush_owner(store, image_id: str, strict: bool = True) -> None:
+    """Have the image's lock owner, if another process (a mount), write its
+    cached bytes out: a reader (export, diff, du, an open in another
+    mount) then sees every write that completed before it started.
+    Unreachable owner: it is closing, and a close flushes before the lock
+    goes. An owner that fails or does not answer is an error if
+    ``strict``, else logged."""
+    o = owner(store, image_id)
+    if o is None or not o.address or o.pid == os.getpid():
+        return
+    try:
+        notify.request(o.address, {"op": "flush"})
+    except (notify.Unreachable, notify.NotOwner):
+        pass
+    except EcfsError as e:
+        if strict:
+            raise
+        log.warning("image %s: its lock owner (pid %d) did not flush: %s", image_id, o.pid, e)
 
 
 def save_header(store, hdr: ImageHeader) -> None:
@@ -100,8 +123,12 @@ class Image:
         # export reading an image does not write its header)
         self._keeps_atime = watch and not self.read_only
         self._stamped: dict[str, int] = {}        # attr -> value last written
+        self._data_prefix = f"rbd_data.{self.id}."
+        self._wb = False                          # the store writes our data back
         if watch:
             self._ensure_watch()
+        elif self.read_only and self.snap is None:
+            flush_owner(store, self.id)
 
     # ------------------------------------------------------------ queries
     def size(self) -> int:
@@ -157,17 +184,22 @@ class Image:
             self._stamp("atime_ns")
         return out.tobytes()
 
+    def _stamp_due(self, attr: str, now: int) -> int | None:
+        """When the timestamp was last moved, if it is due to move now."""
+        last = self._stamped.get(attr)
+        if last is None:
+            last = self.header.attrs.get(attr, self.header.attrs.get(
+                "mtime_ns", int(self.header.created * 1e9)))
+        return last if now - last >= TIMESTAMP_INTERVAL * 1e9 else None
+
     def _stamp(self, attr: str) -> None:
         """Move the image's modify ("mtime_ns") or access ("atime_ns")
         timestamp to now, if it is TIMESTAMP_INTERVAL old or older. Best
         effort: a header that cannot be written now is tried again later,
         never an error for the write or read that asked."""
         now = time.time_ns()
-        last = self._stamped.get(attr)
+        last = self._stamp_due(attr, now)
         if last is None:
-            last = self.header.attrs.get(attr, self.header.attrs.get(
-                "mtime_ns", int(self.header.created * 1e9)))
-        if now - last < TIMESTAMP_INTERVAL * 1e9:
             return
         self._stamped[attr] = now            # first: concurrent writers do not all write
         try:
@@ -282,6 +314,45 @@ class Image:
                             del self._in_flight[objno]
             self._stamp("mtime_ns")
         return len(data)
+
+    def try_write(self, data, offset: int) -> int | None:
+        """The write, if it can be done now without blocking: the stripe
+        cache takes it (the lock is held, the object prepared, the cache
+        has room). None: call ``write`` from a thread that may block. Run
+        on the FUSE loop, so it never waits on a lock another thread holds."""
+        if not self._wb or self._closed:
+            return None
+        data = memoryview(data).cast("B")
+        n = len(data)
+        osz = self.header.object_size
+        objno = offset // osz
+        if not n or offset < 0 or offset + n > self.header.size or \
+                (offset + n - 1) // osz != objno or \
+                self._stamp_due("mtime_ns", time.time_ns()) is not None:
+            return None
+        if not self._gate.try_acquire_shared():
+            return None
+        try:
+            if not (self._lock_held() and self._wb):
+                return None
+            m = self._valid_map()
+            if (m.states[objno] != EXISTS) if m is not None else objno not in self._prepared:
+                return None         # a snapshot copy, a copy-up or a map update first
+            lock = self._obj_locks[objno % _OBJ_LOCKS]
+            if not lock.acquire(blocking=False):
+                return None
+            try:
+                if not np.frombuffer(data, dtype=np.uint8).any():
+                    return None     # zeros may free the object: the worker decides
+                self._zero_spans.pop(objno, None)
+                if not self.store.try_write(data_object(self.id, objno), offset - objno * osz,
+                                            data, size_hint=osz):
+                    return None
+            finally:
+                lock.release()
+        finally:
+            self._gate.release_shared()
+        return n
 
     def _zeros_cover(self, objno: int, off: int, n: int) -> bool:
         """Record that [off, off+n) of the object was written with zeros;
@@ -432,8 +503,10 @@ class Image:
             self._prepared.discard(objno)
 
     def flush(self) -> None:
+        """Every write that returned before this call is durable (the
+        stripe cache writes this image's dirty bytes out)."""
         self._check_open()
-        self.store.flush()
+        self.store.flush(self._data_prefix)
 
     def resize(self, size: int, allow_shrink: bool = True, progress=None) -> None:
         self._check_writable()
@@ -752,7 +825,12 @@ class Image:
         with self._gate.exclusive(), self._mutex:
             if not isinstance(self._lock, ExclusiveLock):
                 return
-            self.store.flush()
+            try:
+                self.store.flush(self._data_prefix)
+            except Fenced:
+                pass    # the bytes were dropped (the flush that found it said so)
+            self.store.set_writeback(self._data_prefix, False)
+            self._wb = False
             for prefix in (f"rbd_data.{self.id}.", f"rbd_object_map.{self.id}"):
                 self.store.remove_guard(prefix)
             self._lock.release()
@@ -845,6 +923,8 @@ class Image:
                 self._map = None
                 lock.release()
                 raise
+            # ours alone now: writes may wait in the stripe cache
+            self._wb = self.store.set_writeback(self._data_prefix, True)
             self._lock = lock
         self._broadcast({"op": "lock_acquired"})
         return True
@@ -878,6 +958,11 @@ class Image:
                 if self._lock_held():
                     with self._mutex:
                         self._zero_spans.clear()    # objects may change under it
+                    if op != "resize":
+                        # a snapshot, rollback, flatten... acts on what was
+                        # written (a resize needs no flush: removals and
+                        # truncations order themselves in the stripe cache)
+                        self.store.flush(self._data_prefix)
                     result = local()
                     break
         self._notify_header()
@@ -895,6 +980,11 @@ class Image:
             self._reload_header()
             return None
         if op in ("lock_acquired", "lock_released"):
+            return None
+        if op == "flush":
+            # a reader elsewhere (export, diff, du) is to see our writes
+            if not self._closed:
+                self.store.flush(self._data_prefix)
             return None
         if time.time() > float(msg.get("deadline", 0) or 0):
             raise notify.TimedOut(f"request {op!r} arrived after its deadline")
@@ -932,9 +1022,14 @@ class Image:
 
     def _reload_header(self) -> None:
         with self._mutex:
+            old = self.header.newest_snap_id()
             self.header = load_header(self.store, self.id, self.name)
             if self.snap is not None:
                 self._clones.clear()
+            if self.header.newest_snap_id() != old:
+                # a snapshot taken elsewhere (a shared image's other writer):
+                # our next write to each object must preserve it for that one
+                self._prepared.clear()
 
     def rebuild_object_map(self) -> int:
         """``object-map rebuild``: regenerate the head map from the objects;
@@ -974,7 +1069,7 @@ class Image:
             return
         self._closed = True
         try:
-            self.store.flush()
+            self.store.flush(self._data_prefix)
         finally:
             if self._parent_img is not None:
                 self._parent_img.close()
@@ -1026,6 +1121,18 @@ class _Gate:
             while self._owner is not None or self._waiting:
                 self._c.wait()
             self._shared[me] = 1
+
+    def try_acquire_shared(self) -> bool:
+        """acquire_shared if nobody holds or waits for the gate exclusive."""
+        me = threading.get_ident()
+        with self._c:
+            if self._owner == me or me in self._shared:
+                self._shared[me] = self._shared.get(me, 0) + 1
+                return True
+            if self._owner is not None or self._waiting:
+                return False
+            self._shared[me] = 1
+            return True
 
     def release_shared(self) -> None:
         me = threading.get_ident()

@@ -1,10 +1,12 @@
 """Child process of the crash tests: runs an IOGen stream against a store.
 
-    python -m tests.backend.crash_child STORE SIDEFILE SEED NOPS K MAXSIZE [TRACEFILE]
+    python -m tests.backend.crash_child STORE SIDEFILE SEED NOPS K MAXSIZE [TRACEFILE] [--cache]
 
 Before each mutating op it appends "start I" to SIDEFILE and after it
 returns "done I" (plain write(2): the kernel keeps it when the process is
-SIGKILLed). With ECFS_CRASH_AT=N the store kills the process at its Nth
+SIGKILLed). With --cache the ops go through a stripe cache (write-back for
+every name), flushed after every FLUSH_EVERY ops: "flushed I" once the
+flush after op I returned. With ECFS_CRASH_AT=N the store kills the process at its Nth
 crash point. With TRACEFILE, each crash point passed is recorded as
 "function:line" (used to aim N at each phase of a commit).
 """
@@ -13,6 +15,7 @@ import os
 import sys
 
 from backend.objectstore import ObjectStore
+from backend.stripecache import StripeCache
 
 from .iogen import IOGen, run_op, Model
 
@@ -24,9 +27,14 @@ def gen(seed: int, k: int, max_size: int) -> IOGen:
                  weights={"remove": 2})
 
 
+FLUSH_EVERY = 4
+
+
 def main() -> None:
-    store, side, seed, nops, k, max_size = sys.argv[1:7]
-    trace_file = sys.argv[7] if len(sys.argv) > 7 else None
+    argv = [a for a in sys.argv if a != "--cache"]
+    cached = len(argv) != len(sys.argv)
+    store, side, seed, nops, k, max_size = argv[1:7]
+    trace_file = argv[7] if len(argv) > 7 else None
     trace = []
     if trace_file:
         orig = ObjectStore._crashpoint
@@ -38,12 +46,18 @@ def main() -> None:
         ObjectStore._crashpoint = traced
     s = ObjectStore(store)
     s._rng.seed(int(seed))      # write_mode "mixed": the same choices every run
+    if cached:
+        s = StripeCache(s, 1 << 20, max_age=3600)
+        s.set_writeback("", True)
     fd = os.open(side, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     model = Model()
     for op in gen(int(seed), int(k), int(max_size)).ops(int(nops)):
         os.write(fd, f"start {op.index}\n".encode())
         run_op(s, op, model)
         os.write(fd, f"done {op.index}\n".encode())
+        if cached and op.index % FLUSH_EVERY == FLUSH_EVERY - 1:
+            s.flush()
+            os.write(fd, f"flushed {op.index}\n".encode())
     s.close()
     if trace_file:
         with open(trace_file, "w") as f:

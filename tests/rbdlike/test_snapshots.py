@@ -1,11 +1,13 @@
 """Snapshots through the Python API: copy-on-write, snapshot views,
 remove, rollback, protect, and a seeded model test over random operations."""
+import contextlib
 import random
 
 import numpy as np
 import pytest
 
 from backend.errors import Busy, Exists, InvalidArgument, NotFound, ReadOnly
+from backend.stripecache import StripeCache
 from rbdlike.header import clone_object, data_object
 from rbdlike.image import Image
 from rbdlike.objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, ObjectMap
@@ -194,60 +196,90 @@ class _Model:
         self.snaps: dict[str, bytes] = {}
 
 
-@pytest.mark.parametrize("features", [None, ["layering"]], ids=["object-map", "no-map"])
-def test_seeded_random_snapshot_model(store, features):
+@pytest.mark.parametrize("cache", [False, True], ids=["through", "cached"])
+@pytest.mark.parametrize("features", [None, ["layering", "exclusive-lock"], ["layering"]],
+                         ids=["object-map", "no-map", "no-lock"])
+def test_seeded_random_snapshot_model(store, features, cache):
+    """With ``cache``: the image's writes wait in a small stripe cache with
+    an eager flusher, a second image handle (as another process would)
+    takes the lock over at random points (or, without the lock feature,
+    writes beside it), and flushes come at random."""
     rnd = random.Random(20261201)
     osz = 64 * KiB
     size = 16 * osz + 5000
     RBD().create(store, "m", size, object_size=osz, features=features)
     model = _Model(size)
     names = iter(f"s{i}" for i in range(1000))
-    with Image(store, "m") as img:
-        for step in range(160):
-            op = rnd.choices(["write", "discard", "snap", "rm", "rollback", "resize"],
-                             [50, 12, 10, 6, 4, 4])[0]
-            cur = len(model.head)
-            if op == "write" and cur:
-                off = rnd.choice([0, osz - 1, osz, rnd.randrange(cur)])
-                off = min(off, cur - 1)
-                n = min(rnd.choice([1, 4096, osz, 2 * osz + 3, rnd.randrange(1, 3 * osz)]),
-                        cur - off)
-                data = np.random.default_rng(step).integers(1, 255, n, dtype=np.uint8).tobytes()
-                img.write(data, off)
-                model.head[off:off + n] = data
-            elif op == "discard" and cur:
-                off = rnd.randrange(cur)
-                n = min(rnd.choice([osz, 3 * osz, 100]), cur - off)
-                img.discard(off, n)
-                model.head[off:off + n] = bytes(n)
-            elif op == "snap":
-                name = next(names)
-                img.create_snap(name)
-                model.snaps[name] = bytes(model.head)
-            elif op == "rm" and model.snaps:
-                name = rnd.choice(sorted(model.snaps))
+    front = StripeCache(store, 256 * KiB, max_age=0.02) if cache else store
+    other = StripeCache(store, 256 * KiB, max_age=0.02) if cache else None
+    try:
+        with Image(front, "m", watch=cache) as img, \
+                (Image(other, "m", watch=True) if cache else contextlib.nullcontext()) as img2:
+            for step in range(160):
+                op = rnd.choices(["write", "discard", "snap", "rm", "rollback", "resize",
+                                  "other", "flush"], [50, 12, 10, 6, 4, 4, 8 * cache, 6 * cache])[0]
+                cur = len(model.head)
+                if op == "other" and cur:
+                    # the lock moves to the other handle (ours flushes and hands
+                    # it over) and back at our next write
+                    off = rnd.randrange(cur)
+                    n = min(rnd.choice([1, 4096, osz + 7]), cur - off)
+                    data = rnd.randbytes(n)
+                    img2.write(data, off)
+                    model.head[off:off + n] = data
+                elif op == "flush":
+                    img.flush()
+                elif op == "write" and cur:
+                    off = rnd.choice([0, osz - 1, osz, rnd.randrange(cur)])
+                    off = min(off, cur - 1)
+                    n = min(rnd.choice([1, 4096, osz, 2 * osz + 3, rnd.randrange(1, 3 * osz)]),
+                            cur - off)
+                    data = np.random.default_rng(step).integers(1, 255, n, dtype=np.uint8).tobytes()
+                    img.write(data, off)
+                    model.head[off:off + n] = data
+                elif op == "discard" and cur:
+                    off = rnd.randrange(cur)
+                    n = min(rnd.choice([osz, 3 * osz, 100]), cur - off)
+                    img.discard(off, n)
+                    model.head[off:off + n] = bytes(n)
+                elif op == "snap":
+                    name = next(names)
+                    img.create_snap(name)
+                    model.snaps[name] = bytes(model.head)
+                elif op == "rm" and model.snaps:
+                    name = rnd.choice(sorted(model.snaps))
+                    img.remove_snap(name)
+                    del model.snaps[name]
+                elif op == "rollback" and model.snaps:
+                    name = rnd.choice(sorted(model.snaps))
+                    img.rollback_to_snap(name)
+                    model.head = bytearray(model.snaps[name])
+                elif op == "resize":
+                    new = rnd.choice([8 * osz + 17, 16 * osz + 5000, 20 * osz])
+                    img.resize(new)
+                    if new < cur:
+                        del model.head[new:]
+                    else:
+                        model.head += bytes(new - cur)
+                assert img.size() == len(model.head)
+                if step % 8 == 7 or op in ("rm", "rollback"):
+                    assert img.read(0, len(model.head)) == bytes(model.head), f"head, step {step}"
+                    for name, want in model.snaps.items():
+                        with Image(front, "m", snapshot=name) as v:
+                            assert v.read(0, len(want)) == want, f"{name}, step {step} ({op})"
+            for name in sorted(model.snaps):
                 img.remove_snap(name)
-                del model.snaps[name]
-            elif op == "rollback" and model.snaps:
-                name = rnd.choice(sorted(model.snaps))
-                img.rollback_to_snap(name)
-                model.head = bytearray(model.snaps[name])
-            elif op == "resize":
-                new = rnd.choice([8 * osz + 17, 16 * osz + 5000, 20 * osz])
-                img.resize(new)
-                if new < cur:
-                    del model.head[new:]
-                else:
-                    model.head += bytes(new - cur)
-            assert img.size() == len(model.head)
-            if step % 8 == 7 or op in ("rm", "rollback"):
-                assert img.read(0, len(model.head)) == bytes(model.head), f"head, step {step}"
-                for name, want in model.snaps.items():
-                    with Image(store, "m", snapshot=name) as v:
-                        assert v.read(0, len(want)) == want, f"{name}, step {step} ({op})"
-        for name in sorted(model.snaps):
-            img.remove_snap(name)
-        assert img.read(0, len(model.head)) == bytes(model.head)
+            assert img.read(0, len(model.head)) == bytes(model.head)
+    finally:
+        if cache:
+            other.close(close_lower=False)
+            front.close(close_lower=False)
+    if cache:
+        # write-back needs the exclusive lock (without, other writers could
+        # not see our cached bytes)
+        assert (store.counters.snapshot()["cache_writes"] > 0) == (features != ["layering"])
+    with Image(store, "m") as img:
+        assert img.read(0, len(model.head)) == bytes(model.head)     # all on the OSDs
     # every clone is gone with the last snapshot
     assert not [n for n in store.list("rbd_data.") if len(n.split(".")) > 3]
 

@@ -1,0 +1,520 @@
+"""The stripe cache: a bounded write-back cache in front of an ObjectStore.
+
+The layer s3backer calls block_cache: it offers the store's own interface
+(``read``, ``write``, ``zero``, ``write_full``, ``truncate``, ``remove``,
+``stat``, ``exists``, ``list``, ``flush``; everything else is passed to
+the store), so an image cannot tell it is there, except that ``write``
+returns before its bytes are on the OSDs and ``flush`` is what makes them
+durable (fsync, close, a lock hand-over).
+
+Write-back is per name prefix: ``set_writeback(prefix, True)`` (an image
+takes its exclusive lock: ``rbd_data.<id>.``); other names are written
+through. Shared images (no exclusive lock, several writers) never turn it
+on: another process's write would not see our dirty bytes.
+
+Per object the cache keeps *extents*: maximal runs of bytes written and not
+yet flushed, byte-granular, so a 512-byte write needs no read of the rest
+of its page; sequential writes merge into one extent and leave as one store
+write (whole stripes: no reads); repeated writes to the same bytes
+coalesce. An object's state::
+
+    state      dirty map   flushing map   on
+    ---------  ----------  -------------  ------------------------------------
+    clean      empty       empty          (entry dropped)
+    dirty      extents     empty          write -> dirty; flush -> flushing
+    flushing   any         extents        store writes under way, one flusher
+                                          per object; writes go to the dirty
+                                          map meanwhile (the flushing map is
+                                          never changed, so what the store
+                                          encodes is what it writes)
+       flush ok:     flushing map dropped -> clean or dirty
+       flush failed: flushing map put back under the dirty map -> dirty,
+                     error kept for the next flush() of its prefix
+       fenced:       both maps dropped (the lock was broken: its bytes must
+                     never be written) -> clean, the error kept (the next
+                     fsync or close fails: EIO)
+
+Reads take the store's bytes and lay the object's flushing and then dirty
+extents over them (newest last); a read inside one cached extent is served
+from it (a hit: no shard read). Both maps are referenced before the store
+read: a flush finishing meanwhile cannot leave the read with the store's
+older bytes and no extent to correct them.
+
+Bounds: dirty plus flushing bytes never exceed the capacity. A write that
+does not fit waits (backpressure) while the flusher writes the oldest
+objects out; ``try_write`` instead says no, so the FUSE layer can run the
+write in a worker thread. A write larger than a quarter of the cache is
+written through. The flusher thread writes objects dirty longer than
+``max_age`` seconds, and all of them (oldest first) when the cache is half
+full or a writer waits. Objects are flushed concurrently (``FLUSH_THREADS``)
+so their journal records share fdatasyncs (group commit).
+
+Crash safety is the store's: each flushed extent is one atomic store write,
+so a crash loses at most writes no completed ``flush`` covered, and never
+leaves a stripe whose parity disagrees with its data.
+
+Not yet here (issue 11): parity pages and clean data kept for reads, one
+journal record per flush batch, and readahead.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from sortedcontainers import SortedDict
+
+from .errors import EcfsError, Fenced, NotFound, StoreError
+
+log = logging.getLogger("ecfs.cache")
+
+MAX_AGE = 5.0          # seconds dirty data may wait for the flusher
+FLUSH_THREADS = 8
+
+
+@dataclass
+class _Entry:
+    name: str
+    hint: int = 0                      # the store's size_hint for the object
+    dirty: SortedDict = field(default_factory=SortedDict)      # offset -> bytearray
+    flushing: SortedDict = field(default_factory=SortedDict)   # offset -> bytearray
+    busy: bool = False                 # a flusher owns the flushing map
+    since: float = 0.0                 # monotonic time the dirty map became non-empty
+    error: EcfsError | None = None     # the last flush failed (bytes kept, retried)
+    lost: EcfsError | None = None      # bytes dropped (fenced): reported once
+
+    def idle(self) -> bool:
+        return not (self.dirty or self.flushing or self.busy or self.error or self.lost)
+
+
+class StripeCache:
+    def __init__(self, store, capacity: int, *, max_age: float = MAX_AGE):
+        if capacity <= 0:
+            raise ValueError("capacity must be positive (0 means no cache: use the store)")
+        self.lower = store
+        self.capacity = capacity
+        self.max_age = max_age
+        self.through = capacity // 4       # larger writes are written through
+        self._cv = threading.Condition()
+        self._objs: dict[str, _Entry] = {}
+        self._wb: set[str] = set()         # name prefixes written back
+        self._bytes = 0                    # dirty + flushing bytes
+        self._waiting = 0                  # writers waiting for room
+        self._stall: EcfsError | None = None   # a flush pass freed nothing and failed
+        self._closed = False
+        self._pool = ThreadPoolExecutor(FLUSH_THREADS, thread_name_prefix="ecfs-flush")
+        self._flusher = threading.Thread(target=self._flush_loop, name="ecfs-flusher",
+                                         daemon=True)
+        self._flusher.start()
+
+    def __getattr__(self, attr):
+        return getattr(self.lower, attr)
+
+    # ---------------------------------------------------------- write-back
+    def set_writeback(self, prefix: str, on: bool) -> bool:
+        """Write names under ``prefix`` back (on) or through (off; flush
+        first). True: write-back is what the store now does for them."""
+        with self._cv:
+            (self._wb.add if on else self._wb.discard)(prefix)
+        return on
+
+    def _writeback(self, name: str) -> bool:
+        return any(name.startswith(p) for p in self._wb)
+
+    def dirty_bytes(self) -> int:
+        return self._bytes
+
+    # ---------------------------------------------------------------- writes
+    def try_write(self, name: str, offset: int, data, *, size_hint: int = 0) -> bool:
+        """Cache the write if that needs no waiting; False: call ``write``
+        (from a thread that may block)."""
+        data = memoryview(data).cast("B")
+        if not len(data) or len(data) > self.through or not self._writeback(name):
+            return False
+        with self._cv:
+            if self._closed:
+                return False
+            e = self._objs.get(name)
+            grow = _growth(e.dirty, offset, len(data)) if e is not None else len(data)
+            if self._bytes + grow > self.capacity or self._waiting:
+                return False
+            self._put(name, e, offset, data, size_hint)
+        return True
+
+    def write(self, name: str, offset: int, data, *, size_hint: int = 0) -> None:
+        data = memoryview(data).cast("B")
+        if not len(data) or len(data) > self.through or not self._writeback(name) \
+                or self._closed:
+            self._through(name)
+            self.lower.write(name, offset, data, size_hint=size_hint)
+            return
+        with self._cv:
+            waited = False
+            while True:
+                e = self._objs.get(name)
+                grow = _growth(e.dirty, offset, len(data)) if e is not None else len(data)
+                if self._bytes + grow <= self.capacity:
+                    break
+                if self._stall is not None:
+                    raise self._stall       # nothing can be flushed: say why, not hang
+                if not waited:
+                    self.lower.counters.add("cache_waits")
+                    waited = True
+                self._waiting += 1
+                self._cv.notify_all()       # the flusher: make room
+                try:
+                    self._cv.wait(1.0)
+                finally:
+                    self._waiting -= 1
+            self._put(name, e, offset, data, size_hint)
+
+    def _put(self, name: str, e: _Entry | None, offset: int, data: memoryview,
+             size_hint: int) -> None:
+        """Add the write to the object's dirty map (under the lock)."""
+        if e is None:
+            e = self._objs[name] = _Entry(name)
+        if size_hint:
+            e.hint = size_hint
+        if not e.dirty:
+            e.since = time.monotonic()
+        self._bytes += _insert(e.dirty, offset, data)
+        if self._bytes > self.capacity // 2:
+            self._cv.notify_all()           # the flusher: time to write out
+        self.lower.counters.add_many((("cache_writes", 1), ("cache_write_bytes", len(data))))
+        self.lower.counters.set("cache_dirty_bytes", self._bytes)
+
+    def _through(self, name: str) -> None:
+        """Before a store operation on ``name`` that bypasses the cache:
+        its cached bytes go first (a flush under way finishes), so the
+        operation lands after them."""
+        if name in self._objs:
+            self._flush_one(name, raise_lost=False)
+
+    # ------------------------------------------------- other store calls
+    def zero(self, name: str, offset: int, length: int) -> None:
+        self._through(name)
+        self.lower.zero(name, offset, length)
+
+    def truncate(self, name: str, size: int) -> None:
+        self._through(name)
+        self.lower.truncate(name, size)
+
+    def write_full(self, name: str, data) -> None:
+        self._forget(name)
+        self.lower.write_full(name, data)
+
+    def remove(self, name: str) -> None:
+        cached = self._forget(name)
+        try:
+            self.lower.remove(name)
+        except NotFound:
+            if not cached:
+                raise           # (an object only the cache held is removed)
+
+    def _forget(self, name: str) -> bool:
+        """The object's content is about to be replaced: its cached bytes
+        are dropped unwritten, after any flush of them under way. Whether
+        there were any."""
+        with self._cv:
+            e = self._settled(name)
+            if e is None:
+                return False
+            had = bool(e.dirty)
+            self._bytes -= _size(e.dirty) + _size(e.flushing)
+            self.lower.counters.set("cache_dirty_bytes", self._bytes)
+            e.dirty.clear()
+            e.flushing.clear()
+            e.error = None
+            if e.idle():
+                del self._objs[name]
+            self._cv.notify_all()
+            return had
+
+    def stat(self, name: str):
+        self._through(name)
+        return self.lower.stat(name)
+
+    def exists(self, name: str) -> bool:
+        e = self._objs.get(name)
+        if e is not None and (e.dirty or e.flushing):
+            return True
+        return self.lower.exists(name)
+
+    def list(self, prefix: str = "") -> list[str]:
+        with self._cv:
+            cached = {n for n, e in self._objs.items()
+                      if n.startswith(prefix) and (e.dirty or e.flushing)}
+        return sorted(set(self.lower.list(prefix)) | cached)
+
+    # ----------------------------------------------------------------- reads
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        with self._cv:
+            e = self._objs.get(name)
+            if e is None or not (e.dirty or e.flushing):
+                e = None
+            else:
+                maps = (e.flushing, e.dirty)
+                hit = _within(e.dirty, offset, length)
+                if hit is None and not _overlaps(e.dirty, offset, length):
+                    hit = _within(e.flushing, offset, length)
+                if hit is not None:
+                    self.lower.counters.add("cache_hits")
+                    return hit
+        if e is None:
+            return self.lower.read(name, offset, length)
+        self.lower.counters.add("cache_misses")
+        try:
+            got = self.lower.read(name, offset, length)
+        except NotFound:
+            got = b""
+        with self._cv:
+            end = max(len(got), max((_end(m) for m in maps), default=0) - offset)
+            end = max(0, min(length, end))
+            if not end:
+                return got          # past the end (the object exists: it is cached)
+            out = bytearray(end)
+            out[:len(got)] = got
+            for m in maps:
+                _overlay(m, offset, out)
+        return bytes(out)
+
+    # ---------------------------------------------------------------- flush
+    def flush(self, prefix: str = "") -> None:
+        """Every write to names under ``prefix`` that returned before this
+        call is durable when it returns; else the first error (a write-back
+        that failed or was dropped since the last flush) is raised."""
+        with self._cv:
+            names = [n for n in self._objs if n.startswith(prefix)]
+        errs = list(self._pool.map(self._flush_one, names))
+        self.lower.flush()
+        with self._cv:
+            for n in names:
+                e = self._objs.get(n)
+                if e is not None and e.lost is not None:
+                    errs.append(e.lost)
+                    e.lost = None
+                    if e.idle():
+                        del self._objs[n]
+        for err in errs:
+            if err is not None:
+                raise err
+
+    def drop(self, prefix: str) -> None:
+        """Forget the dirty bytes under ``prefix`` unwritten (the image's
+        lock was broken: they must never reach the store)."""
+        with self._cv:
+            names = [n for n in self._objs if n.startswith(prefix)]
+        for n in names:
+            self._forget(n)
+
+    def _settled(self, name: str) -> _Entry | None:
+        """The object's entry once no flush of it is under way (under the lock)."""
+        while True:
+            e = self._objs.get(name)
+            if e is None or not e.busy:
+                return e
+            self._cv.wait()
+
+    def _flush_one(self, name: str, raise_lost: bool = True) -> EcfsError | None:
+        """Write the object's dirty extents out (waiting for a flush of it
+        under way first); the error if that failed."""
+        with self._cv:
+            e = self._settled(name)
+            if e is None:
+                return None
+            if not e.dirty:
+                err = e.error
+                return err
+            e.busy = True
+            e.flushing, e.dirty = e.dirty, SortedDict()
+            e.since = 0.0
+            todo = list(e.flushing.items())
+            hint = e.hint
+        err: EcfsError | None = None
+        try:
+            for off, buf in todo:
+                self.lower.write(name, off, buf, size_hint=hint)
+        except EcfsError as x:
+            err = x
+        except Exception as x:          # a defect: keep the bytes, say so
+            log.exception("flush of %s failed", name)
+            err = StoreError(f"flush of {name}: {type(x).__name__}: {x}")
+        with self._cv:
+            self.lower.counters.add_many((("cache_flushes", 1),
+                                          ("cache_flush_extents", len(todo))))
+            if err is None:
+                self._bytes -= _size(e.flushing)
+                e.flushing = SortedDict()
+                e.error = None
+            elif isinstance(err, Fenced):
+                self._bytes -= _size(e.flushing) + _size(e.dirty)
+                e.flushing, e.dirty = SortedDict(), SortedDict()
+                e.error, e.lost = None, err
+                log.warning("%s: dirty bytes dropped: %s", name, err)
+            else:
+                # put back under what was written meanwhile (newer wins)
+                merged = e.flushing
+                before = _size(merged) + _size(e.dirty)
+                for off, buf in e.dirty.items():
+                    _insert(merged, off, memoryview(buf))
+                self._bytes += _size(merged) - before
+                e.flushing, e.dirty = SortedDict(), merged
+                e.since = e.since or time.monotonic()
+                e.error = err
+            e.busy = False
+            self.lower.counters.set("cache_dirty_bytes", self._bytes)
+            if e.idle():
+                del self._objs[name]
+            self._cv.notify_all()
+        if err is None and not raise_lost:
+            return None
+        return err
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._cv:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                pressure = self._waiting or self._bytes > self.capacity // 2
+                due = [e for e in self._objs.values() if e.dirty and not e.busy and
+                       (pressure or now - e.since >= self.max_age)]
+                if not due:
+                    oldest = min((e.since for e in self._objs.values() if e.dirty),
+                                 default=None)
+                    wait = self.max_age if oldest is None else \
+                        max(0.01, oldest + self.max_age - now)
+                    self._cv.wait(min(wait, self.max_age))
+                    continue
+                due.sort(key=lambda e: e.since)
+                names = [e.name for e in due]
+                before = self._bytes
+            errs = list(self._pool.map(self._flush_one, names))
+            with self._cv:
+                failed = next((x for x in errs if x is not None and not isinstance(x, Fenced)),
+                              None)
+                # writers waiting for room are told why when nothing moves
+                self._stall = failed if failed is not None and self._bytes >= before else None
+                self._cv.notify_all()
+            if failed is not None:
+                log.warning("write-back of %d objects: %s", len(names), failed)
+                with self._cv:
+                    self._cv.wait(1.0)      # do not spin on a full or failed disk
+
+    # ----------------------------------------------------------------- close
+    def close(self, close_lower: bool = True) -> None:
+        """Flush everything, stop the flusher, close the store (unless
+        ``close_lower`` is false). Bytes that cannot be written are logged
+        (they are lost with this process)."""
+        try:
+            try:
+                self.flush()
+            except EcfsError as e:
+                log.error("cache close: %s bytes not written: %s", self._bytes, e)
+        finally:
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()
+            self._flusher.join()
+            self._pool.shutdown()
+            self.lower.counters.set("cache_dirty_bytes", 0)
+            if close_lower:
+                self.lower.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ------------------------------------------------------------- extent maps
+# A map is a SortedDict offset -> bytearray of disjoint, non-touching extents.
+
+def _size(m: SortedDict) -> int:
+    return sum(len(b) for b in m.values())
+
+
+def _end(m: SortedDict) -> int:
+    if not m:
+        return 0
+    off, buf = m.peekitem(-1)
+    return off + len(buf)
+
+
+def _touching(m: SortedDict, a: int, b: int) -> list[int]:
+    """Offsets of the extents overlapping or touching [a, b)."""
+    i = m.bisect_right(a) - 1
+    if i < 0 or m.keys()[i] + len(m.values()[i]) < a:
+        i += 1
+    keys = []
+    ks = m.keys()
+    while i < len(ks) and ks[i] <= b:
+        keys.append(ks[i])
+        i += 1
+    return keys
+
+
+def _growth(m: SortedDict, a: int, n: int) -> int:
+    """How many bytes the map grows by if [a, a+n) is inserted."""
+    covered = 0
+    for k in _touching(m, a, a + n):
+        buf = m[k]
+        covered += max(0, min(k + len(buf), a + n) - max(k, a))
+    return n - covered
+
+
+def _insert(m: SortedDict, a: int, data: memoryview) -> int:
+    """Write ``data`` at ``a`` into the map (newest wins); the growth in bytes."""
+    b = a + len(data)
+    keys = _touching(m, a, b)
+    if not keys:
+        m[a] = bytearray(data)
+        return len(data)
+    first = keys[0]
+    buf = m[first]
+    if len(keys) == 1 and first <= a:
+        # inside or extending the one extent: in place (amortised append)
+        old = len(buf)
+        buf[a - first:b - first] = data
+        return len(buf) - old
+    lo = min(a, first)
+    last = keys[-1]
+    hi = max(b, last + len(m[last]))
+    new = bytearray(hi - lo)
+    old = 0
+    for k in keys:
+        piece = m.pop(k)
+        new[k - lo:k - lo + len(piece)] = piece
+        old += len(piece)
+    new[a - lo:b - lo] = data
+    m[lo] = new
+    return len(new) - old
+
+
+def _overlaps(m: SortedDict, a: int, n: int) -> bool:
+    return any(min(k + len(m[k]), a + n) > max(k, a) for k in _touching(m, a, a + n))
+
+
+def _within(m: SortedDict, a: int, n: int) -> bytes | None:
+    """The bytes [a, a+n) if one extent holds them all."""
+    i = m.bisect_right(a) - 1
+    if i < 0:
+        return None
+    k = m.keys()[i]
+    buf = m.values()[i]
+    if k + len(buf) < a + n:
+        return None
+    return bytes(buf[a - k:a - k + n])
+
+
+def _overlay(m: SortedDict, a: int, out: bytearray) -> None:
+    """Lay the map's bytes within [a, a+len(out)) over ``out``."""
+    b = a + len(out)
+    for k in _touching(m, a, b):
+        buf = m[k]
+        lo, hi = max(k, a), min(k + len(buf), b)
+        if hi > lo:
+            out[lo - a:hi - a] = buf[lo - k:hi - k]

@@ -1,0 +1,292 @@
+"""The stripe cache (backend/stripecache.py) over a real ObjectStore:
+exact shard I/O per flush, coalescing, hits, bounds, errors, fencing,
+and a seeded model test with the flusher running."""
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from backend.errors import Fenced, NoSpace
+from backend.stripecache import StripeCache
+
+from .util import check_parity
+
+K, M, C = 4, 2, 65536
+STRIPE = K * C
+P = "rbd_data.x."
+OBJ = P + "0"
+
+
+def _delta(s, fn):
+    before = s.counters.snapshot()
+    fn()
+    after = s.counters.snapshot()
+    return {k: after[k] - before[k] for k in after}
+
+
+@pytest.fixture
+def cached(make_store):
+    d, s = make_store(k=K, m=M, chunk_size=C, write_mode="delta")
+    c = StripeCache(s, 8 << 20, max_age=3600)      # the flusher only under pressure
+    c.set_writeback(P, True)
+    yield d, s, c
+    c.close()
+
+
+def _fill(s, n=4 << 20):
+    data = bytearray(os.urandom(n))
+    s.write(OBJ, 0, bytes(data))
+    return data
+
+
+def test_write_returns_before_the_store_sees_it_and_flush_makes_it_durable(cached):
+    d, s, c = cached
+    data = _fill(s)
+    new = os.urandom(4096)
+    n = _delta(s, lambda: c.write(OBJ, 8192, new))
+    assert n["shard_writes"] == n["journal_records"] == n["fsyncs"] == 0
+    assert n["cache_writes"] == 1 and s.counters.snapshot()["cache_dirty_bytes"] == 4096
+    assert s.read(OBJ, 8192, 4096) == bytes(data[8192:12288])     # not yet
+    n = _delta(s, lambda: c.flush(P))
+    data[8192:12288] = new
+    assert s.read(OBJ, 0, len(data)) == bytes(data)
+    # the 4K overwrite flushed alone, stripe not cached: 3 reads + 3 writes
+    assert (n["shard_reads"], n["shard_writes"]) == (3, 3), n
+    assert n["cache_flushes"] == 1 and s.counters.snapshot()["cache_dirty_bytes"] == 0
+    check_parity(d)
+
+
+def test_repeated_writes_to_a_page_coalesce_into_one_store_write(cached):
+    d, s, c = cached
+    data = _fill(s)
+    for i in range(10):
+        piece = bytes([i]) * 4096
+        c.write(OBJ, 3 * C, piece)
+    n = _delta(s, lambda: c.flush())
+    data[3 * C:3 * C + 4096] = piece
+    assert (n["shard_reads"], n["shard_writes"], n["journal_records"]) == (3, 3, 1), n
+    assert s.read(OBJ, 0, len(data)) == bytes(data)
+
+
+def test_sequential_4k_writes_filling_a_stripe_flush_as_a_full_stripe_write(cached):
+    d, s, c = cached
+    data = _fill(s)
+    new = os.urandom(STRIPE)
+    for off in range(0, STRIPE, 4096):
+        c.write(OBJ, STRIPE + off, new[off:off + 4096])
+    n = _delta(s, lambda: c.flush())
+    data[STRIPE:2 * STRIPE] = new
+    # K+M shard writes per stripe, 0 reads
+    assert (n["shard_reads"], n["shard_writes"], n["writes_full"] + n["writes_reconstruct"]) \
+        == (0, K + M, 1), n
+    assert s.read(OBJ, 0, len(data)) == bytes(data)
+    check_parity(d)
+
+
+def test_a_read_of_cached_bytes_is_0_shard_reads_and_a_partial_one_overlays(cached):
+    d, s, c = cached
+    data = _fill(s)
+    new = os.urandom(4096)
+    c.write(OBJ, 4096 + 100, new[:1000])          # byte-granular, no page read
+    got = []
+    n = _delta(s, lambda: got.append(c.read(OBJ, 4196, 1000)))
+    assert got[0] == new[:1000] and n["shard_reads"] == 0 and n["cache_hits"] == 1
+    n = _delta(s, lambda: got.append(c.read(OBJ, 4096, 4096)))
+    data[4196:5196] = new[:1000]
+    assert got[1] == bytes(data[4096:8192]) and n["shard_reads"] == 1, n
+    assert n["cache_misses"] == 1
+
+
+def test_a_cached_object_exists_and_reads_past_the_stored_end(cached):
+    d, s, c = cached
+    c.write(P + "1", 10000, b"abc")
+    assert c.exists(P + "1") and not s.exists(P + "1")
+    assert c.list(P) == [P + "1"]
+    assert c.read(P + "1", 0, 1 << 20) == bytes(10000) + b"abc"
+    c.flush()
+    assert s.read(P + "1", 0, 1 << 20) == bytes(10000) + b"abc"
+
+
+def test_names_outside_write_back_prefixes_are_written_through(cached):
+    d, s, c = cached
+    n = _delta(s, lambda: c.write("other", 0, b"x" * 4096))
+    assert n["journal_records"] == 1 and n["cache_writes"] == 0
+    assert c.try_write("other", 0, b"y") is False
+
+
+def test_remove_and_write_full_drop_cached_bytes_zero_and_truncate_flush_them(cached):
+    d, s, c = cached
+    data = _fill(s, 1 << 20)
+    c.write(OBJ, 0, b"A" * 4096)
+    c.write_full(OBJ, b"B" * 8192)
+    assert c.read(OBJ, 0, 1 << 20) == b"B" * 8192
+    c.write(OBJ, 4096, b"C" * 4096)
+    c.zero(OBJ, 0, 1024)
+    assert s.read(OBJ, 0, 1 << 20) == bytes(1024) + b"B" * 3072 + b"C" * 4096
+    c.write(OBJ, 0, b"D" * 100)
+    c.truncate(OBJ, 50)
+    assert s.read(OBJ, 0, 100) == b"D" * 50
+    c.write(OBJ, 0, b"E" * 100)
+    c.remove(OBJ)
+    assert not c.exists(OBJ)
+    c.flush()
+    assert not s.exists(OBJ) and data
+
+
+def test_a_fenced_flush_drops_the_bytes_and_fails_once(cached):
+    d, s, c = cached
+    data = _fill(s, 1 << 20)
+    fenced = [True]
+
+    def guard():
+        if fenced[0]:
+            raise Fenced("lock broken")
+    s.add_guard(P, guard)
+    c.write(OBJ, 0, b"Z" * 4096)
+    with pytest.raises(Fenced):
+        c.flush(P)
+    assert s.counters.snapshot()["cache_dirty_bytes"] == 0
+    assert c.read(OBJ, 0, 4096) == bytes(data[:4096])    # never written
+    c.flush(P)                                           # reported once
+    fenced[0] = False
+    assert s.read(OBJ, 0, len(data)) == bytes(data)
+
+
+def test_a_failed_flush_keeps_the_bytes_says_so_and_a_later_flush_writes_them(cached):
+    d, s, c = cached
+    data = _fill(s, 1 << 20)
+    full = [True]
+
+    def guard():
+        if full[0]:
+            raise NoSpace("no space left")
+    s.add_guard(P, guard)
+    c.write(OBJ, 0, b"Q" * 4096)
+    c.write(OBJ, 8192, b"R" * 10)
+    with pytest.raises(NoSpace):
+        c.flush(P)
+    with pytest.raises(NoSpace):                 # still not durable: still an error
+        c.flush(P)
+    assert c.read(OBJ, 0, 8202) == b"Q" * 4096 + bytes(data[4096:8192]) + b"R" * 10
+    c.write(OBJ, 4, b"S")                        # newer bytes stay on top
+    full[0] = False
+    c.flush(P)
+    data[0:4096] = b"Q" * 4096
+    data[4] = ord("S")
+    data[8192:8202] = b"R" * 10
+    assert s.read(OBJ, 0, len(data)) == bytes(data)
+    assert s.counters.snapshot()["cache_dirty_bytes"] == 0
+
+
+def test_a_full_cache_pushes_back_and_writers_wait_for_the_flusher(make_store):
+    d, s = make_store(k=K, m=M, chunk_size=C)
+    gate = threading.Event()
+    s.add_guard(P, lambda: gate.wait(30))
+    c = StripeCache(s, 64 << 10, max_age=3600)
+    c.set_writeback(P, True)
+    try:
+        assert c.try_write(OBJ, 0, b"a" * 16384)
+        assert c.try_write(P + "1", 0, b"b" * 16384)
+        assert c.try_write(OBJ, 0, b"c" * 16384)      # an overwrite needs no room
+        assert c.dirty_bytes() == 32768
+        # at half full the flusher writes out, but the store is stalled
+        assert c.try_write(P + "2", 0, b"d" * 16384)
+        assert c.try_write(P + "3", 0, b"e" * 16384)
+        assert c.try_write(P + "4", 0, b"f" * 16384) is False    # full: no room, no wait
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (c.write(P + "4", 0, b"f" * 16384), done.set()))
+        t.start()
+        assert not done.wait(0.3)                    # waiting for room
+        assert c.dirty_bytes() <= 64 << 10
+        gate.set()
+        assert done.wait(30)
+        t.join()
+        assert s.counters.snapshot()["cache_waits"] == 1
+        c.flush()
+        assert [s.read(P + x, 0, 16384) for x in "01234"] == \
+            [b"c" * 16384, b"b" * 16384, b"d" * 16384, b"e" * 16384, b"f" * 16384]
+    finally:
+        gate.set()
+        c.close()
+
+
+def test_dirty_bytes_older_than_max_age_leave_by_themselves(make_store):
+    d, s = make_store(k=K, m=M, chunk_size=C)
+    c = StripeCache(s, 1 << 20, max_age=0.2)
+    c.set_writeback(P, True)
+    try:
+        c.write(OBJ, 0, b"t" * 4096)
+        deadline = time.monotonic() + 20
+        while s.counters.snapshot()["cache_dirty_bytes"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.read(OBJ, 0, 4096) == b"t" * 4096
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("ECFS_MODEL_SEEDS", "4"))))
+def test_model(make_store, seed):
+    """Random writes, reads, zeros, removals, truncations and flushes
+    through a small cache with an eager flusher, against a model."""
+    rng = random.Random(seed)
+    d, s = make_store(k=K, m=M, chunk_size=16384, write_mode="mixed")
+    c = StripeCache(s, 256 << 10, max_age=0.01)
+    c.set_writeback(P, True)
+    names = [P + str(i) for i in range(3)]
+    model: dict[str, bytearray] = {}
+    try:
+        for step in range(300):
+            name = rng.choice(names)
+            op = rng.random()
+            if op < 0.55:
+                off = rng.randrange(0, 400_000)
+                n = rng.choice([1, 100, 4096, 5000, 70_000])
+                piece = rng.randbytes(n)
+                if rng.random() < 0.5 and c.try_write(name, off, piece):
+                    pass
+                else:
+                    c.write(name, off, piece)
+                cur = model.setdefault(name, bytearray())
+                if len(cur) < off + n:
+                    cur.extend(bytes(off + n - len(cur)))
+                cur[off:off + n] = piece
+            elif op < 0.8:
+                off = rng.randrange(0, 420_000)
+                n = rng.randrange(1, 100_000)
+                want = model.get(name)
+                if want is None:
+                    assert not c.exists(name)
+                    continue
+                assert c.read(name, off, n) == bytes(want[off:off + n]), (seed, step)
+            elif op < 0.86 and name in model:
+                off = rng.randrange(0, 400_000)
+                n = rng.randrange(1, 50_000)
+                c.zero(name, off, n)
+                cur = model[name]
+                end = min(len(cur), off + n)
+                if end > off:
+                    cur[off:end] = bytes(end - off)
+            elif op < 0.9 and name in model:
+                c.remove(name)
+                del model[name]
+            elif op < 0.94 and name in model:
+                size = rng.randrange(0, 400_000)
+                c.truncate(name, size)
+                cur = model[name]
+                del cur[size:]
+                cur.extend(bytes(size - len(cur)))
+            else:
+                c.flush(P)
+                assert s.counters.snapshot()["cache_dirty_bytes"] == 0
+        c.flush()
+        for name in names:
+            want = model.get(name)
+            if want is None:
+                assert not s.exists(name)
+            else:
+                assert s.read(name, 0, 1 << 20) == bytes(want), (seed, name)
+        check_parity(d)
+    finally:
+        c.close()
