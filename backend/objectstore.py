@@ -996,6 +996,91 @@ class ObjectStore:
                 return (tail_ops or []) + hops, hdr
             self._commit(obj, grow)
             return
+        shard_ops = self._stripe_ops(obj, offset, data, C, size)
+        touched = set(shard_ops) | set(tail_touched)
+
+        def build(cur: _Obj):
+            # cur: the object as it is now, under the metadata lock; writers
+            # of other stripes may have committed since it was loaded
+            cur_size = cur.info.object_size if cur.info else 0
+            final = max(cur_size, end) if new_size is None else new_size
+            hops, hdr = self._header_ops(cur, C, final, self._next_version(cur), touched)
+            return self._shard_txn(cur, shard_ops) + (tail_ops or []) + hops, hdr
+
+        self._commit(obj, build)
+
+    def _shard_txn(self, cur: _Obj, shard_ops: dict[int, list[FileOp]]) -> list[FileOp]:
+        ops = []
+        for j, jops in shard_ops.items():
+            if self._writable(cur, j):     # else the vector calls it stale
+                ops += self._drop_leftovers(cur, j) + jops
+        return ops
+
+    @_replanning
+    def write_extents(self, name: str, extents, *, size_hint: int = 0) -> None:
+        """Write several disjoint ranges ``[(offset, data), ...]`` of one
+        object (the stripe cache's flush of it): ranges in different
+        stripes go as one transaction (one journal record, one version,
+        each header written once); a range sharing a stripe with an earlier
+        one starts the next transaction (its plan must read what the
+        earlier one wrote)."""
+        validate_name(name)
+        extents = sorted((off, memoryview(d).cast("B")) for off, d in extents if len(d))
+        if not extents:
+            return
+        for (a, da), (b, _) in zip(extents, extents[1:]):
+            if a + len(da) > b:
+                raise InvalidArgument("extents overlap")
+        if extents[0][0] < 0:
+            raise InvalidArgument("offset must not be negative")
+        end = extents[-1][0] + len(extents[-1][1])
+        if end > MAX_OBJECT_SIZE:
+            raise TooBig(f"write past the object size limit ({MAX_OBJECT_SIZE} bytes)")
+        with self._locked(name) as obj:
+            self._known(obj)
+            self.counters.add_many((("client_write_ops", len(extents)),
+                                    ("client_write_bytes", sum(len(d) for _, d in extents))))
+            if obj.info is None or \
+                    self.pool.chunk_for(max(obj.info.object_size, end, size_hint)) != \
+                    obj.info.chunk_size and self.pool.chunk_size == "auto":
+                # a new object, or one to restripe: one range at a time
+                for off, d in extents:
+                    self._write_locked(obj, off, d, size_hint=size_hint)
+                return
+            KC = self.k * obj.info.chunk_size
+            batch: list = []
+            for off, d in extents:
+                if batch and off // KC <= (batch[-1][0] + len(batch[-1][1]) - 1) // KC:
+                    self._write_batch(obj, batch)
+                    batch = []
+                batch.append((off, d))
+            self._write_batch(obj, batch)
+
+    def _write_batch(self, obj: _Obj, batch) -> None:
+        """Ranges of distinct stripes of an existing object (locked whole),
+        planned against what is on the OSDs now, committed together."""
+        C = obj.info.chunk_size
+        end = max(off + len(d) for off, d in batch)
+        size = max(obj.info.object_size, end)
+        shard_ops: dict[int, list[FileOp]] = {}
+        for off, d in batch:
+            for j, jops in self._stripe_ops(obj, off, d, C, size).items():
+                shard_ops.setdefault(j, []).extend(jops)
+        touched = set(shard_ops)
+
+        def build(cur: _Obj):
+            hops, hdr = self._header_ops(cur, C, max(cur.info.object_size, end),
+                                         self._next_version(cur), touched)
+            return self._shard_txn(cur, shard_ops) + hops, hdr
+
+        self._commit(obj, build)
+
+    def _stripe_ops(self, obj: _Obj, offset: int, data: memoryview, C: int,
+                    size: int) -> dict[int, list[FileOp]]:
+        """Plan, read and encode a write of ``data`` at ``offset`` (object
+        size ``size`` after it): the page and checksum writes per shard."""
+        end = offset + len(data)
+        old_size = obj.info.object_size if obj.info else 0
         P, KC = C // PAGE, self.k * C
         s0, s1 = offset // KC, (end - 1) // KC
         win = _Window(self.width, self.k, C, s0, s1)
@@ -1066,21 +1151,7 @@ class ObjectStore:
                 jops += _page_ops(obj.loc[j], rd, p0, buf, crcs, stop)
                 jops.append(FileOp(OP_WRITE, obj.loc[j], rm, sf.crc_offset(p0),
                                    crcs.astype("<u4").tobytes()))
-        touched = set(shard_ops) | set(tail_touched)
-
-        def build(cur: _Obj):
-            # cur: the object as it is now, under the metadata lock; writers
-            # of other stripes may have committed since it was loaded
-            cur_size = cur.info.object_size if cur.info else 0
-            final = max(cur_size, end) if new_size is None else new_size
-            ops = []
-            for j, jops in shard_ops.items():
-                if self._writable(cur, j):     # else the vector calls it stale
-                    ops += self._drop_leftovers(cur, j) + jops
-            hops, hdr = self._header_ops(cur, C, final, self._next_version(cur), touched)
-            return ops + (tail_ops or []) + hops, hdr
-
-        self._commit(obj, build)
+        return shard_ops
 
     def _drop_leftovers(self, obj: _Obj, j: int) -> list[FileOp]:
         """Before the first write of shard j in this incarnation of the object
@@ -1392,7 +1463,14 @@ class ObjectStore:
             self.locks.set_inflight(obj.slot, False)
         if hdr is not None:
             obj.info = hdr
+            # the shards whose headers this wrote are current; the rest are
+            # asked again (obj.info is no shard's own header: never trust it
+            # as shard 0's, whose write may have been left out)
             obj.usable = {}
+            for op in rec.ops:
+                if op.type == OP_WRITE and op.offset == 0 and op.path.endswith(".meta") \
+                        and self.osdmap.is_up(op.osd):
+                    obj.usable[int(op.path[:-5].rpartition(".s")[2])] = True
 
     def _apply(self, rec: Record, counted: bool, kind: str = "write") -> None:
         for op in rec.ops:

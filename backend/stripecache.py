@@ -46,8 +46,11 @@ objects out; ``try_write`` instead says no, so the FUSE layer can run the
 write in a worker thread. A write larger than a quarter of the cache is
 written through. The flusher thread writes objects dirty longer than
 ``max_age`` seconds, and all of them (oldest first) when the cache is half
-full or a writer waits. Objects are flushed concurrently (``FLUSH_THREADS``)
-so their journal records share fdatasyncs (group commit).
+full or a writer waits. An object's extents leave as one store transaction
+(``ObjectStore.write_extents``: one journal record, one version bump, each
+header once), split only where two extents share a stripe; objects are
+flushed concurrently (``FLUSH_THREADS``) so their journal records share
+fdatasyncs (group commit).
 
 Crash safety is the store's: each flushed extent is one atomic store write,
 so a crash loses at most writes no completed ``flush`` covered, and never
@@ -99,7 +102,7 @@ class StripeCache:
         self.through = capacity // 4       # larger writes are written through
         self._cv = threading.Condition()
         self._objs: dict[str, _Entry] = {}
-        self._wb: set[str] = set()         # name prefixes written back
+        self._wb: frozenset[str] = frozenset()   # name prefixes written back
         self._bytes = 0                    # dirty + flushing bytes
         self._waiting = 0                  # writers waiting for room
         self._stall: EcfsError | None = None   # a flush pass freed nothing and failed
@@ -117,7 +120,8 @@ class StripeCache:
         """Write names under ``prefix`` back (on) or through (off; flush
         first). True: write-back is what the store now does for them."""
         with self._cv:
-            (self._wb.add if on else self._wb.discard)(prefix)
+            # replaced, never changed: writers read it without the lock
+            self._wb = self._wb | {prefix} if on else self._wb - {prefix}
         return on
 
     def _writeback(self, name: str) -> bool:
@@ -334,8 +338,8 @@ class StripeCache:
             hint = e.hint
         err: EcfsError | None = None
         try:
-            for off, buf in todo:
-                self.lower.write(name, off, buf, size_hint=hint)
+            # one transaction for the extents of distinct stripes
+            self.lower.write_extents(name, todo, size_hint=hint)
         except EcfsError as x:
             err = x
         except Exception as x:          # a defect: keep the bytes, say so

@@ -70,6 +70,39 @@ def test_repeated_writes_to_a_page_coalesce_into_one_store_write(cached):
     assert s.read(OBJ, 0, len(data)) == bytes(data)
 
 
+def test_scattered_writes_to_one_object_flush_as_one_transaction_per_stripe_group(cached):
+    d, s, c = cached
+    data = _fill(s)
+    offs = [0, 3 * STRIPE + C + 4096, 9 * STRIPE + 2 * C, 15 * STRIPE + 3 * C + 8192]
+    for off in offs:
+        piece = os.urandom(4096)
+        c.write(OBJ, off, piece)
+        data[off:off + 4096] = piece
+    n = _delta(s, lambda: c.flush())
+    # 4 stripes, delta each: 4 x (3 reads + 3 writes); one record, one fsync
+    assert (n["shard_reads"], n["shard_writes"]) == (12, 12), n
+    assert (n["journal_records"], n["fsyncs"], n["writes_delta"]) == (1, 1, 4), n
+    # two extents in one stripe: the second plans against the first's result
+    c.write(OBJ, STRIPE + 4096, b"1" * 4096)
+    c.write(OBJ, STRIPE + 3 * C, b"2" * 4096)
+    n = _delta(s, lambda: c.flush())
+    data[STRIPE + 4096:STRIPE + 8192] = b"1" * 4096
+    data[STRIPE + 3 * C:STRIPE + 3 * C + 4096] = b"2" * 4096
+    assert n["journal_records"] == 2, n
+    assert s.read(OBJ, 0, len(data)) == bytes(data)
+    check_parity(d)
+
+
+def test_write_extents_refuses_overlaps_and_writes_new_objects(cached):
+    d, s, c = cached
+    from backend.errors import InvalidArgument
+    with pytest.raises(InvalidArgument):
+        s.write_extents(OBJ, [(0, b"a" * 10), (5, b"b" * 10)])
+    s.write_extents(P + "n", [(STRIPE * 3, b"z" * 5), (0, b"y" * 3)])
+    assert s.read(P + "n", 0, 1 << 20) == b"y" * 3 + bytes(STRIPE * 3 - 3) + b"z" * 5
+    check_parity(d)
+
+
 def test_sequential_4k_writes_filling_a_stripe_flush_as_a_full_stripe_write(cached):
     d, s, c = cached
     data = _fill(s)
