@@ -334,7 +334,7 @@ class StripeCache:
             e.busy = True
             e.flushing, e.dirty = e.dirty, SortedDict()
             e.since = 0.0
-            todo = list(e.flushing.items())
+            todo = _runs(e.flushing)
             hint = e.hint
         err: EcfsError | None = None
         try:
@@ -435,7 +435,12 @@ class StripeCache:
 
 
 # ------------------------------------------------------------- extent maps
-# A map is a SortedDict offset -> bytearray of disjoint, non-touching extents.
+# A map is a SortedDict offset -> bytearray of disjoint extents, none
+# crossing a BLOCK boundary and none touching another of its block: a write
+# merging with its neighbours copies at most a block (an unbounded extent
+# would be copied whole by every write next to its start). A flush joins
+# the extents that touch across blocks (``_runs``).
+BLOCK = 64 << 10
 
 def _size(m: SortedDict) -> int:
     return sum(len(b) for b in m.values())
@@ -448,14 +453,15 @@ def _end(m: SortedDict) -> int:
     return off + len(buf)
 
 
-def _touching(m: SortedDict, a: int, b: int) -> list[int]:
-    """Offsets of the extents overlapping or touching [a, b)."""
+def _touching(m: SortedDict, a: int, b: int, lo: int = -1, hi: int | None = None) -> list[int]:
+    """Offsets of the extents overlapping or touching [a, b), those
+    starting in [lo, hi) only."""
     i = m.bisect_right(a) - 1
-    if i < 0 or m.keys()[i] + len(m.values()[i]) < a:
+    if i < 0 or m.keys()[i] + len(m.values()[i]) < a or m.keys()[i] < lo:
         i += 1
     keys = []
     ks = m.keys()
-    while i < len(ks) and ks[i] <= b:
+    while i < len(ks) and ks[i] <= b and (hi is None or ks[i] < hi):
         keys.append(ks[i])
         i += 1
     return keys
@@ -473,7 +479,19 @@ def _growth(m: SortedDict, a: int, n: int) -> int:
 def _insert(m: SortedDict, a: int, data: memoryview) -> int:
     """Write ``data`` at ``a`` into the map (newest wins); the growth in bytes."""
     b = a + len(data)
-    keys = _touching(m, a, b)
+    if a // BLOCK != (b - 1) // BLOCK:
+        grown = 0
+        for x in range(a - a % BLOCK, b, BLOCK):
+            p0, p1 = max(a, x), min(b, x + BLOCK)
+            grown += _insert_block(m, p0, data[p0 - a:p1 - a])
+        return grown
+    return _insert_block(m, a, data)
+
+
+def _insert_block(m: SortedDict, a: int, data: memoryview) -> int:
+    b = a + len(data)
+    blk = a - a % BLOCK
+    keys = _touching(m, a, b, blk, blk + BLOCK)
     if not keys:
         m[a] = bytearray(data)
         return len(data)
@@ -496,6 +514,19 @@ def _insert(m: SortedDict, a: int, data: memoryview) -> int:
     new[a - lo:b - lo] = data
     m[lo] = new
     return len(new) - old
+
+
+def _runs(m: SortedDict) -> list[tuple[int, bytes]]:
+    """The map's bytes as maximal contiguous runs (extents of neighbouring
+    blocks joined): what a flush writes."""
+    out: list = []
+    for off, buf in m.items():
+        if out and out[-1][0] + out[-1][2] == off:
+            out[-1][1].append(buf)
+            out[-1][2] += len(buf)
+        else:
+            out.append([off, [buf], len(buf)])
+    return [(off, bufs[0] if len(bufs) == 1 else b"".join(bufs)) for off, bufs, _ in out]
 
 
 def _overlaps(m: SortedDict, a: int, n: int) -> bool:

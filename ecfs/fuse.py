@@ -543,7 +543,11 @@ class EcfsFS(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOTSUP)
 
     async def getxattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        # ENOSYS, not ENODATA: the kernel then stops asking (a getxattr of
+        # security.capability came before every write: a second request
+        # per write); userspace sees EOPNOTSUPP, as on a file system
+        # without xattrs
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def listxattr(self, inode, ctx):
         return []

@@ -342,7 +342,7 @@ class Image:
             if not lock.acquire(blocking=False):
                 return None
             try:
-                if not np.frombuffer(data, dtype=np.uint8).any():
+                if _all_zero(data):
                     return None     # zeros may free the object: the worker decides
                 self._zero_spans.pop(objno, None)
                 if not self.store.try_write(data_object(self.id, objno), offset - objno * osz,
@@ -1085,6 +1085,18 @@ class Image:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _all_zero(buf: memoryview) -> bool:
+    """Whether every byte is 0: one memcmp against zeros, which stops at the
+    first non-zero byte (numpy's any() costs more for a 4 KiB write)."""
+    n = len(buf)
+    if isinstance(buf.obj, bytes) and len(buf.obj) == n and n <= len(_ZEROS):
+        return buf.obj[:1] == b"\0" and buf.obj == _ZEROS[:n]
+    return not np.frombuffer(buf, dtype=np.uint8).any()
 
 
 def _zero_runs(a: np.ndarray, page: int = 4096):

@@ -64,7 +64,7 @@ def test_errnos_users_expect(store, tmp_path):
                         (lambda: os.symlink("img", mnt / "l"), errno.EPERM),
                         (lambda: os.chmod(mnt / "img", 0o755), errno.EPERM),
                         (lambda: os.setxattr(mnt / "img", "user.x", b"1"), errno.ENOTSUP),
-                        (lambda: os.getxattr(mnt / "img", "user.x"), errno.ENODATA),
+                        (lambda: os.getxattr(mnt / "img", "user.x"), errno.EOPNOTSUPP),
                         (lambda: open(mnt / ".snap" / "x", "w"), errno.EROFS),
                         (lambda: open(mnt / "a@b", "w"), errno.EINVAL),
                         (lambda: open(mnt / ("n" * 251), "w"), errno.ENAMETOOLONG),
