@@ -74,7 +74,7 @@ from .errors import EcfsError, Fenced, NotFound, StoreError
 log = logging.getLogger("ecfs.cache")
 
 MAX_AGE = 5.0          # seconds dirty data may wait for the flusher
-FLUSH_THREADS = 8
+FLUSH_THREADS = 4      # enough to share fdatasyncs; each holds a transaction in memory
 
 
 @dataclass

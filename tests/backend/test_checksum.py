@@ -8,7 +8,7 @@ import pytest
 
 from backend import shardfile as sf
 
-from .util import check_parity, osd_of, shard_paths
+from .util import check_parity, osd_of, shard_paths, counted
 
 K, M = 4, 2
 PAGE = 4096
@@ -64,13 +64,6 @@ def _read_all(s, data):
     return go
 
 
-def _delta(s, fn):
-    before = s.counters.snapshot()
-    fn()
-    after = s.counters.snapshot()
-    return {k: after[k] - before[k] for k in after}
-
-
 def _check(got, want):
     assert got == want, "a read returned wrong bytes"
 
@@ -89,11 +82,11 @@ def test_data_shard_flips_read_right_and_repaired(store, per_row):
     rng = random.Random(per_row)
     clean = _snapshot(d, "obj")
     flipped = _corrupt(d, "obj", list(range(K)), 24, rng, per_row=per_row)
-    c = _delta(s, _read_all(s, data))
+    c = counted(s, _read_all(s, data))
     assert c["checksum_errors"] == c["checksum_repairs"] == len(flipped), c
     assert c["decodes"] > 0
     assert _snapshot(d, "obj") == clean, "pages were not repaired on disk"
-    c = _delta(s, _read_all(s, data))
+    c = counted(s, _read_all(s, data))
     assert c["decodes"] == 0 and c["checksum_errors"] == 0, c
     s.close()
     check_parity(d)
@@ -111,7 +104,7 @@ def test_small_reads_see_corruption(store):
         stripe, within = divmod(page * PAGE, C)
         off = stripe * K * C + i * C + within
         n = min(PAGE, len(data) - off)
-        c = _delta(s, lambda: _check(s.read("obj", off, n), data[off:off + n]))
+        c = counted(s, lambda: _check(s.read("obj", off, n), data[off:off + n]))
         total += c["checksum_repairs"]
         assert c["checksum_repairs"] == 1, (i, page, c)
     assert total == len(flipped)
@@ -126,12 +119,12 @@ def test_parity_flips_found_by_degraded_reads(store):
     # or parity K+1 where parity K's page is bad (which gets repaired too)
     flipped = _corrupt(d, "obj", [K], 12, rng)
     s.osdmap.mark_down(osd_of(d, "obj", 0), "test")
-    c = _delta(s, _read_all(s, data))
+    c = counted(s, _read_all(s, data))
     assert c["checksum_repairs"] == len(flipped), c
     s.osdmap.mark_up(osd_of(d, "obj", 0))
     assert _snapshot(d, "obj") == clean
     s.osdmap.mark_down(osd_of(d, "obj", 0), "test")
-    c = _delta(s, _read_all(s, data))
+    c = counted(s, _read_all(s, data))
     assert c["checksum_repairs"] == 0, c
 
 
@@ -149,7 +142,7 @@ def test_parity_flips_found_by_delta_writes(store):
         if off >= len(data):
             off = stripe * K * C + within
         new = rng.randbytes(min(PAGE, len(data) - off))
-        c = _delta(s, lambda: s.write("obj", off, new))
+        c = counted(s, lambda: s.write("obj", off, new))
         data[off:off + len(new)] = new
         repairs += c["checksum_repairs"]
     assert repairs == len(flipped)
@@ -164,7 +157,7 @@ def test_mixed_flips_everywhere(store):
     clean = _snapshot(d, "obj")
     flipped = _corrupt(d, "obj", list(range(K + M)), 30, rng)
     data_flips = {(i, p) for i, p in flipped if i < K}
-    c = _delta(s, _read_all(s, data))
+    c = counted(s, _read_all(s, data))
     # a healthy read touches only data shards: their flips are found
     assert c["checksum_repairs"] == len(data_flips), c
     # any read through any single missing shard returns the right bytes
@@ -199,10 +192,10 @@ def test_a_lost_checksum_table_is_damage_never_zeros(store, damage):
         with open(meta, "r+b") as f:
             f.seek(sf.HEADER_AREA)
             f.write(bytes(4 * pages))
-    c = _delta(s, _read_all(s, data))
+    c = counted(s, _read_all(s, data))
     assert c["checksum_errors"] == c["checksum_repairs"] == pages, c
     assert _snapshot(d, "obj") == clean, "the table was not rewritten"
-    c = _delta(s, _read_all(s, data))
+    c = counted(s, _read_all(s, data))
     assert c["checksum_errors"] == 0, c
     s.close()
     check_parity(d)

@@ -11,19 +11,12 @@ import pytest
 from backend.errors import Fenced, NoSpace
 from backend.stripecache import StripeCache
 
-from .util import check_parity
+from .util import check_parity, counted
 
 K, M, C = 4, 2, 65536
 STRIPE = K * C
 P = "rbd_data.x."
 OBJ = P + "0"
-
-
-def _delta(s, fn):
-    before = s.counters.snapshot()
-    fn()
-    after = s.counters.snapshot()
-    return {k: after[k] - before[k] for k in after}
 
 
 @pytest.fixture
@@ -45,11 +38,11 @@ def test_write_returns_before_the_store_sees_it_and_flush_makes_it_durable(cache
     d, s, c = cached
     data = _fill(s)
     new = os.urandom(4096)
-    n = _delta(s, lambda: c.write(OBJ, 8192, new))
+    n = counted(s, lambda: c.write(OBJ, 8192, new))
     assert n["shard_writes"] == n["journal_records"] == n["fsyncs"] == 0
     assert n["cache_writes"] == 1 and s.counters.snapshot()["cache_dirty_bytes"] == 4096
     assert s.read(OBJ, 8192, 4096) == bytes(data[8192:12288])     # not yet
-    n = _delta(s, lambda: c.flush(P))
+    n = counted(s, lambda: c.flush(P))
     data[8192:12288] = new
     assert s.read(OBJ, 0, len(data)) == bytes(data)
     # the 4K overwrite flushed alone, stripe not cached: 3 reads + 3 writes
@@ -64,7 +57,7 @@ def test_repeated_writes_to_a_page_coalesce_into_one_store_write(cached):
     for i in range(10):
         piece = bytes([i]) * 4096
         c.write(OBJ, 3 * C, piece)
-    n = _delta(s, lambda: c.flush())
+    n = counted(s, lambda: c.flush())
     data[3 * C:3 * C + 4096] = piece
     assert (n["shard_reads"], n["shard_writes"], n["journal_records"]) == (3, 3, 1), n
     assert s.read(OBJ, 0, len(data)) == bytes(data)
@@ -78,14 +71,14 @@ def test_scattered_writes_to_one_object_flush_as_one_transaction_per_stripe_grou
         piece = os.urandom(4096)
         c.write(OBJ, off, piece)
         data[off:off + 4096] = piece
-    n = _delta(s, lambda: c.flush())
+    n = counted(s, lambda: c.flush())
     # 4 stripes, delta each: 4 x (3 reads + 3 writes); one record, one fsync
     assert (n["shard_reads"], n["shard_writes"]) == (12, 12), n
     assert (n["journal_records"], n["fsyncs"], n["writes_delta"]) == (1, 1, 4), n
     # two extents in one stripe: the second plans against the first's result
     c.write(OBJ, STRIPE + 4096, b"1" * 4096)
     c.write(OBJ, STRIPE + 3 * C, b"2" * 4096)
-    n = _delta(s, lambda: c.flush())
+    n = counted(s, lambda: c.flush())
     data[STRIPE + 4096:STRIPE + 8192] = b"1" * 4096
     data[STRIPE + 3 * C:STRIPE + 3 * C + 4096] = b"2" * 4096
     assert n["journal_records"] == 2, n
@@ -109,7 +102,7 @@ def test_sequential_4k_writes_filling_a_stripe_flush_as_a_full_stripe_write(cach
     new = os.urandom(STRIPE)
     for off in range(0, STRIPE, 4096):
         c.write(OBJ, STRIPE + off, new[off:off + 4096])
-    n = _delta(s, lambda: c.flush())
+    n = counted(s, lambda: c.flush())
     data[STRIPE:2 * STRIPE] = new
     # K+M shard writes per stripe, 0 reads
     assert (n["shard_reads"], n["shard_writes"], n["writes_full"] + n["writes_reconstruct"]) \
@@ -124,9 +117,9 @@ def test_a_read_of_cached_bytes_is_0_shard_reads_and_a_partial_one_overlays(cach
     new = os.urandom(4096)
     c.write(OBJ, 4096 + 100, new[:1000])          # byte-granular, no page read
     got = []
-    n = _delta(s, lambda: got.append(c.read(OBJ, 4196, 1000)))
+    n = counted(s, lambda: got.append(c.read(OBJ, 4196, 1000)))
     assert got[0] == new[:1000] and n["shard_reads"] == 0 and n["cache_hits"] == 1
-    n = _delta(s, lambda: got.append(c.read(OBJ, 4096, 4096)))
+    n = counted(s, lambda: got.append(c.read(OBJ, 4096, 4096)))
     data[4196:5196] = new[:1000]
     assert got[1] == bytes(data[4096:8192]) and n["shard_reads"] == 1, n
     assert n["cache_misses"] == 1
@@ -144,7 +137,7 @@ def test_a_cached_object_exists_and_reads_past_the_stored_end(cached):
 
 def test_names_outside_write_back_prefixes_are_written_through(cached):
     d, s, c = cached
-    n = _delta(s, lambda: c.write("other", 0, b"x" * 4096))
+    n = counted(s, lambda: c.write("other", 0, b"x" * 4096))
     assert n["journal_records"] == 1 and n["cache_writes"] == 0
     assert c.try_write("other", 0, b"y") is False
 

@@ -14,6 +14,14 @@ from backend.placement import place
 PAGE = sf.PAGE
 
 
+def counted(s, fn) -> dict[str, int]:
+    """What the store ``s`` counted while ``fn()`` ran."""
+    before = s.counters.snapshot()
+    fn()
+    after = s.counters.snapshot()
+    return {k: after[k] - before[k] for k in after}
+
+
 def pool_of(store_dir: str) -> dict:
     with open(os.path.join(store_dir, "pool.json")) as f:
         return json.load(f)
