@@ -186,6 +186,10 @@ def cmd_status(args) -> int:
     print(f"         {amp['shard_ios_per_write']:.2f} shard I/Os per write, "
           f"{amp['shard_reads_per_read']:.2f} shard reads per read, "
           f"byte amplification {amp['byte_amplification']:.2f}")
+    if ctr["cache_writes"]:
+        print(f"cache:   {format_size(ctr['cache_dirty_bytes'])} dirty now; "
+              f"{ctr['cache_writes']} writes absorbed, {ctr['cache_flushes']} object flushes, "
+              f"{ctr['cache_hits']} read hits, {ctr['cache_waits']} waits for room")
     if not getattr(args, "verbose", False):
         return 0
     print()

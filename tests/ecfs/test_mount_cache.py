@@ -103,6 +103,8 @@ def test_writes_wait_in_the_cache_until_fsync_and_cli_readers_see_them(store, tm
             c = _counters(store)
             assert c["cache_writes"] - before["cache_writes"] == 2
             assert c["cache_dirty_bytes"] == 8192
+            out = ecfs(store, "status").stdout.decode()
+            assert "cache:   8 KiB dirty now; 2 writes absorbed" in out, out
             assert w.read(4 * MiB + 8192, 8192) == a + a                 # a hit
             # an export asks the mount to flush first
             img = _export(store, tmp_path)
