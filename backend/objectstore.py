@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import random
 import signal
@@ -141,8 +142,6 @@ _REPLANS = 8
 def _replanning(fn):
     """Run a mutating operation again, from its locking on, while the OSD
     map changes between its plan and its commit (rare; bounded)."""
-    import functools
-
     @functools.wraps(fn)
     def run(self, *a, **k):
         for _ in range(_REPLANS - 1):
@@ -155,7 +154,6 @@ def _replanning(fn):
         except _Replan:
             raise DataUnavailable("the OSD map kept changing under this write; not done")
     return run
-
 
 
 class ObjectStore:
@@ -1040,9 +1038,10 @@ class ObjectStore:
             self._known(obj)
             self.counters.add_many((("client_write_ops", len(extents)),
                                     ("client_write_bytes", sum(len(d) for _, d in extents))))
-            if obj.info is None or \
-                    self.pool.chunk_for(max(obj.info.object_size, end, size_hint)) != \
-                    obj.info.chunk_size and self.pool.chunk_size == "auto":
+            if obj.info is None or (
+                    self.pool.chunk_size == "auto" and
+                    self.pool.chunk_for(max(obj.info.object_size, end, size_hint))
+                    != obj.info.chunk_size):
                 # a new object, or one to restripe: one range at a time
                 for off, d in extents:
                     self._write_locked(obj, off, d, size_hint=size_hint)
@@ -1470,7 +1469,7 @@ class ObjectStore:
             for op in rec.ops:
                 if op.type == OP_WRITE and op.offset == 0 and op.path.endswith(".meta") \
                         and self.osdmap.is_up(op.osd):
-                    obj.usable[int(op.path[:-5].rpartition(".s")[2])] = True
+                    obj.usable[sf.parse_shard_filename(op.path[:-len(".meta")])[1]] = True
 
     def _apply(self, rec: Record, counted: bool, kind: str = "write") -> None:
         for op in rec.ops:

@@ -194,7 +194,7 @@ class StripeCache:
         its cached bytes go first (a flush under way finishes), so the
         operation lands after them."""
         if name in self._objs:
-            self._flush_one(name, raise_lost=False)
+            self._flush_one(name)
 
     # ------------------------------------------------- other store calls
     def zero(self, name: str, offset: int, length: int) -> None:
@@ -321,7 +321,7 @@ class StripeCache:
                 return e
             self._cv.wait()
 
-    def _flush_one(self, name: str, raise_lost: bool = True) -> EcfsError | None:
+    def _flush_one(self, name: str) -> EcfsError | None:
         """Write the object's dirty extents out (waiting for a flush of it
         under way first); the error if that failed."""
         with self._cv:
@@ -329,8 +329,7 @@ class StripeCache:
             if e is None:
                 return None
             if not e.dirty:
-                err = e.error
-                return err
+                return e.error      # nothing new: the last attempt's outcome
             e.busy = True
             e.flushing, e.dirty = e.dirty, SortedDict()
             e.since = 0.0
@@ -372,8 +371,6 @@ class StripeCache:
             if e.idle():
                 del self._objs[name]
             self._cv.notify_all()
-        if err is None and not raise_lost:
-            return None
         return err
 
     def _flush_loop(self) -> None:

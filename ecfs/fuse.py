@@ -9,9 +9,10 @@ Each handler is a few lines translating to an rbdlike call, run in a
 worker thread (``trio.to_thread.run_sync`` under one CapacityLimiter: the
 store's I/O blocks), except a write the stripe cache can take at once
 (``Image.try_write``): that is copied on the trio loop, with no thread
-hop (about 50 us each, as much as the rest of a cached write). Only ``FUSEError`` leaves a handler: ``EcfsError``s
-carry their errno (backend/errors.py), anything else is logged with its
-traceback and answered EIO, so no request can kill the mount.
+hop (about 50 us each, as much as the rest of a cached write). Only
+``FUSEError`` leaves a handler: ``EcfsError``s carry their errno
+(backend/errors.py), anything else is logged with its traceback and
+answered EIO, so no request can kill the mount.
 
 Images are keyed by id, so an inode survives a rename. One ``Image`` per
 image is kept while handles are open on it; it watches the image, so

@@ -831,7 +831,7 @@ class Image:
                 pass    # the bytes were dropped (the flush that found it said so)
             self.store.set_writeback(self._data_prefix, False)
             self._wb = False
-            for prefix in (f"rbd_data.{self.id}.", f"rbd_object_map.{self.id}"):
+            for prefix in (self._data_prefix, f"rbd_object_map.{self.id}"):
                 self.store.remove_guard(prefix)
             self._lock.release()
             self._lock = None
@@ -899,7 +899,7 @@ class Image:
                 return False
             # self._lock is set last: other threads take "held" to mean the
             # map is loaded and the header current (they check without the mutex)
-            for prefix in (f"rbd_data.{self.id}.", f"rbd_object_map.{self.id}"):
+            for prefix in (self._data_prefix, f"rbd_object_map.{self.id}"):
                 self.store.add_guard(prefix, lock.guard)
             try:
                 # what another writer did before us is in the store: reload
@@ -918,7 +918,7 @@ class Image:
                 if self.header.snap_pending:
                     self._finish_snap()
             except BaseException:
-                for prefix in (f"rbd_data.{self.id}.", f"rbd_object_map.{self.id}"):
+                for prefix in (self._data_prefix, f"rbd_object_map.{self.id}"):
                     self.store.remove_guard(prefix)
                 self._map = None
                 lock.release()

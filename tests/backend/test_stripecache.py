@@ -4,13 +4,13 @@ and a seeded model test with the flusher running."""
 import os
 import random
 import threading
-import time
 
 import pytest
 
 from backend.errors import Fenced, NoSpace
 from backend.stripecache import StripeCache
 
+from ..waiting import wait_for
 from .util import check_parity, counted
 
 K, M, C = 4, 2, 65536
@@ -224,7 +224,8 @@ def test_a_full_cache_pushes_back_and_writers_wait_for_the_flusher(make_store):
         done = threading.Event()
         t = threading.Thread(target=lambda: (c.write(P + "4", 0, b"f" * 16384), done.set()))
         t.start()
-        assert not done.wait(0.3)                    # waiting for room
+        wait_for(lambda: c._waiting == 1, what="the writer waits for room")
+        assert not done.is_set()
         assert c.dirty_bytes() <= 64 << 10
         gate.set()
         assert done.wait(30)
@@ -244,9 +245,8 @@ def test_dirty_bytes_older_than_max_age_leave_by_themselves(make_store):
     c.set_writeback(P, True)
     try:
         c.write(OBJ, 0, b"t" * 4096)
-        deadline = time.monotonic() + 20
-        while s.counters.snapshot()["cache_dirty_bytes"] and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: not s.counters.snapshot()["cache_dirty_bytes"],
+                 what="the flusher wrote the old bytes")
         assert s.read(OBJ, 0, 4096) == b"t" * 4096
     finally:
         c.close()
