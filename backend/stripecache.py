@@ -192,9 +192,13 @@ class StripeCache:
     def _through(self, name: str) -> None:
         """Before a store operation on ``name`` that bypasses the cache:
         its cached bytes go first (a flush under way finishes), so the
-        operation lands after them."""
+        operation lands after them. If they cannot be written, the
+        operation is refused (written later, they would land over it);
+        bytes dropped for fencing are no obstacle."""
         if name in self._objs:
-            self._flush_one(name)
+            err = self._flush_one(name)
+            if err is not None and not isinstance(err, Fenced):
+                raise err
 
     # ------------------------------------------------- other store calls
     def zero(self, name: str, offset: int, length: int) -> None:

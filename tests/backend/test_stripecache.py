@@ -206,6 +206,26 @@ def test_a_failed_flush_keeps_the_bytes_says_so_and_a_later_flush_writes_them(ca
     assert s.counters.snapshot()["cache_dirty_bytes"] == 0
 
 
+def test_an_operation_behind_cached_bytes_that_cannot_be_flushed_is_refused(cached):
+    """zero/truncate/write-through go after the object's cached bytes: if
+    those cannot be written now, the operation fails and changes nothing
+    (else the bytes, flushed later, would land over it)."""
+    d, s, c = cached
+    _fill(s, 1 << 20)
+    fails = [1]
+
+    def guard():
+        if fails[0]:
+            fails[0] -= 1
+            raise NoSpace("no space left")
+    s.add_guard(P, guard)
+    c.write(OBJ, 0, b"A" * 4096)
+    with pytest.raises(NoSpace):
+        c.zero(OBJ, 0, 4096)
+    c.flush(P)
+    assert s.read(OBJ, 0, 4096) == b"A" * 4096
+
+
 def test_a_full_cache_pushes_back_and_writers_wait_for_the_flusher(make_store):
     d, s = make_store(k=K, m=M, chunk_size=C)
     gate = threading.Event()
