@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import logging
 
 import numpy as np
+from crc32c import crc32c as _crc32c  # noqa: E402
 
 from . import shardfile as sf
 from .codec import FLAG_PARITY_DELTA, Codec
@@ -63,6 +64,7 @@ from .errors import (DataUnavailable, EcfsError, InvalidArgument, NoSpace, NotFo
 from .journal import OP_PUNCH, OP_TRUNCATE, OP_UNLINK, OP_WRITE, PUNCH_LEN, FileOp, Journal, Record
 from .locks import ALL_STRIPES, StoreLocks, slot_of
 from .missed import MissedLog
+from .objstate import CommitSeq, ObjState, StateCache, fd_budget
 from .osdmap import OsdMap
 from .placement import place
 from .space import SpaceGuard
@@ -178,6 +180,8 @@ class ObjectStore:
         self._guards: dict[str, object] = {}    # name prefix -> check run before each commit
         self.missed = None if readonly else MissedLog(self.store)
         self.space = SpaceGuard(self.osdmap.paths)
+        self.seq: CommitSeq | None = None
+        self.states: StateCache | None = None       # backend/objstate.py
         if readonly:
             self.counters = Counters(None)
             self.locks = None
@@ -186,6 +190,8 @@ class ObjectStore:
         try:
             self.locks = StoreLocks(self.store)
             self.journal = Journal(os.path.join(self.store, "journal.log"))
+            self.seq = CommitSeq(self.store)
+            self.states = StateCache(self.seq, fd_budget())
         except (OSError, ValueError) as e:
             raise StoreError(f"cannot open store {self.store}: {e}")
         self.counters = Counters(self.store)
@@ -440,6 +446,8 @@ class ObjectStore:
             self.counters.close()
             self.journal.close()
             self.locks.close()
+            self.states.clear()
+            self.seq.close()
             self.missed.close()
             for fd in self._osd_fds.values():
                 os.close(fd)
@@ -505,7 +513,7 @@ class ObjectStore:
             self.counters.add("journal_damaged", len(skip))
         for r in recs:
             if r.name not in skip:
-                self._apply(r, counted=False)
+                self._apply(r, counted=False, kind="replay")
 
     def _rolled_back(self, recs: list[Record]) -> set[str]:
         """Names of the objects whose shards hold a newer version than any
@@ -540,7 +548,8 @@ class ObjectStore:
                 for r in srecs:
                     ops = [op for op in r.ops if op.osd in osds]
                     if ops:
-                        self._apply(Record(r.name, r.slot, ops, r.version), counted=False)
+                        self._apply(Record(r.name, r.slot, ops, r.version), counted=False,
+                                    kind="replay")
 
     def _settle_unsynced(self, recs: list[Record], failed: dict[int, str]) -> None:
         """Before the journal is emptied: the OSDs whose writes may not be
@@ -673,16 +682,45 @@ class ObjectStore:
 
     def _load(self, name: str, slot: int | None = None) -> _Obj:
         """The object's view, with the newest info header of its M+1 info
-        shards (one that was away while the object changed is older)."""
+        shards (one that was away while the object changed is older):
+        from the kept state when it is valid (backend/objstate.py), else
+        from the headers on disk (then kept)."""
         self.osdmap.maybe_refresh()
-        obj = _Obj(name, slot if slot is not None else slot_of(name),
-                   place(name, self.width, self.osdmap.ids))
+        slot = slot if slot is not None else slot_of(name)
+        loc = place(name, self.width, self.osdmap.ids)
         if not self.readonly:
-            self._check_identity(obj.loc)
-        obj.gen = self.osdmap.generation
-        hdrs = {}
+            self._check_identity(loc)
+        gen = self.osdmap.generation
+        if self.states is not None:
+            st = self.states.pin(name, gen)
+            if st is not None:
+                obj = _Obj(name, slot, loc, st.info, dict(st.usable), set(st.bad_header),
+                           set(st.absent), gen)
+                self.states.unpin(st)
+                return obj
+            seq0 = self.seq.get(slot)
+        obj = _Obj(name, slot, loc)
+        obj.gen = gen
+        self.counters.add("state_loads")
+        hdrs: dict[int, sf.ShardHeader | None] = {}
         for i in self.info_shards:
-            hdr = hdrs[i] = self._header(obj, i)
+            hdrs[i] = self._header(obj, i)
+        self._judge(obj, hdrs)
+        if self.states is not None and not seq0 & 1 and self.seq.get(slot) == seq0 \
+                and self.osdmap.generation == gen:
+            # the headers belong together (no apply in between): keep them
+            self.states.put(ObjState(name, slot, seq0, gen, loc, hdrs, obj.info,
+                                     dict(obj.usable), set(obj.bad_header), set(obj.absent)))
+        return obj
+
+    def _judge(self, obj: _Obj, hdrs: dict[int, sf.ShardHeader | None]) -> None:
+        """Set the view's info header and usable shards from the shard
+        headers ``hdrs`` (the info shards' at least; others are read here
+        when needed, and added)."""
+        obj.info = None
+        obj.usable = {}
+        for i in self.info_shards:
+            hdr = hdrs.get(i)
             if hdr is not None and hdr.info and (
                     obj.info is None or hdr.object_version > obj.info.object_version):
                 obj.info = hdr
@@ -696,9 +734,10 @@ class ObjectStore:
                 elif want == 0:
                     obj.usable[i] = True
                 else:
-                    hdr = hdrs[i] if i in hdrs else self._header(obj, i)
+                    if i not in hdrs:
+                        hdrs[i] = self._header(obj, i)
+                    hdr = hdrs[i]
                     obj.usable[i] = hdr is not None and hdr.shard_version >= want
-        return obj
 
     def _header(self, obj: _Obj, i: int) -> sf.ShardHeader | None:
         osd = obj.loc[i]
@@ -839,6 +878,18 @@ class ObjectStore:
         if obj.info is None or obj.info.vector[i] == 0:
             out[:] = 0
             return np.zeros(n, dtype=bool)
+        if self.states is not None:
+            st = self.states.pin(obj.name, obj.gen)
+            if st is not None:
+                try:
+                    done = self._read_pinned(st, i, p0, p1, out, nowait=False)
+                finally:
+                    self.states.unpin(st)
+                if done:
+                    self.counters.add_many(((f"{kind}_shard_reads", 1), ("shard_reads", 1),
+                                            ("shard_read_bytes", n * PAGE)))
+                    return np.zeros(n, dtype=bool)
+                # anything unexpected is read again from disk, as without a state
         data_path, meta_path = self._abs(obj, i)
         try:
             raw = _pread_path(meta_path, 4 * n, sf.crc_offset(p0))
@@ -876,6 +927,109 @@ class ObjectStore:
         if got_n < n * PAGE:
             out[got_n:] = 0
         return sf.page_crcs(out, n) != stored
+
+    def _read_pinned(self, st: ObjState, i: int, p0: int, p1: int, out: np.ndarray,
+                     nowait: bool) -> bool:
+        """Read shard i's pages [p0, p1) into ``out`` through the pinned
+        state's kept file and checksum table. True only when every page
+        was there in full and verified against a non-zero stored checksum
+        (a zero stored is "zero page" or "lost": the long way tells);
+        False for anything else, and for data not in memory when
+        ``nowait`` (RWF_NOWAIT): the caller goes the long way."""
+        seq = st.seq
+        try:
+            table = st.crcs.get(i)
+            if table is None or len(table) < p1:
+                table = self._load_crcs(st, i, seq, nowait)
+                if table is None or len(table) < p1:
+                    return False
+            stored = table[p0:p1]
+            if not stored.all():
+                return False
+            fd = self._kept_fd(st, i, False)
+            if fd is None:
+                return False
+            n = (p1 - p0) * PAGE
+            if os.preadv(fd, [out], p0 * PAGE, os.RWF_NOWAIT if nowait else 0) < n:
+                return False
+        except OSError:         # EAGAIN (not in memory), or an error the long way reports
+            return False
+        if p1 - p0 == 1:
+            return (_crc32c(out) ^ sf.ZERO_PAGE_CRC) == stored[0]
+        return bool((sf.page_crcs(out, p1 - p0) == stored).all())
+
+    def _load_crcs(self, st: ObjState, i: int, seq: int, nowait: bool) -> np.ndarray | None:
+        """Shard i's whole checksum table (as far as its extent goes), read
+        and kept if the commit counter stays at ``seq``."""
+        info = st.info
+        if info is None:
+            return None
+        fd = self._kept_fd(st, i, True)
+        if fd is None:
+            return None
+        pages = -(-self._extents(info.object_size, info.chunk_size)[i] // PAGE)
+        buf = bytearray(4 * pages)
+        got = os.preadv(fd, [buf], sf.crc_offset(0), os.RWF_NOWAIT if nowait else 0)
+        self.counters.add("meta_reads")
+        table = np.zeros(pages, dtype=np.uint32)
+        table[:got // 4] = np.frombuffer(buf, dtype="<u4", count=got // 4)
+        self.states.keep_crcs(st, i, table, seq)
+        return table
+
+    def try_read(self, name: str, offset: int, length: int) -> bytes | None:
+        """``read``, if it can be done now without waiting or locking: the
+        object's kept state is valid (backend/objstate.py), every shard
+        the range lies on is usable, and its pages are in memory and
+        verify. None: call ``read``, which may block, decode and heal.
+
+        No lock is taken: the slot's commit counter, the same before and
+        after, says no shard file changed in between (a sequence lock)."""
+        if self.states is None or offset < 0 or length <= 0:
+            return None
+        self.osdmap.maybe_refresh()
+        st = self.states.pin(name, self.osdmap.generation)
+        if st is None:
+            return None
+        try:
+            info, seq = st.info, st.seq
+            if info is None:
+                return None
+            end = min(offset + length, info.object_size)
+            if offset >= end:
+                return None
+            C = info.chunk_size
+            KC = self.k * C
+            pieces = []
+            reads = rbytes = 0
+            pos = offset
+            while pos < end:
+                s, r = divmod(pos, KC)
+                i, c = divmod(r, C)
+                n = min(C - c, end - pos)
+                if not st.usable.get(i):
+                    return None
+                if info.vector[i] == 0:
+                    pieces.append(np.zeros(n, dtype=np.uint8))
+                else:
+                    lo = s * C + c
+                    p0, p1 = lo // PAGE, -(-(lo + n) // PAGE)
+                    buf = np.empty((p1 - p0) * PAGE, dtype=np.uint8)
+                    if not self._read_pinned(st, i, p0, p1, buf, nowait=True):
+                        return None
+                    a = lo - p0 * PAGE
+                    pieces.append(buf[a:a + n])
+                    reads += 1
+                    rbytes += len(buf)
+                pos += n
+            if self.seq.get(st.slot) != seq:
+                return None             # a shard file changed meanwhile
+        finally:
+            self.states.unpin(st)
+        self.counters.add_many((("client_read_ops", 1), ("client_read_bytes", end - offset),
+                                ("fast_reads", 1),
+                                ("read_shard_reads", reads), ("shard_reads", reads),
+                                ("shard_read_bytes", rbytes)))
+        return pieces[0].tobytes() if len(pieces) == 1 else np.concatenate(pieces).tobytes()
 
     def _recover(self, obj: _Obj, win: _Window, i: int, p0: int, p1: int,
                  bad: np.ndarray | None, kind: str) -> None:
@@ -1472,6 +1626,34 @@ class ObjectStore:
                     obj.usable[sf.parse_shard_filename(op.path[:-len(".meta")])[1]] = True
 
     def _apply(self, rec: Record, counted: bool, kind: str = "write") -> None:
+        """Apply a transaction's ops to the shard files, between the two
+        steps of the slot's commit counter (backend/objstate.py). A write
+        goes through the object's kept state, if valid, which then follows
+        what was written. Repair and recovery go by path (they exist to
+        recreate files that may have been deleted, which a kept fd would
+        not see) and drop the state."""
+        if self.states is not None and kind != "write":
+            self.states.drop(rec.name)
+        st = self.states.pin(rec.name, self.osdmap.generation) \
+            if self.states is not None and kind == "write" else None
+        seq0 = self.seq.begin(rec.slot) if self.seq else 0
+        ok = False
+        try:
+            ok = self._apply_ops(rec, counted, kind, st)
+        finally:
+            if st is not None:
+                if ok and st.gen == self.osdmap.generation:
+                    self.states.follow(st, seq0, lambda s: self._follow(s, rec))
+                else:
+                    self.states.drop(rec.name)
+                self.states.unpin(st)
+            if self.seq:
+                self.seq.end(rec.slot)
+
+    def _apply_ops(self, rec: Record, counted: bool, kind: str, st: ObjState | None) -> bool:
+        """The ops of ``apply``; True when every one reached its file."""
+        where = _where(rec.name, self.width) if st is not None else None
+        ok = True
         for op in rec.ops:
             path = self.osdmap.paths.get(op.osd)
             if path is None or not _shard_relpath(op.path):
@@ -1480,11 +1662,16 @@ class ObjectStore:
                 # e.g. replay with a disk late to appear: its shard is stale
                 # now, and its return must rebuild it
                 self._log_missed(op.osd, rec.name)
+                ok = False
                 continue
             full = os.path.join(path, op.path)
+            shard = where.get(op.path) if where is not None else None
+            if shard is not None and st.loc[shard[0]] != op.osd:
+                shard = None
             try:
                 if op.type == OP_WRITE:
-                    _pwrite_path(full, op.data, op.offset)
+                    fd = self._kept_fd(st, *shard, create=True) if shard is not None else None
+                    _write_shard(full, fd, op.data, op.offset)
                 elif op.type == OP_TRUNCATE:
                     try:
                         if os.stat(full).st_size > op.offset:
@@ -1492,6 +1679,8 @@ class ObjectStore:
                     except FileNotFoundError:
                         pass
                 elif op.type == OP_UNLINK:
+                    if shard is not None:
+                        self.states.forget_fd(st, st.mfds if shard[1] else st.fds, shard[0])
                     try:
                         os.unlink(full)
                     except FileNotFoundError:
@@ -1499,6 +1688,7 @@ class ObjectStore:
                 elif op.type == OP_PUNCH:
                     sf.punch_hole(full, op.offset, PUNCH_LEN.unpack(op.data)[0])
             except OSError as e:
+                ok = False
                 if op.osd in self._recovering:
                     raise StoreError(f"osd.{op.osd}: cannot write {full}: {e.strerror or e}")
                 if not os.path.isdir(path):
@@ -1517,6 +1707,63 @@ class ObjectStore:
                     self.counters.add_many((("shard_writes", 1), (f"{kind}_shard_writes", 1),
                                             ("shard_write_bytes", nbytes)))
             self._crashpoint()
+        return ok
+
+    def _follow(self, st: ObjState, rec: Record) -> None:
+        """Bring a kept state up to what ``rec`` wrote (under the state
+        cache's lock, the counter odd): headers written are taken from
+        the ops, checksum tables written to are forgotten (read again),
+        and the shards are judged again. Anything else a sidecar went
+        through (cut into its header) raises: the state is dropped."""
+        where = _where(rec.name, self.width)
+        hdrs = dict(st.hdrs)
+        absent, bad = set(st.absent), set(st.bad_header)
+        for op in rec.ops:
+            shard = where.get(op.path)
+            if shard is None:
+                continue
+            i, meta = shard
+            if not meta:
+                continue
+            if op.type == OP_WRITE:
+                if op.offset == 0:
+                    if len(op.data) < sf.HEADER_SIZE:
+                        raise ValueError("a part of a header written")
+                    hdrs[i] = sf.ShardHeader.unpack(bytes(op.data[:sf.HEADER_SIZE]))
+                    absent.discard(i)
+                    bad.discard(i)
+                if op.offset + len(op.data) > sf.HEADER_SIZE:
+                    st.crcs.pop(i, None)
+            elif op.type == OP_UNLINK:
+                hdrs[i] = None
+                st.crcs.pop(i, None)
+                if i in self.info_shards:
+                    absent.add(i)
+            elif op.offset >= sf.HEADER_SIZE:      # truncate or punch of the table
+                st.crcs.pop(i, None)
+            else:
+                raise ValueError("a header cut")
+        obj = _Obj(st.name, st.slot, st.loc, gen=st.gen)
+        obj.absent, obj.bad_header = absent, bad
+        self._judge(obj, hdrs)
+        st.hdrs, st.info, st.usable = hdrs, obj.info, obj.usable
+        st.absent, st.bad_header = obj.absent, obj.bad_header
+
+    def _kept_fd(self, st: ObjState, i: int, meta: bool, create: bool = False) -> int | None:
+        """Shard i's data file (or sidecar) of the pinned state ``st``,
+        opened on first use and kept; None when it cannot be kept (not
+        there, or not writable: the caller goes by path, as without a
+        state, and meets the error there)."""
+        table = st.mfds if meta else st.fds
+        fd = table.get(i)
+        if fd is not None:
+            return fd
+        path = os.path.join(self.osdmap.paths[st.loc[i]], sf.rel_paths(st.name, i)[meta])
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
+        except OSError:
+            return None
+        return self.states.add_fd(st, table, i, fd)
 
     def _note_missed(self, obj: _Obj) -> None:
         """Before a transaction is journaled: every OSD of the object that
@@ -1655,6 +1902,32 @@ def _pread_path(path: str, n: int, off: int) -> bytes:
         os.close(fd)
 
 
+def _where(name: str, width: int) -> dict[str, tuple[int, bool]]:
+    """{shard file path relative to its OSD: (shard, is the sidecar)}."""
+    out = {}
+    for i in range(width):
+        rd, rm = sf.rel_paths(name, i)
+        out[rd], out[rm] = (i, False), (i, True)
+    return out
+
+
+def _write_shard(path: str, fd: int | None, data, off: int) -> None:
+    """Every shard file write of a transaction: through the kept ``fd``
+    of ``path`` when there is one, else by path (one seam for tests that
+    inject write faults)."""
+    if fd is None:
+        _pwrite_path(path, data, off)
+    else:
+        _pwrite_all(fd, data, off)
+
+
+def _pwrite_all(fd: int, data, off: int) -> None:
+    mv = memoryview(data)
+    while len(mv):
+        n = os.pwrite(fd, mv, off)
+        mv, off = mv[n:], off + n
+
+
 def _pwrite_path(path: str, data, off: int) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -1667,10 +1940,7 @@ def _pwrite_path(path: str, data, off: int) -> None:
             pass
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        mv = memoryview(data)
-        while len(mv):
-            n = os.pwrite(fd, mv, off)
-            mv, off = mv[n:], off + n
+        _pwrite_all(fd, data, off)
     finally:
         os.close(fd)
 

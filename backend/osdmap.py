@@ -38,6 +38,8 @@ class OsdMap:
         self.pool = pool
         self._lock = threading.Lock()
         self.paths = {e.id: osd_abspath(store, e) for e in pool.osds}
+        self._stamp_paths = (self._mapfile(), os.path.join(store, "missed"),
+                             os.path.join(store, "pool.json"))
         self.ids = tuple(sorted(self.paths))
         self.generation = 0      # counts changes of the states (a write planned on an
         self.states = {}         # older generation is planned again: objectstore)
@@ -83,8 +85,7 @@ class OsdMap:
         OSD starts or stops missing writes: the map file and the missed-log
         directory (files appear and go there)."""
         out = []
-        for p in (self._mapfile(), os.path.join(self.store, "missed"),
-                  os.path.join(self.store, "pool.json")):
+        for p in self._stamp_paths:
             try:
                 st = os.stat(p)
                 out.append((st.st_mtime_ns, st.st_ino, st.st_size))

@@ -288,6 +288,32 @@ class StripeCache:
                 _overlay(m, offset, out)
         return bytes(out)
 
+    def try_read(self, name: str, offset: int, length: int) -> bytes | None:
+        """``read`` if it can be done now without waiting: bytes wholly in
+        one cached extent, or none cached there and the store below can
+        read them without waiting. None: call ``read``."""
+        if not self._cv.acquire(blocking=False):
+            return None
+        try:
+            e = self._objs.get(name)
+            if e is not None and not (e.dirty or e.flushing):
+                e = None
+            if e is not None:
+                hit = _within(e.dirty, offset, length)
+                if hit is None and not _overlaps(e.dirty, offset, length):
+                    hit = _within(e.flushing, offset, length)
+                if hit is not None:
+                    self.lower.counters.add("cache_hits")
+                    return hit
+                if _overlaps(e.dirty, offset, length) or _overlaps(e.flushing, offset, length):
+                    return None     # partly cached: read merges
+        finally:
+            self._cv.release()
+        got = self.lower.try_read(name, offset, length)
+        if got is not None and e is not None:
+            self.lower.counters.add("cache_misses")
+        return got
+
     # ---------------------------------------------------------------- flush
     def flush(self, prefix: str = "") -> None:
         """Every write to names under ``prefix`` that returned before this

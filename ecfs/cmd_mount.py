@@ -204,6 +204,20 @@ def sd_notify(msg: str) -> None:
         logging.getLogger("ecfs.mount").warning("sd_notify %s: %s", msg, e)
 
 
+def _raise_fd_limit(log) -> None:
+    """The store keeps shard files open (backend/objstate.py, a quarter of
+    the fd limit): raise the soft limit to the hard one (capped), as a
+    server does, so the default 1,024 does not make it reopen them."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as e:
+            log.info("cannot raise the open file limit from %d: %s", soft, e)
+
+
 def serve(store_dir: str, mnt: str, opts: set[str], exclusive: bool, ready,
           cache: int = 0) -> int:
     """Mount, serve until unmounted or signalled, flush, exit status."""
@@ -218,6 +232,7 @@ def serve(store_dir: str, mnt: str, opts: set[str], exclusive: bool, ready,
     # after READY=1 must still flush and unmount, not kill us mid-way
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    _raise_fd_limit(log)
     store = ObjectStore(store_dir)
     if cache and "ro" not in opts:
         from backend.stripecache import StripeCache

@@ -390,6 +390,14 @@ class EcfsFS(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         h = self._handles[fh]
+        try:
+            # from memory on this loop when it can be: no thread hop
+            got = h.image.try_read(off, size)
+        except Exception:
+            log.error("unexpected error in a fast read:\n%s", traceback.format_exc())
+            got = None          # the worker path will say what is wrong
+        if got is not None:
+            return got
         return await self._run(h.image.read, off, size)
 
     async def write(self, fh, off, buf):

@@ -184,6 +184,29 @@ class Image:
             self._stamp("atime_ns")
         return out.tobytes()
 
+    def try_read(self, offset: int, length: int) -> bytes | None:
+        """``read``, if it can be done now without blocking: a range of one
+        object of the head that the object map knows absent, or that the
+        store has in memory (backend/objstate.py, the stripe cache). None:
+        call ``read`` from a thread that may block. Run on the FUSE loop."""
+        if self._closed or self.snap is not None or offset < 0 or length <= 0:
+            return None
+        h = self.header
+        if offset >= h.size or (self._keeps_atime and
+                                self._stamp_due("atime_ns", time.time_ns()) is not None):
+            return None
+        length = min(length, h.size - offset)
+        objno, off = divmod(offset, h.object_size)
+        if off + length > h.object_size:
+            return None
+        m = self._valid_map()
+        if m is not None and objno < len(m.states) and m.states[objno] == NONEXISTENT:
+            return None if h.parent is not None else bytes(length)
+        got = self.store.try_read(data_object(self.id, objno), off, length)
+        if got is not None and len(got) < length:
+            got += bytes(length - len(got))     # past the object's end: zeros, as read
+        return got
+
     def _stamp_due(self, attr: str, now: int) -> int | None:
         """When the timestamp was last moved, if it is due to move now."""
         last = self._stamped.get(attr)

@@ -50,10 +50,10 @@ def _phases(trace):
         fn, line = t.split(":")
         if fn == "_commit_locked":
             out.append(names[int(line)])
-        elif fn == "_apply":
+        elif fn == "_apply_ops":
             prev = out[-1] if out else ""
             nxt = trace[n + 1] if n + 1 < len(trace) else "_commit_locked:0"
-            last = not nxt.startswith("_apply")
+            last = not nxt.startswith("_apply_ops")
             out.append("apply-last" if last else
                        "apply-first" if prev == "before-apply" else "apply-mid")
         else:

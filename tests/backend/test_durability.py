@@ -43,17 +43,17 @@ def test_a_failed_shard_write_is_logged_missed_before_the_write_returns(make_sto
     s.write_full("obj", os.urandom(64 << 10))
     victim = osd_of(d, "obj", 1)
     vpath = osd_paths(d)[victim]
-    real = objectstore._pwrite_path
+    real = objectstore._write_shard
 
-    def failing(path, data, off):
+    def failing(path, fd, data, off):
         if path.startswith(vpath + "/") and not path.endswith(".meta"):
             raise OSError(errno.EIO, "injected")
-        return real(path, data, off)
+        return real(path, fd, data, off)
 
     new = os.urandom(64 << 10)
-    monkeypatch.setattr(objectstore, "_pwrite_path", failing)
+    monkeypatch.setattr(objectstore, "_write_shard", failing)
     s.write("obj", 0, new)
-    monkeypatch.setattr(objectstore, "_pwrite_path", real)
+    monkeypatch.setattr(objectstore, "_write_shard", real)
     assert not s.osdmap.is_up(victim)
     assert "obj" in s.missed.read(victim)[0]
     recover_osd(s, victim)
