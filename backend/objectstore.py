@@ -408,6 +408,12 @@ class ObjectStore:
             return
         if self.journal.failed:
             self.journal.reset()        # raises the journal's failure
+        # Sync once before the gate, while writers go on: the sync under the
+        # gate (writers wait) then has only what was dirtied meanwhile to
+        # write. An error seen here is reported once only (a later syncfs
+        # would succeed): such an OSD counts as failed below, as if the
+        # gated sync had failed.
+        pre = self._syncfs_groups(self.osdmap.paths, set)
         retried = False
         while True:
             for slot in self.locks.inflight_slots():
@@ -415,8 +421,22 @@ class ObjectStore:
             with self.locks.checkpoint_gate():
                 if self.locks.inflight_slots():
                     continue        # a writer died since the scan: replay it too
-                recs = list(self.journal.records())
-                failed = self._syncfs_groups(self.osdmap.paths, _osds_of(recs))
+                recs: list[Record] = []
+
+                def touched() -> set[int]:
+                    if not recs:
+                        recs.extend(self.journal.records())
+                    return _osds_of(recs)
+
+                failed = self._syncfs_groups(
+                    {o: p for o, p in self.osdmap.paths.items() if o not in pre}, touched)
+                failed.update(pre)
+                pre = {}
+                self.osdmap.maybe_refresh()
+                if not recs and (failed or not all(map(self.osdmap.is_up, self.osdmap.paths))):
+                    # the records (the whole journal: slow to read) are
+                    # needed only when an OSD may lack what they wrote
+                    recs = list(self.journal.records())
                 if not failed or retried:
                     self._settle_unsynced(recs, failed)
                     self.journal.reset()
@@ -582,10 +602,10 @@ class ObjectStore:
             if self.osdmap.is_up(osd):
                 self.osdmap.mark_down(osd, why)
 
-    def _syncfs_groups(self, osds, touched: set[int]) -> dict[int, str]:
+    def _syncfs_groups(self, osds, touched) -> dict[int, str]:
         """syncfs the file systems of ``osds`` (once per file system):
         {osd: why} for those that failed, or cannot be reached while the
-        journal holds writes for them."""
+        journal holds writes for them (``touched()``: the OSDs it does)."""
         by_dev: dict[int, list[int]] = {}
         failed: dict[int, str] = {}
         for osd in osds:
@@ -595,7 +615,7 @@ class ObjectStore:
                     fd = self._osd_fds[osd] = os.open(self.osdmap.paths[osd],
                                                       os.O_RDONLY | os.O_DIRECTORY)
                 except OSError:
-                    if osd in touched:
+                    if osd in touched():
                         failed[osd] = "unreachable at checkpoint"
                     continue
             by_dev.setdefault(os.fstat(fd).st_dev, []).append(osd)
@@ -1732,8 +1752,10 @@ class ObjectStore:
                     hdrs[i] = sf.ShardHeader.unpack(bytes(op.data[:sf.HEADER_SIZE]))
                     absent.discard(i)
                     bad.discard(i)
-                if op.offset + len(op.data) > sf.HEADER_SIZE:
-                    st.crcs.pop(i, None)
+                    if len(op.data) > sf.HEADER_SIZE:
+                        st.crcs.pop(i, None)
+                else:
+                    _follow_crcs(st, i, op)
             elif op.type == OP_UNLINK:
                 hdrs[i] = None
                 st.crcs.pop(i, None)
@@ -1900,6 +1922,23 @@ def _pread_path(path: str, n: int, off: int) -> bytes:
         return os.pread(fd, n, off)
     finally:
         os.close(fd)
+
+
+def _follow_crcs(st: ObjState, i: int, op: FileOp) -> None:
+    """A write into shard i's checksum table: the kept table takes the new
+    entries (a copy: readers may hold the old one), or is forgotten when
+    the write is not whole entries inside it (read again when needed)."""
+    table = st.crcs.get(i)
+    if table is None:
+        return
+    at, rem = divmod(op.offset - sf.crc_offset(0), 4)
+    n = len(op.data) // 4
+    if at < 0 or rem or len(op.data) % 4 or at + n > len(table):
+        del st.crcs[i]
+        return
+    new = table.copy()
+    new[at:at + n] = np.frombuffer(op.data, dtype="<u4")
+    st.crcs[i] = new
 
 
 def _where(name: str, width: int) -> dict[str, tuple[int, bool]]:
