@@ -1191,11 +1191,11 @@ class ObjectStore:
     @_replanning
     def write_extents(self, name: str, extents, *, size_hint: int = 0) -> None:
         """Write several disjoint ranges ``[(offset, data), ...]`` of one
-        object (the stripe cache's flush of it): ranges in different
-        stripes go as one transaction (one journal record, one version,
-        each header written once); a range sharing a stripe with an earlier
-        one starts the next transaction (its plan must read what the
-        earlier one wrote)."""
+        object (the stripe cache's flush of it): ranges whose page rows are
+        disjoint (``_rows_of``) go as one transaction (one journal record,
+        one version, each header written once); a range sharing a row with
+        an earlier one starts the next transaction (its plan must read
+        the parity the earlier one wrote)."""
         validate_name(name)
         extents = sorted((off, memoryview(d).cast("B")) for off, d in extents if len(d))
         if not extents:
@@ -1220,17 +1220,40 @@ class ObjectStore:
                 for off, d in extents:
                     self._write_locked(obj, off, d, size_hint=size_hint)
                 return
-            KC = self.k * obj.info.chunk_size
+            C = obj.info.chunk_size
             batch: list = []
+            claimed: set[int] = set()
             for off, d in extents:
-                if batch and off // KC <= (batch[-1][0] + len(batch[-1][1]) - 1) // KC:
+                rows = self._rows_of(off, len(d), C)
+                if batch and not claimed.isdisjoint(rows):
                     self._write_batch(obj, batch)
-                    batch = []
+                    batch, claimed = [], set()
                 batch.append((off, d))
+                claimed |= rows
             self._write_batch(obj, batch)
 
+    def _rows_of(self, offset: int, n: int, C: int) -> set[int]:
+        """The page rows (shard page numbers) a write's plan may read or
+        write: the rows from its first to its last changed page in each
+        stripe it touches, all of a stripe's rows once it crosses a chunk
+        boundary there, or in a mode that may rewrite whole stripes
+        ("full", "mixed"). Writes with disjoint rows touch disjoint data
+        and parity pages, so they can be planned against the same on-disk
+        state and committed as one transaction."""
+        KC, P = self.k * C, C // PAGE
+        rows: set[int] = set()
+        end = offset + n
+        whole = self.write_mode in ("full", "mixed")
+        for s in range(offset // KC, (end - 1) // KC + 1):
+            a, b = max(offset, s * KC) - s * KC, min(end, (s + 1) * KC) - s * KC
+            if whole or a // C != (b - 1) // C:
+                rows.update(range(s * P, (s + 1) * P))
+            else:
+                rows.update(range(s * P + (a % C) // PAGE, s * P + ((b - 1) % C) // PAGE + 1))
+        return rows
+
     def _write_batch(self, obj: _Obj, batch) -> None:
-        """Ranges of distinct stripes of an existing object (locked whole),
+        """Ranges of disjoint page rows of an existing object (locked whole),
         planned against what is on the OSDs now, committed together."""
         C = obj.info.chunk_size
         end = max(off + len(d) for off, d in batch)

@@ -48,7 +48,8 @@ written through. The flusher thread writes objects dirty longer than
 ``max_age`` seconds, and all of them (oldest first) when the cache is half
 full or a writer waits. An object's extents leave as one store transaction
 (``ObjectStore.write_extents``: one journal record, one version bump, each
-header once), split only where two extents share a stripe; objects are
+header once), split only where two extents share a page row (their plans
+would read each other's parity); objects are
 flushed concurrently (``FLUSH_THREADS``) so their journal records share
 fdatasyncs (group commit).
 
@@ -368,7 +369,7 @@ class StripeCache:
             hint = e.hint
         err: EcfsError | None = None
         try:
-            # one transaction for the extents of distinct stripes
+            # one transaction for the extents of disjoint page rows
             self.lower.write_extents(name, todo, size_hint=hint)
         except EcfsError as x:
             err = x
