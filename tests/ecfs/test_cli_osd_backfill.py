@@ -101,21 +101,21 @@ def test_rebuild_while_a_mount_serves_fio_with_verify(tmp_path):
            "--output-format=terse"]
     with mounted(st, mnt):
         subprocess.run(["fio", *job, "--do_verify=0"], check=True, capture_output=True,
-                       timeout=300)
+                       timeout=300, cwd=tmp_path)
         shutil.rmtree(st / "osd.2" / "objects")
         os.mkdir(st / "osd.2" / "objects")
         writer = subprocess.Popen(["fio", *job, "--do_verify=0", "--time_based", "--runtime=4",
                                    "--randseed=8", "--offset=0"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE)
+                                  stderr=subprocess.PIPE, cwd=tmp_path)
         try:
             ecfs(st, "osd", "rebuild", "2")
         finally:
             assert writer.wait(120) == 0, writer.stderr.read()
         # what the second job wrote last is what must read back: verify it
         subprocess.run(["fio", *job, "--do_verify=0", "--randseed=9"], check=True,
-                       capture_output=True, timeout=300)
+                       capture_output=True, timeout=300, cwd=tmp_path)
         v = subprocess.run(["fio", *job, "--verify_only", "--randseed=9"],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert v.returncode == 0, v.stdout + v.stderr
     health = ecfs_json(st, "status")["health"]
     assert health["status"] == "HEALTH_OK", health      # osd.2 stayed up, nothing behind
@@ -124,7 +124,7 @@ def test_rebuild_while_a_mount_serves_fio_with_verify(tmp_path):
     _lose_two_others(st, 2)
     with mounted(st, mnt):
         v = subprocess.run(["fio", *job, "--verify_only", "--randseed=9"],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert v.returncode == 0, v.stdout + v.stderr
 
 
