@@ -56,6 +56,35 @@ def progress_path(store_dir: str, osd: int) -> str:
     return os.path.join(store_dir, "backfill", f"osd.{osd}")
 
 
+def total_path(store_dir: str, osd: int) -> str:
+    return progress_path(store_dir, osd) + ".total"
+
+
+def progress(store_dir: str) -> dict[int, tuple[int, int | None]]:
+    """{osd: (objects done, objects the run visits or None if not known)}
+    for every backfill under way or interrupted (``ecfs status``)."""
+    out: dict[int, tuple[int, int | None]] = {}
+    d = os.path.join(store_dir, "backfill")
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return out
+    for f in names:
+        if not (f.startswith("osd.") and f[4:].isdigit()):
+            continue
+        osd = int(f[4:])
+        done = _done(store_dir, osd)
+        if done is None:
+            continue
+        try:
+            with open(total_path(store_dir, osd)) as t:
+                total: int | None = int(t.read().strip())
+        except (OSError, ValueError):
+            total = None
+        out[osd] = (len(done), total)
+    return out
+
+
 def _done(store_dir: str, osd: int) -> set[str] | None:
     try:
         with open(progress_path(store_dir, osd), "rb") as f:
@@ -127,6 +156,7 @@ def rebuild_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
         done = set()
     res = BackfillResult(osd)
     names = store.list()              # from the other OSDs: this one is down
+    write_json_atomic(total_path(store.store, osd), len(names))
     todo = [n for n in names if n not in done]
     res.skipped = len(names) - len(todo)
     fd = os.open(progress_path(store.store, osd), os.O_WRONLY | os.O_APPEND)
@@ -164,10 +194,11 @@ def rebuild_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
                               f"it stays down: bring the other OSDs back and run "
                               f"'ecfs osd rebuild {osd}' again")
     recover_osd(store, osd, backfill=True)   # what was written meanwhile; marks it up
-    try:
-        os.unlink(progress_path(store.store, osd))
-    except FileNotFoundError:
-        pass
+    for p in (progress_path(store.store, osd), total_path(store.store, osd)):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
     return res
 
 

@@ -106,7 +106,8 @@ def _check_osds(store, f: _Findings) -> None:
               hint=f"'ecfs osd up {osd}' rebuilds them")
     root = os.path.join(store.store, "backfill")
     for e in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        f.add(e, "a backfill was interrupted", hint=f"'ecfs osd rebuild {e[4:]}' goes on")
+        if e.startswith("osd.") and e[4:].isdigit():      # beside it: osd.N.total
+            f.add(e, "a backfill was interrupted", hint=f"'ecfs osd rebuild {e[4:]}' goes on")
 
 
 def _check_journal(store, f: _Findings) -> None:

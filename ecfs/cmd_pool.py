@@ -157,6 +157,10 @@ def cmd_status(args) -> int:
     amp = amplification(ctr)
     free = osdmap.free_bytes()
     usable = sum(f for f, _ in free.values()) * pool.k // (pool.k + pool.m)
+    from backend.backfill import progress as backfill_progress
+    backfills = [{"osd": osd, "done": done, "total": total,
+                  "percent": None if not total else min(100.0, round(100 * done / total, 1))}
+                 for osd, (done, total) in sorted(backfill_progress(args.store).items())]
     if wants_json(args):
         print_json({
             "store": os.path.abspath(args.store), "fsid": pool.fsid,
@@ -166,7 +170,8 @@ def cmd_status(args) -> int:
                      "write_mode": pool.write_mode},
             "health": {"status": h, "reason": reason},
             "osds": osds, "objects": nobj, "images": nimg,
-            "usable_bytes": usable, "counters": ctr, "amplification": amp,
+            "usable_bytes": usable, "backfill": backfills,
+            "counters": ctr, "amplification": amp,
         })
         return 0
     print(f"store:   {os.path.abspath(args.store)} (fsid {pool.fsid})")
@@ -179,6 +184,11 @@ def cmd_status(args) -> int:
     print(f"osds:    {len(osds)} total, {up} up, {len(osds) - up} down"
           + (f", {nfull} full or nearly full" if nfull else ""))
     print(f"data:    {nobj} objects, {nimg} images, usable capacity {format_size(usable)}")
+    for b in backfills:
+        of = f"{b['done']}/{b['total']} objects ({b['percent']:g}%)" if b["total"] \
+            else f"{b['done']} objects done"
+        print(f"backfill: osd.{b['osd']} {of}"
+              f" (running, or interrupted: 'ecfs osd rebuild {b['osd']}' goes on)")
     print(f"io:      {ctr['client_read_ops']} reads ({format_size(ctr['client_read_bytes'])}), "
           f"{ctr['client_write_ops']} writes ({format_size(ctr['client_write_bytes'])}); "
           f"{ctr['shard_reads']} shard reads, {ctr['shard_writes']} shard writes, "

@@ -81,10 +81,18 @@ def test_a_killed_rebuild_goes_on_where_it_stopped(tmp_path):
     assert p.returncode == -signal.SIGKILL
     st_ = ecfs_json(st, "status")
     assert "backfilling" in st_["health"]["reason"], st_["health"]
+    [bf] = st_["backfill"]
+    done = prog.read_bytes().count(b"\0")
+    nobj = len(ecfs(st, "rados", "ls").stdout.split())
+    assert (bf["osd"], bf["done"], bf["total"]) == (1, done, nobj), bf
+    assert 0 < bf["percent"] < 100
+    text = ecfs(st, "status").stdout.decode()
+    assert f"backfill: osd.1 {done}/{bf['total']} objects" in text, text
     out = ecfs(st, "osd", "rebuild", "1").stdout.decode()
     done_before = int(out.split("(")[1].split()[0])
     assert done_before >= 3, out
     assert not prog.exists()
+    assert ecfs_json(st, "status")["backfill"] == []
     assert ecfs(st, "scrub", "--deep").returncode == 0
     _lose_two_others(st, 1)
     assert _export(st, tmp_path) == img
