@@ -259,19 +259,27 @@ class StripeCache:
         return sorted(set(self.lower.list(prefix)) | cached)
 
     # ----------------------------------------------------------------- reads
+    def _lookup(self, name: str, offset: int, length: int):
+        """(the object's entry if it has cached bytes, else None; the bytes
+        [offset, offset+length) if one cached extent holds them all, else
+        None), counting a hit. Under the lock."""
+        e = self._objs.get(name)
+        if e is None or not (e.dirty or e.flushing):
+            return None, None
+        hit = _within(e.dirty, offset, length)
+        if hit is None and not _overlaps(e.dirty, offset, length):
+            hit = _within(e.flushing, offset, length)
+        if hit is not None:
+            self.lower.counters.add("cache_hits")
+        return e, hit
+
     def read(self, name: str, offset: int, length: int) -> bytes:
         with self._cv:
-            e = self._objs.get(name)
-            if e is None or not (e.dirty or e.flushing):
-                e = None
-            else:
+            e, hit = self._lookup(name, offset, length)
+            if hit is not None:
+                return hit
+            if e is not None:
                 maps = (e.flushing, e.dirty)
-                hit = _within(e.dirty, offset, length)
-                if hit is None and not _overlaps(e.dirty, offset, length):
-                    hit = _within(e.flushing, offset, length)
-                if hit is not None:
-                    self.lower.counters.add("cache_hits")
-                    return hit
         if e is None:
             return self.lower.read(name, offset, length)
         self.lower.counters.add("cache_misses")
@@ -297,18 +305,12 @@ class StripeCache:
         if not self._cv.acquire(blocking=False):
             return None
         try:
-            e = self._objs.get(name)
-            if e is not None and not (e.dirty or e.flushing):
-                e = None
-            if e is not None:
-                hit = _within(e.dirty, offset, length)
-                if hit is None and not _overlaps(e.dirty, offset, length):
-                    hit = _within(e.flushing, offset, length)
-                if hit is not None:
-                    self.lower.counters.add("cache_hits")
-                    return hit
-                if _overlaps(e.dirty, offset, length) or _overlaps(e.flushing, offset, length):
-                    return None     # partly cached: read merges
+            e, hit = self._lookup(name, offset, length)
+            if hit is not None:
+                return hit
+            if e is not None and (_overlaps(e.dirty, offset, length) or
+                                  _overlaps(e.flushing, offset, length)):
+                return None         # partly cached: read merges
         finally:
             self._cv.release()
         got = self.lower.try_read(name, offset, length)

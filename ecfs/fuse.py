@@ -388,14 +388,20 @@ class EcfsFS(pyfuse3.Operations):
         fi = self._open(ino, flags | os.O_RDWR)
         return fi, self._getattr(ino)
 
+    @staticmethod
+    def _fast(fn, *args):
+        """A request's fast path, run on this loop (no thread hop): its
+        answer, or None for the worker path (which also says what is wrong
+        when the fast path failed unexpectedly)."""
+        try:
+            return fn(*args)
+        except Exception:
+            log.error("unexpected error on a fast path:\n%s", traceback.format_exc())
+            return None
+
     async def read(self, fh, off, size):
         h = self._handles[fh]
-        try:
-            # from memory on this loop when it can be: no thread hop
-            got = h.image.try_read(off, size)
-        except Exception:
-            log.error("unexpected error in a fast read:\n%s", traceback.format_exc())
-            got = None          # the worker path will say what is wrong
+        got = self._fast(h.image.try_read, off, size)     # from memory when it can be
         if got is not None:
             return got
         return await self._run(h.image.read, off, size)
@@ -404,12 +410,7 @@ class EcfsFS(pyfuse3.Operations):
         h = self._handles[fh]
         if not h.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        try:
-            # into the stripe cache on this loop: no thread hop
-            n = h.image.try_write(buf, off)
-        except Exception:
-            log.error("unexpected error in a cached write:\n%s", traceback.format_exc())
-            n = None            # the worker path will say what is wrong
+        n = self._fast(h.image.try_write, buf, off)       # into the stripe cache
         if n is not None:
             h.wrote = True
             return n
