@@ -200,6 +200,7 @@ class ObjectStore:
                                    os.O_RDWR | os.O_CREAT, 0o600)
         self._tls = threading.local()           # .depth: _locked nesting of this thread
         self._ckpt_due = False
+        self._unsettled: dict[int, str] = {}    # OSDs whose syncfs failed, not yet settled
         # One directory fd per OSD, opened now and kept: syncfs reports the
         # writeback errors seen since *its file* was opened, so an fd opened
         # at checkpoint time would miss every error from before.
@@ -410,10 +411,11 @@ class ObjectStore:
             self.journal.reset()        # raises the journal's failure
         # Sync once before the gate, while writers go on: the sync under the
         # gate (writers wait) then has only what was dirtied meanwhile to
-        # write. An error seen here is reported once only (a later syncfs
-        # would succeed): such an OSD counts as failed below, as if the
-        # gated sync had failed.
-        pre = self._syncfs_groups(self.osdmap.paths, set)
+        # write. A syncfs error is reported once only (a later syncfs would
+        # succeed), so every failure seen is kept on the store until a
+        # checkpoint settles it: an exception in between (a replay, a read
+        # of the journal) cannot make the next checkpoint forget it.
+        self._unsettled.update(self._syncfs_groups(self.osdmap.paths, set))
         retried = False
         while True:
             for slot in self.locks.inflight_slots():
@@ -423,30 +425,35 @@ class ObjectStore:
                     continue        # a writer died since the scan: replay it too
                 recs: list[Record] = []
 
-                def touched() -> set[int]:
+                def records() -> list[Record]:
+                    # the whole journal, slow to read: only when an OSD
+                    # may lack what its records wrote
                     if not recs:
                         recs.extend(self.journal.records())
-                    return _osds_of(recs)
+                    return recs
 
+                # a retry syncs everything again (the failed OSDs' pages
+                # were written again); a first round counts every failure
+                # not yet settled as failed
+                skip = set() if retried else set(self._unsettled)
                 failed = self._syncfs_groups(
-                    {o: p for o, p in self.osdmap.paths.items() if o not in pre}, touched)
-                failed.update(pre)
-                pre = {}
-                self.osdmap.maybe_refresh()
-                if not recs and (failed or not all(map(self.osdmap.is_up, self.osdmap.paths))):
-                    # the records (the whole journal: slow to read) are
-                    # needed only when an OSD may lack what they wrote
-                    recs = list(self.journal.records())
+                    {o: p for o, p in self.osdmap.paths.items() if o not in skip},
+                    lambda: _osds_of(records()))
+                if not retried:
+                    failed.update(self._unsettled)
+                self._unsettled.update(failed)
                 if not failed or retried:
-                    self._settle_unsynced(recs, failed)
+                    self._settle_unsynced(records, failed)
                     self.journal.reset()
                     self.locks.clear_inflight()
                     self.counters.add("fsyncs")
+                    self._unsettled.clear()
                     return
             # A file system whose syncfs failed may have dropped dirty pages
             # (and a later syncfs would not say so: an error is reported
             # once): write the journal's pages for it again, slot by slot
             # under the slot's locks, then sync everything once more.
+            recs = records()
             self._reapply(recs, set(failed))
             retried = True
 
@@ -571,21 +578,21 @@ class ObjectStore:
                         self._apply(Record(r.name, r.slot, ops, r.version), counted=False,
                                     kind="replay")
 
-    def _settle_unsynced(self, recs: list[Record], failed: dict[int, str]) -> None:
+    def _settle_unsynced(self, records, failed: dict[int, str]) -> None:
         """Before the journal is emptied: the OSDs whose writes may not be
         durable (``failed``, and any that is down) are marked down, and
         every object the journal's records touch on them is logged as
         missed, so their return rebuilds it from the others. If more than
         M OSDs are then out, the journal may hold the only good copy of a
         stripe: it is kept, and StoreError raised."""
-        # under the exclusive gate the map cannot change: read it afresh, or an
-        # OSD another process marked up meanwhile ('osd up', a rebuild) would
-        # be taken for down and logged behind again
+        # read the map afresh, or an OSD another process marked up meanwhile
+        # ('osd up', a rebuild: under this gate) would be taken for down and
+        # logged behind again. (One marked down after this read synced fine.)
         self.osdmap.maybe_refresh()
         out = set(failed) | {i for i in self.osdmap.paths if not self.osdmap.is_up(i)}
         if out:
             try:
-                for rec in recs:
+                for rec in records():
                     for osd in {op.osd for op in rec.ops if _shard_relpath(op.path)} & out:
                         self.missed.record(osd, rec.name)
             except OSError as e:
@@ -902,7 +909,7 @@ class ObjectStore:
             st = self.states.pin(obj.name, obj.gen)
             if st is not None:
                 try:
-                    done = self._read_pinned(st, i, p0, p1, out, nowait=False)
+                    done = self._read_pinned(st, i, p0, p1, out, lockless=False)
                 finally:
                     self.states.unpin(st)
                 if done:
@@ -949,28 +956,33 @@ class ObjectStore:
         return sf.page_crcs(out, n) != stored
 
     def _read_pinned(self, st: ObjState, i: int, p0: int, p1: int, out: np.ndarray,
-                     nowait: bool) -> bool:
+                     lockless: bool) -> bool:
         """Read shard i's pages [p0, p1) into ``out`` through the pinned
         state's kept file and checksum table. True only when every page
         was there in full and verified against a non-zero stored checksum
         (a zero stored is "zero page" or "lost": the long way tells);
-        False for anything else, and for data not in memory when
-        ``nowait`` (RWF_NOWAIT): the caller goes the long way."""
+        False for anything else: the caller goes the long way.
+
+        ``lockless`` (try_read, no stripe lock held): data not in memory
+        is not waited for (RWF_NOWAIT), and no file is opened: only fds
+        kept by a caller holding locks are used. (An open racing with a
+        removal or restripe could keep the fd of a file unlinked just
+        after, and a later write through it would miss the new file.)"""
         seq = st.seq
         try:
             table = st.crcs.get(i)
             if table is None or len(table) < p1:
-                table = self._load_crcs(st, i, seq, nowait)
+                table = self._load_crcs(st, i, seq, lockless)
                 if table is None or len(table) < p1:
                     return False
             stored = table[p0:p1]
             if not stored.all():
                 return False
-            fd = self._kept_fd(st, i, False)
+            fd = st.fds.get(i) if lockless else self._kept_fd(st, i, False)
             if fd is None:
                 return False
             n = (p1 - p0) * PAGE
-            if os.preadv(fd, [out], p0 * PAGE, os.RWF_NOWAIT if nowait else 0) < n:
+            if os.preadv(fd, [out], p0 * PAGE, os.RWF_NOWAIT if lockless else 0) < n:
                 return False
         except OSError:         # EAGAIN (not in memory), or an error the long way reports
             return False
@@ -978,18 +990,19 @@ class ObjectStore:
             return (_crc32c(out) ^ sf.ZERO_PAGE_CRC) == stored[0]
         return bool((sf.page_crcs(out, p1 - p0) == stored).all())
 
-    def _load_crcs(self, st: ObjState, i: int, seq: int, nowait: bool) -> np.ndarray | None:
+    def _load_crcs(self, st: ObjState, i: int, seq: int, lockless: bool) -> np.ndarray | None:
         """Shard i's whole checksum table (as far as its extent goes), read
-        and kept if the commit counter stays at ``seq``."""
+        and kept if the commit counter stays at ``seq`` (``lockless``: as
+        in _read_pinned)."""
         info = st.info
         if info is None:
             return None
-        fd = self._kept_fd(st, i, True)
+        fd = st.mfds.get(i) if lockless else self._kept_fd(st, i, True)
         if fd is None:
             return None
         pages = -(-self._extents(info.object_size, info.chunk_size)[i] // PAGE)
         buf = bytearray(4 * pages)
-        got = os.preadv(fd, [buf], sf.crc_offset(0), os.RWF_NOWAIT if nowait else 0)
+        got = os.preadv(fd, [buf], sf.crc_offset(0), os.RWF_NOWAIT if lockless else 0)
         self.counters.add("meta_reads")
         table = np.zeros(pages, dtype=np.uint32)
         table[:got // 4] = np.frombuffer(buf, dtype="<u4", count=got // 4)
@@ -1011,7 +1024,11 @@ class ObjectStore:
         if st is None:
             return None
         try:
-            info, seq = st.info, st.seq
+            # the counter first: follow() sets the new view, then the new
+            # counter, so a view older than the counter read is caught by
+            # the check after
+            seq = st.seq
+            info, usable = st.info, st.usable
             if info is None:
                 return None
             end = min(offset + length, info.object_size)
@@ -1026,7 +1043,7 @@ class ObjectStore:
                 s, r = divmod(pos, KC)
                 i, c = divmod(r, C)
                 n = min(C - c, end - pos)
-                if not st.usable.get(i):
+                if not usable.get(i):
                     return None
                 if info.vector[i] == 0:
                     pieces.append(np.zeros(n, dtype=np.uint8))
@@ -1034,7 +1051,7 @@ class ObjectStore:
                     lo = s * C + c
                     p0, p1 = lo // PAGE, -(-(lo + n) // PAGE)
                     buf = np.empty((p1 - p0) * PAGE, dtype=np.uint8)
-                    if not self._read_pinned(st, i, p0, p1, buf, nowait=True):
+                    if not self._read_pinned(st, i, p0, p1, buf, lockless=True):
                         return None
                     a = lo - p0 * PAGE
                     pieces.append(buf[a:a + n])
@@ -1755,8 +1772,8 @@ class ObjectStore:
     def _follow(self, st: ObjState, rec: Record) -> None:
         """Bring a kept state up to what ``rec`` wrote (under the state
         cache's lock, the counter odd): headers written are taken from
-        the ops, checksum tables written to are forgotten (read again),
-        and the shards are judged again. Anything else a sidecar went
+        the ops, kept checksum tables take the entries written (or are
+        forgotten, to be read again), and the shards are judged again. Anything else a sidecar went
         through (cut into its header) raises: the state is dropped."""
         where = _where(rec.name, self.width)
         hdrs = dict(st.hdrs)

@@ -46,6 +46,13 @@ lock: counter read before, preads and checks, counter read after; a
 changed or odd counter discards what was read and the read is done again
 the long way (locks, headers from disk).
 
+Fds are opened and kept only by callers holding the object's locks (a
+read's stripes, a commit's metadata lock): a lock-free reader uses the
+kept ones and opens none, since an open racing with a removal could keep
+the fd of a file unlinked a moment later. (Backfill also unlinks leftover
+shard files, of an OSD that is down: its return changes the OSD map
+generation, so no state kept from before is used.)
+
 What the counter cannot see is a shard file changed by hand, outside ecfs.
 Bytes flipped or lost still fail their page checksum on every read (kept
 tables are the stored ones), and a failed check always goes the long way,

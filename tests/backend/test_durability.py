@@ -350,3 +350,37 @@ def test_a_write_planned_while_an_osd_was_down_is_planned_again_if_it_came_up(
         assert s.read("x", 0, 8192) == new
     finally:
         other.close()
+
+
+def test_a_sync_error_seen_before_the_gate_outlives_a_failed_checkpoint(make_store, monkeypatch):
+    """The checkpoint's first sync (before its gate) sees an error, then the
+    checkpoint fails for another reason: a later syncfs would succeed (an
+    error is reported once), so the next checkpoint must still write the
+    journal's pages again before it empties the journal."""
+    d, s = make_store(k=K, m=M, chunk_size=4096)
+    s.write_full("obj", os.urandom(40 << 10))
+    real_sync, calls = objectstore.syncfs, []
+
+    def failing_once(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "injected")
+        real_sync(fd)
+
+    def unreadable():
+        raise StoreError("journal unreadable (injected)")
+
+    monkeypatch.setattr(objectstore, "syncfs", failing_once)
+    monkeypatch.setattr(s.journal, "records", unreadable)
+    with pytest.raises(StoreError, match="injected"):
+        s.checkpoint()
+    monkeypatch.undo()
+    reapplied, real_reapply = [], s._reapply
+    monkeypatch.setattr(s, "_reapply",
+                        lambda recs, osds: (reapplied.append(set(osds)), real_reapply(recs, osds)))
+    s.checkpoint()
+    assert reapplied == [set(range(K + M))], reapplied      # one file system: all six
+    assert s.journal.size() == 16
+    assert all(s.osdmap.is_up(i) for i in range(K + M))     # written again and synced: current
+    assert s.read("obj", 0, 1) != b""
+

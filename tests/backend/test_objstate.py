@@ -173,3 +173,24 @@ def test_an_object_removed_by_another_process_is_not_read_through_kept_files(mak
         other.close()
     assert s.try_read("o", 0, C) is None
     assert not s.exists("o")
+
+
+def test_reads_without_locks_open_no_files(make_store):
+    """Only callers holding locks open and keep shard files (an open racing
+    with a removal could keep an unlinked file, and a write through it
+    would miss the new one): a lock-free read with no kept fd goes the
+    long way, which keeps it."""
+    d, s = make_store(k=4, m=2, chunk_size=C)
+    data = os.urandom(16 << 10)
+    s.write_full("obj", data)
+    s.states.clear()
+    s.exists("obj")                       # a kept state, no fds yet
+    st = s.states.pin("obj", s.osdmap.generation)
+    try:
+        assert st is not None and not st.fds and not st.mfds
+        assert s.try_read("obj", 0, 4096) is None
+        assert not st.fds and not st.mfds
+    finally:
+        s.states.unpin(st)
+    assert s.read("obj", 0, 4096) == data[:4096]
+    assert s.try_read("obj", 0, 4096) == data[:4096]
