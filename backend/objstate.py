@@ -38,7 +38,8 @@ valid(s, g)    headers read at counter s (even, unchanged)   _load without disk
                taken from its ops)                           tables
 stale          the counter moved (another object of the      nothing: dropped,
                slot, another process, a replay) or the map   fds closed, at the
-               generation changed                            next lookup
+               generation changed (then every entry goes at  next lookup
+               once: no fd keeps an OSD taken down busy)
 =============  ===========================================  ==================
 
 Readers without locks (the fast read path) use the counter as a sequence
@@ -156,11 +157,20 @@ class StateCache:
         self._lock = threading.Lock()
         self._d: OrderedDict[str, ObjState] = OrderedDict()
         self._fds = 0            # fds held by entries in _d
+        self._gen: int | None = None     # the OSD map generation of the entries
 
     def pin(self, name: str, gen: int) -> ObjState | None:
         """The entry of ``name``, pinned, if it is valid now (a stale one
-        is dropped). Unpin it when done with its fds."""
+        is dropped). Unpin it when done with its fds.
+
+        A new OSD map generation drops every entry at once: their fds may
+        hold files of an OSD now down or replaced (a disk the admin wants
+        to unmount, a wiped directory whose space they would pin)."""
         with self._lock:
+            if gen != self._gen:
+                for old in list(self._d.values()):
+                    self._remove(old)
+                self._gen = gen
             st = self._d.get(name)
             if st is None:
                 return None

@@ -9,7 +9,7 @@ import textwrap
 from backend.objectstore import ObjectStore
 from backend.objstate import StateCache
 
-from .util import counted, osd_of, shard_paths
+from .util import counted, osd_of, osd_paths, shard_paths
 
 C = 4096          # chunk: 4 KiB, so a 16 KiB stripe spans all four data shards
 
@@ -194,3 +194,30 @@ def test_reads_without_locks_open_no_files(make_store):
         s.states.unpin(st)
     assert s.read("obj", 0, 4096) == data[:4096]
     assert s.try_read("obj", 0, 4096) == data[:4096]
+
+
+def test_an_osd_map_change_closes_every_kept_file(make_store):
+    """Kept fds must not pin the files of an OSD taken down (a disk to
+    unmount, a wiped directory's space): the next use after the map
+    changes drops every state."""
+    d, s = make_store(k=4, m=2, chunk_size=C)
+    for n in ("a", "b", "c"):
+        s.write_full(n, os.urandom(16 * C))
+        s.read(n, 0, 16 * C)
+    assert s.states.fd_count() > 0
+    down = osd_of(d, "a", 0)
+    other = ObjectStore(d)
+    try:
+        other.osdmap.mark_down(down, "test")
+    finally:
+        other.close()
+    s.try_read("b", 0, C)                 # any use under the new map
+    osd_dir = os.path.realpath(osd_paths(d)[down])
+    held = []
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{f}"))
+        except FileNotFoundError:
+            pass            # the listing's own fd
+    assert not [p for p in held if p.startswith(osd_dir + "/objects")], held
+    assert len(s.states) == 0
