@@ -60,7 +60,7 @@ def total_path(store_dir: str, osd: int) -> str:
     return progress_path(store_dir, osd) + ".total"
 
 
-def progress(store_dir: str) -> dict[int, tuple[int, int | None]]:
+def under_way(store_dir: str) -> dict[int, tuple[int, int | None]]:
     """{osd: (objects done, objects the run visits or None if not known)}
     for every backfill under way or interrupted (``ecfs status``)."""
     out: dict[int, tuple[int, int | None]] = {}

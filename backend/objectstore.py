@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import logging
 
 import numpy as np
-from crc32c import crc32c as _crc32c  # noqa: E402
+from crc32c import crc32c as _crc32c
 
 from . import shardfile as sf
 from .codec import FLAG_PARITY_DELTA, Codec
@@ -1692,27 +1692,31 @@ class ObjectStore:
         what was written. Repair and recovery go by path (they exist to
         recreate files that may have been deleted, which a kept fd would
         not see) and drop the state."""
-        if self.states is not None and kind != "write":
-            self.states.drop(rec.name)
-        st = self.states.pin(rec.name, self.osdmap.generation) \
-            if self.states is not None and kind == "write" else None
+        st = where = None
+        if self.states is not None:
+            if kind == "write":
+                st = self.states.pin(rec.name, self.osdmap.generation)
+                where = _where(rec.name, self.width) if st is not None else None
+            else:
+                self.states.drop(rec.name)
         seq0 = self.seq.begin(rec.slot) if self.seq else 0
         ok = False
         try:
-            ok = self._apply_ops(rec, counted, kind, st)
+            ok = self._apply_ops(rec, counted, kind, st, where)
         finally:
             if st is not None:
                 if ok and st.gen == self.osdmap.generation:
-                    self.states.follow(st, seq0, lambda s: self._follow(s, rec))
+                    self.states.follow(st, seq0, lambda s: self._follow(s, rec, where))
                 else:
                     self.states.drop(rec.name)
                 self.states.unpin(st)
             if self.seq:
                 self.seq.end(rec.slot)
 
-    def _apply_ops(self, rec: Record, counted: bool, kind: str, st: ObjState | None) -> bool:
-        """The ops of ``apply``; True when every one reached its file."""
-        where = _where(rec.name, self.width) if st is not None else None
+    def _apply_ops(self, rec: Record, counted: bool, kind: str, st: ObjState | None,
+                   where: dict | None) -> bool:
+        """The ops of ``apply`` (through ``st``'s kept fds, ``where``
+        naming its shard files); True when every one reached its file."""
         ok = True
         for op in rec.ops:
             path = self.osdmap.paths.get(op.osd)
@@ -1769,13 +1773,13 @@ class ObjectStore:
             self._crashpoint()
         return ok
 
-    def _follow(self, st: ObjState, rec: Record) -> None:
+    def _follow(self, st: ObjState, rec: Record, where: dict) -> None:
         """Bring a kept state up to what ``rec`` wrote (under the state
         cache's lock, the counter odd): headers written are taken from
         the ops, kept checksum tables take the entries written (or are
-        forgotten, to be read again), and the shards are judged again. Anything else a sidecar went
-        through (cut into its header) raises: the state is dropped."""
-        where = _where(rec.name, self.width)
+        forgotten, to be read again), and the shards are judged again.
+        Anything else a sidecar went through (cut into its header)
+        raises: the state is dropped."""
         hdrs = dict(st.hdrs)
         absent, bad = set(st.absent), set(st.bad_header)
         for op in rec.ops:

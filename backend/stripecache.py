@@ -63,7 +63,6 @@ journal record per flush batch, and readahead.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -76,7 +75,7 @@ from .errors import EcfsError, Fenced, NotFound, StoreError
 log = logging.getLogger("ecfs.cache")
 
 MAX_AGE = 5.0          # seconds dirty data may wait for the flusher
-FLUSH_THREADS = int(os.environ.get("ECFS_FLUSH_THREADS", "4"))      # enough to share fdatasyncs; each holds a transaction in memory
+FLUSH_THREADS = 4      # enough to share fdatasyncs; each holds a transaction in memory
 
 
 @dataclass

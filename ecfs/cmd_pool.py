@@ -157,10 +157,10 @@ def cmd_status(args) -> int:
     amp = amplification(ctr)
     free = osdmap.free_bytes()
     usable = sum(f for f, _ in free.values()) * pool.k // (pool.k + pool.m)
-    from backend.backfill import progress as backfill_progress
+    from backend.backfill import under_way
     backfills = [{"osd": osd, "done": done, "total": total,
                   "percent": None if not total else min(100.0, round(100 * done / total, 1))}
-                 for osd, (done, total) in sorted(backfill_progress(args.store).items())]
+                 for osd, (done, total) in sorted(under_way(args.store).items())]
     if wants_json(args):
         print_json({
             "store": os.path.abspath(args.store), "fsid": pool.fsid,
