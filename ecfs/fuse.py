@@ -30,7 +30,14 @@ cached bytes are dropped and the next fsync or close fails with EIO.
 
 Kernel caching: entries and attributes are cached for ``ATTR_TIMEOUT``
 seconds; file pages are not kept across opens (``keep_cache`` off),
-since other processes may change an image.
+since other processes may change an image. An open image's file is
+invalidated at once (``pyfuse3.invalidate_inode``: attributes and pages)
+when the image changes elsewhere: a header update (resize, snapshot), a
+maintenance op a peer had this mount run, a peer taking or giving up the
+lock. It is called from the image's watch thread, never from the FUSE
+loop, holding no lock a FUSE request needs (the kernel may wait on our
+answers to requests meanwhile); the writeback cache is off, so it never
+waits for dirty pages.
 """
 from __future__ import annotations
 
@@ -59,6 +66,16 @@ ROOT = pyfuse3.ROOT_INODE
 SNAPROOT = ROOT + 1
 SNAPDIR = ".snap"
 ATTR_TIMEOUT = 1.0
+
+
+def _invalidate(ino: int) -> None:
+    """Drop the kernel's attributes and pages of an inode (best effort:
+    ENOENT when the kernel has forgotten it)."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=False)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.EBADF):
+            log.info("invalidating inode %d: %s", ino, e)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -147,6 +164,8 @@ class EcfsFS(pyfuse3.Operations):
                 return ent[0]
         if key[0] == "img":
             new = Image(self.store, self._name_of(key[1]), read_only=self.read_only, watch=True)
+            ino = self._ino(key)
+            new.on_peer_change = lambda: _invalidate(ino)
         else:
             new = Image(self.store, self._name_of(key[1]), snapshot=key[2])
         with self._lock:
@@ -207,16 +226,15 @@ class EcfsFS(pyfuse3.Operations):
         """Bytes of the objects the map says exist (``du``), else the size."""
         if not hdr.has("object-map") or hdr.object_map_invalid:
             return size
+        if img is not None and key[0] == "img":
+            held = img.allocated_bytes()
+            if held is not None:
+                return held
         nobj = -(-size // hdr.object_size)
-        if img is not None and key[0] == "img" and img._valid_map() is not None:
-            states = img._map.states
-        else:
-            m = ObjectMap(self.store, key[1], None if key[0] == "img" else
-                          hdr.snap(key[2]).id)
-            if not m.load(nobj):
-                return size
-            states = m.states
-        return min(int((states[:nobj] != NONEXISTENT).sum()) * hdr.object_size, size)
+        m = ObjectMap(self.store, key[1], None if key[0] == "img" else hdr.snap(key[2]).id)
+        if not m.load(nobj):
+            return size
+        return min(int((m.states[:nobj] != NONEXISTENT).sum()) * hdr.object_size, size)
 
     def _getattr(self, ino: int) -> pyfuse3.EntryAttributes:
         key = self._key(ino)
@@ -282,7 +300,7 @@ class EcfsFS(pyfuse3.Operations):
             update_attrs(self.store, key[1], changes)
             ent = self._images.get(key)
             if ent is not None:
-                ent[0]._reload_header()
+                ent[0].reload_header(notify=False)   # the kernel asked: it knows
         if fields.update_size:
             if key[0] != "img":
                 raise pyfuse3.FUSEError(errno.EROFS if key[0] == "snap" else errno.EISDIR)

@@ -43,8 +43,9 @@ def _pad(states: np.ndarray, n: int) -> np.ndarray:
 
 
 def _map_states(img, snap_id: int | None, n: int) -> np.ndarray | None:
-    if snap_id is None and img.snap is None and img._valid_map() is not None:
-        return _pad(img._map.states, n)
+    held = img.head_map_states() if snap_id is None else None
+    if held is not None:
+        return _pad(held, n)
     hdr = img.header
     if snap_id is None:
         m = ObjectMap(img.store, img.id)
@@ -102,7 +103,7 @@ def changed_objects(img, from_view, include_parent: bool = True
         # an object the child lacks reads from the parent, not as zeros
         zero &= ~covered
         if from_view is None and include_parent:
-            pm = changed_objects(img._parent(), None)
+            pm = changed_objects(img.parent_view(), None)
             pdata = np.ones(n, dtype=bool) if pm is None else _pad(pm[0], n).astype(bool)
             data |= covered & ~to_exists & pdata
     return data, zero
@@ -177,8 +178,7 @@ def _emit(run):
 
 
 def _present(view, objno: int, include_parent: bool) -> bool:
-    got = view._read_object(objno, 0, 1)
-    if got is not None:
+    if view.has_object(objno):
         return True
     p = view.parent_info()
     return include_parent and p is not None and objno * view.header.object_size < p.overlap

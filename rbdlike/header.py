@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from backend.errors import InvalidArgument, NotFound, StoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # the newest this ecfs reads (2: "requests")
 MIN_OBJECT_SIZE = 4 << 10
 MAX_OBJECT_SIZE = 32 << 20
 MAX_IMAGE_SIZE = 1 << 50                   # 1 PiB, far past anything a test makes
@@ -116,7 +116,10 @@ class ImageHeader:
     # file attributes set through a mount (chmod, chown, touch): "mode",
     # "uid", "gid", "mtime_ns"; absent keys take the mount's defaults
     attrs: dict = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    # maintenance requests run for peers: {"id", "op", "result"}, newest
+    # last, bounded (rbdlike.lock_owner: a retried request runs once)
+    requests: list[dict] = field(default_factory=list)
+    format_version: int = 1
 
     @property
     def num_objects(self) -> int:
@@ -144,6 +147,13 @@ class ImageHeader:
 
     def encode(self) -> bytes:
         d = asdict(self)
+        # format 1 unless the header carries request records, so a header
+        # no peer request touched stays readable by an older ecfs
+        if d["requests"]:
+            d["format_version"] = 2
+        else:
+            del d["requests"]
+            d["format_version"] = 1
         return (json.dumps(d, sort_keys=True, indent=1) + "\n").encode()
 
     @classmethod
@@ -175,3 +185,16 @@ class ImageHeader:
             raise
         except (ValueError, TypeError, InvalidArgument) as e:
             raise StoreError(f"{where}: damaged image header ({e})")
+
+
+def load_header(store, image_id: str, name: str = "") -> ImageHeader:
+    try:
+        raw = store.read(header_object(image_id), 0, 1 << 26)
+    except NotFound:
+        raise NotFound(f"image {name or image_id!r}: header object is missing")
+    return ImageHeader.decode(raw, f"image {name or image_id!r}")
+
+
+def save_header(store, hdr: ImageHeader) -> None:
+    """Replace the header whole (atomic; the caller holds its header lock)."""
+    store.write_full(header_object(hdr.id), hdr.encode())

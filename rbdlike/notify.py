@@ -15,8 +15,8 @@ requesting side). Requests (the "op" key):
                     the exclusive lock, unless it holds it exclusively (then
                     the answer is Busy)
 ``header_update``   the header changed (size, snapshots): reload it
-``lock_acquired``,  informational broadcasts
-``lock_released``
+``lock_acquired``,  a peer took or gave up the lock: a mount invalidates its
+``lock_released``   kernel cache of the image's file
 maintenance ops     ``snap_create``, ``snap_rm``, ``snap_rollback``,
                     ``snap_protect``, ``snap_unprotect``, ``resize``,
                     ``flatten``, ``object_map_rebuild``, ``sparsify``: run by
@@ -26,7 +26,10 @@ maintenance ops     ``snap_create``, ``snap_rm``, ``snap_rollback``,
 
 A maintenance request carries a ``deadline`` (Unix time): an owner that
 gets to it later refuses it, so a requester that gave up (the owner did
-not answer in time) never sees its operation happen after all.
+not answer in time) never sees its operation happen after all. It also
+carries a ``request_id`` that its retries reuse: the op runs once
+(rbdlike/lock_owner.py). An owner that is closing or handed the lock
+over answers NotOwner, and the requester asks the next holder.
 """
 from __future__ import annotations
 

@@ -323,3 +323,23 @@ def test_file_created_in_the_mount_takes_the_pool_object_size(tmp_path):
         (mnt / "new").write_bytes(os.urandom(3 * MiB))
     info = ecfs_json(st, "rbd", "info", "new")
     assert info["object_size"] == MiB and info["objects"] == 3
+
+
+def test_a_change_elsewhere_invalidates_the_kernels_cache_of_an_open_file(store, tmp_path):
+    """A mount reading an image sees another writer's bytes and a resize at
+    once, though its open file had the old page and size cached (the
+    kernel keeps pages of an open file with no timeout)."""
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    ecfs(store, "rbd", "create", "c", "--size", "4")
+    with mounted(store, m1), mounted(store, m2):
+        with open(m2 / "c", "rb") as r:
+            assert r.read(4096) == bytes(4096)           # cached by m2's kernel inode
+            with open(m1 / "c", "r+b") as w:             # m1 takes the lock
+                w.write(b"new" * 1000)
+                w.flush()
+                os.fsync(w.fileno())
+            r.seek(0)
+            assert r.read(3000) == b"new" * 1000
+            assert os.fstat(r.fileno()).st_size == 4 * MiB
+            ecfs(store, "rbd", "resize", "c", "--size", "8")
+            assert os.fstat(r.fileno()).st_size == 8 * MiB

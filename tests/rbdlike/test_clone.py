@@ -38,7 +38,7 @@ def test_clone_reads_parent_then_copies_up(store):
         want = bytearray(base)
         want[100:110] = b"W" * 10
         assert c.read(0, 12 * MiB) == bytes(want)
-        assert c._map.states.tolist() == [EXISTS, NONEXISTENT, NONEXISTENT]
+        assert c.head_map_states().tolist() == [EXISTS, NONEXISTENT, NONEXISTENT]
         # a whole-object discard inside the overlap zeroes, never re-exposes the parent
         c.discard(4 * MiB, 4 * MiB)
         want[4 * MiB:8 * MiB] = bytes(4 * MiB)
@@ -86,7 +86,7 @@ def test_flatten_copies_everything_and_detaches(store):
         want = bytearray(base)
         want[9 * MiB + 4096:9 * MiB + 8192] = b"Z" * 4096
         assert c.read(0, 12 * MiB) == bytes(want)
-        assert c._map.states.tolist() == [EXISTS, EXISTS, EXISTS_CLEAN]   # 2 was there before the snapshot
+        assert c.head_map_states().tolist() == [EXISTS, EXISTS, EXISTS_CLEAN]   # 2 was there before the snapshot
     # the child's snapshot from before the flatten still reads through the parent link
     with Image(store, "f", snapshot="before") as v:
         assert v.read(0, 12 * MiB) == bytes(want)

@@ -207,8 +207,12 @@ def test_lock_break_fences_the_old_owner(store):
         new.write(b"new", 0)
     with Image(store, "f", read_only=True) as ro:
         assert ro.read(0, 3) == b"new"
-    old._lock.release()
-    old._closed = True
+    # its close flushes nothing (fenced) and still gives everything up
+    try:
+        old.close()
+    except Fenced:
+        pass
+    assert old.lock_owner() is None
 
 
 def _id(store, name):
@@ -238,3 +242,27 @@ def test_modify_and_access_timestamps_move_at_most_once_an_interval(store, monke
         monkeypatch.setattr(image_mod, "TIMESTAMP_INTERVAL", 3600)
         img.write(b"z" * 4096, 0)
         assert load_header(store, img.id).attrs["mtime_ns"] == m, "moved within the interval"
+
+
+def test_the_lock_owner_moves_through_its_states(store):
+    """rbdlike/lock_owner.py's table: the first write locks, release
+    unlocks, the next write locks again, close ends it; a request record
+    makes the header format 2, and a header without one stays format 1."""
+    import json
+
+    from rbdlike import lock_owner
+    from rbdlike.header import header_object
+    RBD().create(store, "st", 4 * MiB)
+    img = Image(store, "st")
+    assert img._owner.state == lock_owner.UNLOCKED and img.lock_owner() is None
+    img.write(b"x", 0)
+    assert img._owner.state == lock_owner.LOCKED and img.lock_owner().pid == os.getpid()
+    img.release_lock()
+    assert img._owner.state == lock_owner.UNLOCKED and img.lock_owner() is None
+    img.create_snap("s")              # run here, for itself: no record
+    raw = json.loads(store.read(header_object(img.id), 0, 1 << 20))
+    assert raw["format_version"] == 1 and "requests" not in raw
+    img.close()
+    assert img._owner.state == lock_owner.CLOSED and img.lock_owner() is None
+    with pytest.raises(InvalidArgument):
+        img.write(b"y", 0)

@@ -235,3 +235,79 @@ def test_exclusive_holder_still_runs_maintenance_but_keeps_the_lock(store, tmp_p
     finally:
         p.kill()
         p.wait()
+
+
+def _lose_first_reply(monkeypatch, op):
+    """The first ``op`` request reaches its peer and runs there, but its
+    answer never comes back (the peer handed the lock over or went away
+    before replying): the requester sees Unreachable and retries."""
+    real = notify.request
+    lost = []
+
+    def request(address, msg, *args, **kwargs):
+        result = real(address, msg, *args, **kwargs)
+        if msg.get("op") == op and not lost:
+            lost.append(op)
+            raise notify.Unreachable(f"the lock owner went away during {op!r}")
+        return result
+
+    monkeypatch.setattr(notify, "request", request)
+    return lost
+
+
+def test_a_proxied_op_whose_answer_was_lost_runs_once(store, monkeypatch):
+    """The retry of a snapshot the owner created before its reply was lost
+    answers the snapshot's id: never "already exists", never a second one."""
+    RBD().create(store, "x", 4 * MiB)
+    with Image(store, "x") as owner_img, Image(store, "x") as other:
+        owner_img.acquire_lock(exclusive=True)      # so `other` proxies
+        owner_img.write(b"a" * 4096, 0)
+        lost = _lose_first_reply(monkeypatch, "snap_create")
+        snap_id = other.create_snap("s1")
+        assert lost, "the request was not proxied"
+        snaps = other.list_snaps()
+        assert [(s["id"], s["name"]) for s in snaps] == [(snap_id, "s1")]
+        lost = _lose_first_reply(monkeypatch, "snap_rm")
+        other.remove_snap("s1")                     # not "has no snapshot"
+        assert lost and other.list_snaps() == []
+
+
+def test_a_proxied_op_is_not_run_again_by_the_next_holder(store, monkeypatch):
+    """The owner runs the op, then closes before answering: the requester
+    takes the lock itself and finds the op done (its record in the header)."""
+    RBD().create(store, "y", 4 * MiB)
+    owner_img = Image(store, "y")
+    owner_img.write(b"a" * 4096, 0)
+    other = Image(store, "y")
+    real = notify.request
+
+    def request(address, msg, *args, **kwargs):
+        result = real(address, msg, *args, **kwargs)
+        if msg.get("op") == "snap_create":
+            owner_img.close()                        # lock handed back, no answer
+            raise notify.Unreachable("the lock owner went away during 'snap_create'")
+        return result
+
+    monkeypatch.setattr(notify, "request", request)
+    try:
+        snap_id = other.create_snap("s1")
+        assert other.lock_owner() is not None and other.lock_owner().pid == os.getpid()
+        assert [(s["id"], s["name"]) for s in other.list_snaps()] == [(snap_id, "s1")]
+    finally:
+        other.close()
+        owner_img.close()
+
+
+def test_a_closing_owner_sends_requests_to_the_next_holder(store):
+    """A request that reaches an image being closed is answered NotOwner
+    (the requester asks whoever holds the lock next), never "is closed"."""
+    RBD().create(store, "z", 4 * MiB)
+    img = Image(store, "z")
+    img.write(b"a", 0)
+    watch = img._owner.ensure_watch()
+    img.close()
+    msg = {"op": "snap_create", "name": "s", "request_id": "r1",
+           "deadline": time.time() + 30}
+    with pytest.raises(notify.NotOwner):
+        img._owner.handle(msg, lambda *a: None)
+    assert watch is not None
