@@ -702,6 +702,7 @@ class Image(MaintenanceOps):
         if self._closed:
             return
         self._closed = True
+        self._owner.closing()       # peers' requests go to the next holder from now
         try:
             self.store.flush(self._data_prefix)
         finally:

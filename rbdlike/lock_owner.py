@@ -14,21 +14,25 @@ States (``LockOwner.state``) and transitions:
 ==========  =====================================  ==========================================
 state       meaning                                leaves by
 ==========  =====================================  ==========================================
-UNLOCKED    no lock: a write first acquires; a     ``acquire`` -> ACQUIRING; ``close`` -> CLOSED
+UNLOCKED    no lock: a write first acquires; a     ``acquire`` -> ACQUIRING; ``closing`` -> CLOSED
             maintenance op acquires or proxies
 ACQUIRING   one thread (``_acquiring``) takes the  flock taken and ``on_acquired`` done ->
             flock, asking the holder to hand it    LOCKED; a holder that refuses (exclusive,
             over (``request_lock``) meanwhile      no address) or never lets go -> Busy, UNLOCKED
 LOCKED      ours: writes hold the gate shared;     ``release``, a peer's ``request_lock`` (not
-            maintenance ops run here, peers'       held exclusively), ``close`` -> RELEASING.
-            proxied ops too; ``held`` is True      ``lock rm`` elsewhere fences us: every commit
-                                                   fails Fenced until we release
+            maintenance ops run here, peers'       held exclusively) -> RELEASING; ``closing``
+            proxied ops too; ``held`` is True      -> CLOSED (lock still held). ``lock rm``
+                                                   elsewhere fences us: every commit fails
+                                                   Fenced until we release
 RELEASING   the gate held exclusive: writes in     lock file and guards gone -> UNLOCKED
             flight are done, ``on_releasing``      (CLOSED when closing). A flush that fails
-            flushes (Fenced: bytes dropped)        -> LOCKED again, the error to the caller:
-                                                   nobody may write under bytes still cached
-CLOSED      ``close`` ran: peers' ops are refused  -
-            NotOwner (they ask the next holder)
+            flushes (Fenced: bytes dropped)        -> back (LOCKED or CLOSED, the lock kept),
+                                                   the error to the caller: nobody may
+                                                   write under bytes still cached here
+CLOSED      the image is closing or closed:        ``close`` releases a lock still held
+            peers' ops are answered NotOwner       (RELEASING, back to CLOSED), then ends
+            (they ask the next holder), no         the watch; nothing leaves CLOSED
+            acquire succeeds
 ==========  =====================================  ==========================================
 
 An image without the exclusive-lock feature goes UNLOCKED -> LOCKED on its
@@ -323,16 +327,20 @@ class LockOwner:
         notify.broadcast(self.store, self.image_id, {"op": "header_update"},
                          skip_cookie=cookie)
 
+    def closing(self) -> None:
+        """-> CLOSED, the lock still held: the image is closing, and peers'
+        requests from now on are answered NotOwner (their requesters ask
+        the next holder) rather than run on a closing image."""
+        with self.mutex:
+            self.state = CLOSED
+
     def close(self) -> None:
         """-> CLOSED: the lock goes first (the way a peer's request takes
         it, so the two never race), then the watch: a peer asking
         meanwhile is answered NotOwner, or finds the lock free."""
-        with self.mutex:
-            was = self.state
-            self.state = CLOSED
+        self.closing()
         try:
-            if was != CLOSED:
-                self.release()
+            self.release()
         finally:
             if self._watch is not None:
                 self._watch.close()

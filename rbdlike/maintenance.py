@@ -106,7 +106,7 @@ class MaintenanceOps:
         return self._owner.run("snap_create", {"name": name})
 
     def _create_snap(self, name: str) -> int:
-        self.flush()
+        # the lock owner flushed before it ran this (``_before_op``)
         with self._mutex:
             with directory.header_lock(self.store, self.id):
                 hdr = load_header(self.store, self.id, self.name)

@@ -304,10 +304,14 @@ def test_a_closing_owner_sends_requests_to_the_next_holder(store):
     RBD().create(store, "z", 4 * MiB)
     img = Image(store, "z")
     img.write(b"a", 0)
-    watch = img._owner.ensure_watch()
-    img.close()
     msg = {"op": "snap_create", "name": "s", "request_id": "r1",
            "deadline": time.time() + 30}
+    img._owner.closing()             # where Image.close starts: the lock still held
+    assert img.lock_owner() is not None
     with pytest.raises(notify.NotOwner):
         img._owner.handle(msg, lambda *a: None)
-    assert watch is not None
+    img.close()
+    with pytest.raises(notify.NotOwner):
+        img._owner.handle(msg, lambda *a: None)
+    with Image(store, "z") as again:
+        assert again.list_snaps() == []
