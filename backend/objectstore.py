@@ -61,6 +61,7 @@ from .codec import FLAG_PARITY_DELTA, Codec
 from .counters import Counters
 from .errors import (DataUnavailable, EcfsError, InvalidArgument, NoSpace, NotFound, StoreError,
                      TooBig)
+from .faults import Faults
 from .journal import OP_PUNCH, OP_TRUNCATE, OP_UNLINK, OP_WRITE, PUNCH_LEN, FileOp, Journal, Record
 from .locks import ALL_STRIPES, StoreLocks, slot_of
 from .missed import MissedLog
@@ -171,6 +172,7 @@ class ObjectStore:
         self.readonly = readonly
         self._rng = random.Random()
         self._crash_at = int(os.environ.get("ECFS_CRASH_AT", "0") or 0)
+        self.faults = Faults(self.store)        # STORE/faults.json (backend/faults.py)
         self._crash_n = 0
         self._crash_lock = threading.Lock()
         self._dirty = False
@@ -589,7 +591,7 @@ class ObjectStore:
         # ('osd up', a rebuild: under this gate) would be taken for down and
         # logged behind again. (One marked down after this read synced fine.)
         self.osdmap.maybe_refresh()
-        out = set(failed) | {i for i in self.osdmap.paths if not self.osdmap.is_up(i)}
+        out = set(failed) | {i for i in self.osdmap.paths if not self.osdmap.writable(i)}
         if out:
             try:
                 for rec in records():
@@ -606,7 +608,7 @@ class ObjectStore:
                              f"out (more than M={self.m}); the journal is kept")
         for osd, why in sorted(failed.items()):
             _log.error("osd.%d: %s; marked down", osd, why)
-            if self.osdmap.is_up(osd):
+            if self.osdmap.writable(osd):
                 self.osdmap.mark_down(osd, why)
 
     def _syncfs_groups(self, osds, touched) -> dict[int, str]:
@@ -748,7 +750,9 @@ class ObjectStore:
         obj.usable = {}
         for i in self.info_shards:
             hdr = hdrs.get(i)
-            if hdr is not None and hdr.info and (
+            # only an up OSD's header says what the object is: a recovering
+            # one's may be of an object removed (or rewritten) since
+            if hdr is not None and hdr.info and self.osdmap.is_up(obj.loc[i]) and (
                     obj.info is None or hdr.object_version > obj.info.object_version):
                 obj.info = hdr
         if obj.info is not None:
@@ -756,7 +760,7 @@ class ObjectStore:
             # other stripes may rewrite them while this view is in use.
             for i in range(self.width):
                 want = obj.info.vector[i]
-                if not self.osdmap.is_up(obj.loc[i]):
+                if not self._readable(obj.loc[i]):
                     obj.usable[i] = False
                 elif want == 0:
                     obj.usable[i] = True
@@ -766,9 +770,14 @@ class ObjectStore:
                     hdr = hdrs[i]
                     obj.usable[i] = hdr is not None and hdr.shard_version >= want
 
+    def _readable(self, osd: int) -> bool:
+        """Whether shards of ``osd`` may be judged (and, current, used): an
+        up OSD's, or a recovering one's (backend/osdmap.py)."""
+        return self.osdmap.writable(osd)
+
     def _header(self, obj: _Obj, i: int) -> sf.ShardHeader | None:
         osd = obj.loc[i]
-        if not self.osdmap.is_up(osd):
+        if not self._readable(osd):
             return None
         _, meta = self._abs(obj, i)
         try:
@@ -799,7 +808,7 @@ class ObjectStore:
         if u is not None:
             return u
         want = obj.info.vector[i] if obj.info else 0
-        if not self.osdmap.is_up(obj.loc[i]):
+        if not self._readable(obj.loc[i]):
             u = False
         elif want == 0:
             u = True      # never written in this incarnation: all zeros
@@ -943,6 +952,7 @@ class ObjectStore:
                     out[:] = 0
                     return np.zeros(n, dtype=bool)
                 got_n = os.preadv(fd, [out], p0 * PAGE)
+                self.faults.on_read(data_path, p0 * PAGE, out)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -984,6 +994,10 @@ class ObjectStore:
             n = (p1 - p0) * PAGE
             if os.preadv(fd, [out], p0 * PAGE, os.RWF_NOWAIT if lockless else 0) < n:
                 return False
+            if self.faults.armed():
+                path = os.path.join(self.osdmap.paths.get(st.loc[i], ""),
+                                    sf.rel_paths(st.name, i)[0])
+                self.faults.on_read(path, p0 * PAGE, out)
         except OSError:         # EAGAIN (not in memory), or an error the long way reports
             return False
         if p1 - p0 == 1:
@@ -1378,8 +1392,9 @@ class ObjectStore:
         return [FileOp(OP_TRUNCATE, osd, rd, 0), FileOp(OP_TRUNCATE, osd, rm, sf.crc_offset(0))]
 
     def _writable(self, obj: _Obj, j: int) -> bool:
-        """Shard j can take writes now: its OSD is up and it is current."""
-        if not self.osdmap.is_up(obj.loc[j]):
+        """Shard j can take writes now: its OSD is up (or recovering) and
+        it is current."""
+        if not self.osdmap.writable(obj.loc[j]):
             return False
         return obj.info is None or self._is_usable(obj, j)
 
@@ -1527,7 +1542,7 @@ class ObjectStore:
         ops = []
         for j in range(self.width):
             osd = obj.loc[j]
-            if self.osdmap.is_up(osd):
+            if self.osdmap.writable(osd):
                 rd, rm = sf.rel_paths(obj.name, j)
                 ops += [FileOp(OP_UNLINK, osd, rd), FileOp(OP_UNLINK, osd, rm)]
         return ops
@@ -1558,7 +1573,7 @@ class ObjectStore:
                     continue       # all zero: keep the shard a hole
                 touched.add(j)
                 osd = obj.loc[j]
-                if not self.osdmap.is_up(osd):
+                if not self.osdmap.writable(osd):
                     continue
                 rd, rm = sf.rel_paths(obj.name, j)
                 ops += self._drop_leftovers(obj, j) if obj.info is None else []
@@ -1588,7 +1603,7 @@ class ObjectStore:
         trims = []
         for j in range(self.width):
             osd = obj.loc[j]
-            if not self.osdmap.is_up(osd):
+            if not self._writable(obj, j):
                 continue
             rd, rm = sf.rel_paths(obj.name, j)
             keep = -(-ext[j] // PAGE)
@@ -1657,6 +1672,7 @@ class ObjectStore:
             self._note_missed(obj)
             self.locks.set_inflight(obj.slot, True)
             self._crashpoint()
+            self.faults.point("commit_before", rec.name)
             try:
                 ticket, nbytes = self.journal.append(rec)
             except BaseException as e:
@@ -1672,6 +1688,7 @@ class ObjectStore:
                 self.counters.add("fsyncs")
             self.counters.add_many((("journal_records", 1), ("journal_bytes", nbytes)))
             self._crashpoint()
+            self.faults.point("commit_after", rec.name)
             self._apply(rec, counted=True, kind=kind)
             self.locks.set_inflight(obj.slot, False)
         if hdr is not None:
@@ -1682,7 +1699,7 @@ class ObjectStore:
             obj.usable = {}
             for op in rec.ops:
                 if op.type == OP_WRITE and op.offset == 0 and op.path.endswith(".meta") \
-                        and self.osdmap.is_up(op.osd):
+                        and self.osdmap.writable(op.osd):
                     obj.usable[sf.parse_shard_filename(op.path[:-len(".meta")])[1]] = True
 
     def _apply(self, rec: Record, counted: bool, kind: str = "write") -> None:
@@ -1718,11 +1735,16 @@ class ObjectStore:
         """The ops of ``apply`` (through ``st``'s kept fds, ``where``
         naming its shard files); True when every one reached its file."""
         ok = True
+        failed: set[int] = set()
         for op in rec.ops:
             path = self.osdmap.paths.get(op.osd)
             if path is None or not _shard_relpath(op.path):
                 continue
-            if not (self.osdmap.is_up(op.osd) or op.osd in self._recovering):
+            if op.osd in failed:
+                # after a failed op, none of the OSD's: a header or checksum
+                # written after a lost data write would call the shard current
+                continue
+            if not (self.osdmap.writable(op.osd) or op.osd in self._recovering):
                 # e.g. replay with a disk late to appear: its shard is stale
                 # now, and its return must rebuild it
                 self._log_missed(op.osd, rec.name)
@@ -1735,6 +1757,7 @@ class ObjectStore:
             try:
                 if op.type == OP_WRITE:
                     fd = self._kept_fd(st, *shard, create=True) if shard is not None else None
+                    self.faults.on_write(full, op.offset, len(op.data))
                     _write_shard(full, fd, op.data, op.offset)
                 elif op.type == OP_TRUNCATE:
                     try:
@@ -1760,6 +1783,7 @@ class ObjectStore:
                 if e.errno == errno.ENOSPC:
                     self.space.forget()
                 self._osd_failed(op.osd, e)
+                failed.add(op.osd)
                 # before the write is acknowledged: the shard missed it
                 self._log_missed(op.osd, rec.name)
                 continue
@@ -1833,10 +1857,15 @@ class ObjectStore:
 
     def _note_missed(self, obj: _Obj) -> None:
         """Before a transaction is journaled: every OSD of the object that
-        is away misses it; log that, so its return rebuilds this object."""
-        for osd in set(obj.loc):
-            if not self.osdmap.is_up(osd) and osd not in self._recovering:
-                self._log_missed(osd, obj.name)
+        is away misses it; log that, so its return rebuilds this object. A
+        recovering OSD misses it only where its shard is stale (a current
+        one is written like an up OSD's)."""
+        for j, osd in enumerate(obj.loc):
+            if self.osdmap.is_up(osd) or osd in self._recovering:
+                continue
+            if self.osdmap.is_recovering(osd) and self._writable(obj, j):
+                continue
+            self._log_missed(osd, obj.name)
 
     def _check_identity(self, osds) -> None:
         """Before writing to an OSD directory: is it still the one opened?
@@ -1846,7 +1875,7 @@ class ObjectStore:
         so a foreign or empty directory is never written into."""
         for osd in osds:
             fd = self._osd_fds.get(osd) if self._osd_fds else None
-            if fd is None or not self.osdmap.is_up(osd):
+            if fd is None or not self.osdmap.writable(osd):
                 continue
             path = self.osdmap.paths[osd]
             try:

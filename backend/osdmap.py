@@ -6,9 +6,19 @@ names another store, or when an I/O call on it failed (then it is marked
 down in ``osdmap.json`` too, so it stays down until ``ecfs osd up``). Reads
 and writes skip down OSDs; the shards they hold are rebuilt from the others.
 
-``osdmap.json`` is ``{"down": [ids], "reasons": {"id": "why"}}``. A missing
-file means no OSD is marked down; a damaged one (not JSON, another shape,
-unknown OSD ids) is a StoreError naming it, never read as "all up".
+``osdmap.json`` is ``{"down": [ids], "reasons": {"id": "why"},
+"recovering": [ids]}``. A missing file means no OSD is marked down; a
+damaged one (not JSON, another shape, unknown OSD ids) is a StoreError
+naming it, never read as "all up".
+
+Recovering: ``ecfs osd up N`` marks the OSD recovering while it rebuilds
+what N missed. It is not up (nothing counts on it, and a shard of it is
+read only if its header says it is current), but it is *writable*: every
+process's writes go to each shard of it that is current, like an up
+OSD's, and log the stale ones as missed. So an object recovered stays
+current under a writer that keeps writing it, and the recovery ends
+(without this, a writer touching objects faster than they are rebuilt
+kept ``osd up`` going for ever). An I/O error or ``osd down`` ends it.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ class OsdState:
     path: str
     up: bool
     reason: str = ""
+    recovering: bool = False     # not up, but writable (see the module docstring)
 
 
 class OsdMap:
@@ -48,14 +59,14 @@ class OsdMap:
     def _mapfile(self) -> str:
         return os.path.join(self.store, "osdmap.json")
 
-    def _read_map(self) -> tuple[set[int], dict[str, str]]:
-        """(ids marked down, reasons) from osdmap.json, checked."""
+    def _read_map(self) -> tuple[set[int], dict[str, str], set[int]]:
+        """(ids marked down, reasons, ids recovering) from osdmap.json, checked."""
         path = self._mapfile()
         try:
             with open(path) as f:
                 d = json.load(f)
         except FileNotFoundError:
-            return set(), {}
+            return set(), {}, set()
         except PermissionError:
             raise StoreError(f"cannot read {path}: permission denied")
         except (OSError, ValueError) as e:
@@ -63,22 +74,24 @@ class OsdMap:
                              f"expected {{\"down\": [ids], \"reasons\": {{...}}}}")
         down = d.get("down", []) if isinstance(d, dict) else None
         reasons = d.get("reasons", {}) if isinstance(d, dict) else None
+        rec = d.get("recovering", []) if isinstance(d, dict) else None
         if not isinstance(down, list) or not isinstance(reasons, dict) \
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in down) \
+                or not isinstance(rec, list) \
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in down + rec) \
                 or not all(isinstance(k, str) and k.isdigit() and isinstance(v, str)
                            for k, v in reasons.items()):
             raise StoreError(f"{path} is damaged: expected "
                              f"{{\"down\": [ids], \"reasons\": {{\"id\": \"why\"}}}}")
-        unknown = sorted((set(down) | {int(k) for k in reasons}) - set(self.paths))
+        unknown = sorted((set(down) | set(rec) | {int(k) for k in reasons}) - set(self.paths))
         if unknown:
             raise StoreError(f"{path} is damaged: it names osd.{unknown[0]}, "
                              f"which this store does not have")
-        return set(down), dict(reasons)
+        return set(down), dict(reasons), set(rec)
 
-    def _admin_down(self) -> dict[int, str]:
-        down, reasons = self._read_map()
+    def _admin_down(self) -> tuple[dict[int, str], set[int]]:
+        down, reasons, rec = self._read_map()
         return {int(k): v for k, v in reasons.items()} | \
-            {i: reasons.get(str(i), "marked down") for i in down}
+            {i: reasons.get(str(i), "marked down") for i in down}, rec
 
     def _stamp(self) -> tuple:
         """What changes when another process marks an OSD down or up, or an
@@ -102,13 +115,16 @@ class OsdMap:
     def refresh(self) -> None:
         self._seen = self._stamp()
         self._reload_paths()
-        admin = self._admin_down()
+        admin, recovering = self._admin_down()
         states = {}
         for i, p in self.paths.items():
-            if i in admin:
+            why = self.check_dir(i, p) if i not in admin or i in recovering else ""
+            if i in recovering and not why:
+                states[i] = OsdState(i, p, False, f"recovering ('ecfs osd up {i}' under way)",
+                                     recovering=True)
+            elif i in admin:
                 states[i] = OsdState(i, p, False, admin[i])
             else:
-                why = self.check_dir(i, p)
                 states[i] = OsdState(i, p, not why, why)
         # an OSD that missed writes stays out until 'osd up' rebuilt them,
         # even if its directory is back (backend/missed.py)
@@ -160,6 +176,14 @@ class OsdMap:
     def is_up(self, osd: int) -> bool:
         return self.states[osd].up
 
+    def is_recovering(self, osd: int) -> bool:
+        return self.states[osd].recovering
+
+    def writable(self, osd: int) -> bool:
+        """Up, or recovering: writes go to its current shards."""
+        st = self.states[osd]
+        return st.up or st.recovering
+
     def up_ids(self) -> list[int]:
         return [i for i, s in self.states.items() if s.up]
 
@@ -170,11 +194,19 @@ class OsdMap:
                 return
             self.states[osd] = OsdState(osd, self.paths[osd], False, reason)
             self.generation += 1
-        self._edit(lambda down, reasons: (down | {osd}, reasons | {str(osd): reason}))
+        self._edit(lambda down, reasons, rec: (down | {osd}, reasons | {str(osd): reason},
+                                               rec - {osd}))
 
     def mark_up(self, osd: int) -> None:
-        self._edit(lambda down, reasons: (down - {osd},
-                                          {k: v for k, v in reasons.items() if k != str(osd)}))
+        self._edit(lambda down, reasons, rec: (
+            down - {osd}, {k: v for k, v in reasons.items() if k != str(osd)}, rec - {osd}))
+        self.refresh()
+
+    def mark_recovering(self, osd: int, on: bool = True) -> None:
+        """``osd up`` starts (or gives up) rebuilding a down OSD: writers
+        include its current shards meanwhile. It stays marked down."""
+        self._edit(lambda down, reasons, rec: (down, reasons,
+                                               rec | {osd} if on else rec - {osd}))
         self.refresh()
 
     def _edit(self, fn) -> None:
@@ -185,8 +217,11 @@ class OsdMap:
             raise StoreError(f"cannot update {path}: {e.strerror or e}")
         try:
             fcntl.flock(lfd, fcntl.LOCK_EX)
-            down, reasons = fn(*self._read_map())
-            write_json_atomic(path, {"down": sorted(down), "reasons": reasons})
+            down, reasons, rec = fn(*self._read_map())
+            doc = {"down": sorted(down), "reasons": reasons}
+            if rec:
+                doc["recovering"] = sorted(rec)
+            write_json_atomic(path, doc)
         except OSError as e:
             raise StoreError(f"cannot update {path}: {e.strerror or e}")
         finally:

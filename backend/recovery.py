@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from . import shardfile as sf
-from .errors import DataUnavailable, NotFound, StoreError
+from .errors import DataUnavailable, EcfsError, NotFound, StoreError
 from .journal import OP_TRUNCATE, OP_UNLINK, OP_WRITE, FileOp
 from .pool import OSD_FILE
 
@@ -60,6 +60,11 @@ def recover_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
     res = RecoveryResult(osd)
     done: set[str] = set()
     store.begin_recovery(osd)
+    # other processes' writers write its current shards meanwhile, so what
+    # this rebuilds stays current and the loop below ends (backend/osdmap.py)
+    if not store.osdmap.is_up(osd):
+        store.osdmap.mark_recovering(osd)
+    ended = False
     try:
         while True:
             names, _ = store.missed.read(osd)
@@ -75,6 +80,7 @@ def recover_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
                     if not todo:
                         store.missed.clear(osd)
                         store.osdmap.mark_up(osd)
+                        ended = True
                         return res
             for name in todo:
                 _recover_object(store, name, osd, res)
@@ -84,6 +90,11 @@ def recover_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
                     progress(len(done), len(done) + len(todo) - todo.index(name) - 1)
     finally:
         store.end_recovery(osd)
+        if not ended and store.osdmap.is_recovering(osd):
+            try:
+                store.osdmap.mark_recovering(osd, False)    # down, as before it
+            except EcfsError:
+                pass
 
 
 def _check_directory(store, osd: int) -> None:

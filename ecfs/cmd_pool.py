@@ -104,7 +104,8 @@ def cmd_init(args) -> int:
 def _osd_rows(store: str, pool, osdmap: OsdMap, usage: bool = True) -> list[dict]:
     full = full_osds({i: p for i, p in osdmap.paths.items() if osdmap.is_up(i)})
     return [{"id": s.id, "path": s.path, "up": s.up,
-             "status": "down" if not s.up else full[s.id][0] if s.id in full else "up",
+             "status": ("recovering" if s.recovering else "down") if not s.up
+             else full[s.id][0] if s.id in full else "up",
              "full": full.get(s.id, ("",))[0] == "full",
              "reason": s.reason or full.get(s.id, ("", ""))[1],
              "bytes": osdmap.usage(s.id) if usage and s.up else 0}
