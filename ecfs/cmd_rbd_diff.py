@@ -95,6 +95,11 @@ def cmd_import_diff(args) -> int:
         if h.to_snap is not None:
             validate_image_name(h.to_snap, "end snapshot")
         with open_store(args) as s, Image(s, args.name) as img:
+            if img.header.snap_pending:
+                # a snapshot half taken (an import-diff or snap create killed
+                # in it): it exists, and the lock's next taker finishes it;
+                # take the lock now, so that the names below include it
+                img.acquire_lock()
             names = {x.name for x in img.header.snapshots}
             if h.from_snap is not None and h.from_snap not in names:
                 raise NotFound(f"start snapshot {h.from_snap!r} does not exist in the image "

@@ -65,6 +65,12 @@ def changed_objects(img, from_view, include_parent: bool = True
     hdr = img.header
     if not hdr.has("fast-diff") or hdr.object_map_invalid:
         return None
+    if img.snap is None and hdr.snap_pending:
+        # a snapshot half taken (its taker killed, or still at it): the head
+        # map's EXISTS may already be EXISTS_CLEAN with no snapshot record
+        # yet to say since when, so the head's marks cannot be read until
+        # the next writer finishes it
+        return None
     osz = hdr.object_size
     n = -(-img.size() // osz)
     to_id = None if img.snap is None else img.snap.id

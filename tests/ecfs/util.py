@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import struct
 import subprocess
 import sys
@@ -38,10 +39,53 @@ def ecfs(store, *args, input=None, check=True, env=None, stdout=None):
     return p
 
 
-def ecfs_popen(store, *args, **kwargs):
+def ecfs_popen(store, *args, env=None, **kwargs):
     """Start ``ecfs --store STORE ARGS`` without waiting (the caller waits
-    or kills it, in a finally)."""
-    return subprocess.Popen(_cmd(store, args), env=_env(), cwd=ROOT, **kwargs)
+    or kills it, in a finally). ``env``: variables to add (e.g. ECFS_CRASH_AT)."""
+    return subprocess.Popen(_cmd(store, args), env=_env(env), cwd=ROOT, **kwargs)
+
+
+class EcfsServer:
+    """One interpreter that runs batches of ``ecfs`` commands for the
+    caller's whole lifetime (tests/ecfs/cli_child.py serve): ``run(store,
+    *commands)`` runs ``ecfs --store STORE ARGS`` for each ARGS in turn and
+    returns a list of {"rc", "stdout", "stderr", "seconds"}. Close it (in a
+    finally, or a fixture's teardown); it is killed by its pid."""
+
+    def __init__(self, env=None):
+        self.p = subprocess.Popen([sys.executable, "-m", "tests.ecfs.cli_child", "serve"],
+                                  env=_env(env), cwd=ROOT, text=True, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE)
+
+    def run(self, store, *commands, timeout=300):
+        argvs = [["--store", str(store)] + [str(a) for a in c] for c in commands]
+        self.p.stdin.write(json.dumps(argvs) + "\n")
+        self.p.stdin.flush()
+        ready, _, _ = select.select([self.p.stdout], [], [], timeout)
+        line = self.p.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise AssertionError(f"ecfs server: no answer to {argvs} (exit {self.p.returncode})")
+        return json.loads(line)
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(timeout=60)
+        for f in (self.p.stdin, self.p.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def ecfs_trace(store, trace_file, *args, env=None):
+    """Run ``ecfs --store STORE ARGS`` recording the object store's crash
+    points in ``trace_file`` (tests/ecfs/cli_child.py); returns
+    CompletedProcess (bytes)."""
+    cmd = [sys.executable, "-m", "tests.ecfs.cli_child", "trace", str(trace_file),
+           "--store", str(store)] + [str(a) for a in args]
+    return subprocess.run(cmd, env=_env(env), cwd=ROOT, capture_output=True, timeout=120)
 
 
 def ecfs_json(store, *args):
