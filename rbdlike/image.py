@@ -500,6 +500,15 @@ class Image(MaintenanceOps):
         data = self._parent().read(start, n)
         if not np.frombuffer(data, dtype=np.uint8).any():
             return False           # the parent has zeros here: nothing to keep
+        m = self._valid_map()
+        if m is not None and m.states[objno] == NONEXISTENT:
+            # "may exist" before the copy: killed after it, the map must not
+            # say absent of an object that is there (check, rm, diff would
+            # miss it); EXISTS would tell the next writer the copy was done.
+            # PENDING sends readers to the store (absent: the parent) and the
+            # next writer to copy again if it finds nothing.
+            with self._mutex:
+                m.set(objno, PENDING)
         self.store.write_full(data_object(self.id, objno), data)
         return True
 

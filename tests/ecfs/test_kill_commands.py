@@ -32,8 +32,8 @@ the next writer (``rbd bench --io-type write``) takes the lock at once; a
 final fsck is clean. No ``*.ecfs-tmp.*`` file is left beside an export's
 target.
 
-Known and left (xfail, strict where the kill is aimed): a copy-up killed
-before its map update (rbdlike/image.py, see COPY_UP_MAP).
+A copy-up killed before its map update (rbdlike/image.py ``_copy_up``)
+leaves the map saying PENDING ("may exist"), which check accepts.
 """
 from __future__ import annotations
 
@@ -658,25 +658,15 @@ def _check_after_kill(cli: EcfsServer, name: str, kind: str, seed: int, prep: Pr
         assert json.loads(res2[f"reinfo-{img}"]["stdout"])["flags"] == [], ctx
 
 
-COPY_UP_MAP = ("rbdlike/image.py Image._copy_up (from _flatten and _prepare) writes the "
-               "parent's bytes into the child (store.write_full) while the map says "
-               "NONEXISTENT, and only then do its callers set EXISTS: a kill between the "
-               "copy's journal record and the map byte's leaves the object there and the "
-               "map saying nonexistent, not flagged invalid")
-
-_COPY_UP = pytest.mark.xfail(strict=True, reason=COPY_UP_MAP)
-
 CASES = [
     ("import", "crash", 1), ("import", "crash:create", 2), ("import", "time", 3),
     ("export", "time", 1), ("export", "time", 2),
     ("export-diff", "time", 1), ("export-diff", "time", 2),
     ("import-diff", "crash", 1), ("import-diff", "crash:snap-half", 2), ("import-diff", "time", 3),
-    # the same window in a writer's first write to each object of a clone
-    pytest.param("import-diff-clone", "crash:copy-up", 1, marks=_COPY_UP),
-    pytest.param("flatten", "crash:copy-up", 1, marks=_COPY_UP),
-    pytest.param("flatten", "crash:copy-up", 2, marks=_COPY_UP),
-    # a random instant lands in that window most of the time, not always
-    pytest.param("flatten", "time", 3, marks=pytest.mark.xfail(strict=False, reason=COPY_UP_MAP)),
+    # a copy-up committed before its map says EXISTS (a writer's first write
+    # to each object of a clone, and flatten): the map says PENDING there
+    ("import-diff-clone", "crash:copy-up", 1),
+    ("flatten", "crash:copy-up", 1), ("flatten", "crash:copy-up", 2), ("flatten", "time", 3),
     ("resize", "crash", 1), ("resize", "crash:resize-window", 2), ("resize", "time", 3),
     ("put", "crash", 1), ("put", "time", 2),
 ]
@@ -688,9 +678,7 @@ _READ_ONLY = ("export", "export-diff")        # no store writes: no crash points
 for _name in SETUPS:
     for _seed in range(100, 100 + int(os.environ.get("ECFS_KILL_SEEDS", "0"))):
         for _kind in ("time",) if _name in _READ_ONLY else ("crash", "time"):
-            CASES.append(pytest.param(_name, _kind, _seed, marks=pytest.mark.xfail(
-                strict=False, reason=COPY_UP_MAP)) if _name in ("flatten", "import-diff-clone")
-                else (_name, _kind, _seed))
+            CASES.append((_name, _kind, _seed))
 
 
 @pytest.mark.parametrize("name,kind,seed", CASES)
