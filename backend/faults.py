@@ -12,8 +12,11 @@ where ObjectStore does its I/O, at these points:
                    long way and the kept-fd way); scrub reads are not hit
 ``write``          a shard file write of a transaction being applied
                    (data or sidecar), after the journal made it durable
-``commit_before``  before a transaction's journal record is appended
+``commit_before``  before a transaction's journal record is appended (an
+                   error here refuses it: nothing journaled)
 ``commit_after``   after the record is durable, before it is applied
+                   (``kill`` and ``delay`` only: the record is there and
+                   replay applies it, so an error could not undo it)
 =================  =====================================================
 
 A rule (docs/formats.md, "Fault injection rules")::
@@ -38,7 +41,6 @@ import errno
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -50,7 +52,6 @@ POLL = 0.2          # seconds between looks at the rules file
 FILE = "faults.json"
 POINTS = ("read", "write", "commit_before", "commit_after")
 ACTIONS = ("EIO", "ENOSPC", "delay", "flip", "kill")
-_OSD = re.compile(r"/osd\.(\d+)/")
 
 
 @dataclass
@@ -67,14 +68,14 @@ class Rule:
     seen: int = 0          # matching I/Os so far
     fired: int = 0
 
-    def matches(self, path: str, off: int, n: int) -> bool:
+    def matches(self, path: str, off: int, n: int, osd_paths: dict) -> bool:
         if self.pid is not None and self.pid != os.getpid():
             return False
         if self.path is not None and self.path not in path:
             return False
         if self.osd is not None:
-            m = _OSD.search(path)
-            if m is None or int(m.group(1)) != self.osd:
+            root = osd_paths.get(self.osd)
+            if root is None or not path.startswith(root.rstrip("/") + "/"):
                 return False
         if self.offset is not None:
             lo, hi = self.offset
@@ -98,6 +99,9 @@ def parse(doc) -> list[Rule]:
             raise ValueError(f"rule {i}: 'action' must be one of {', '.join(ACTIONS)}")
         if action == "flip" and at != "read":
             raise ValueError(f"rule {i}: 'flip' applies to reads only")
+        if at == "commit_after" and action not in ("kill", "delay"):
+            raise ValueError(f"rule {i}: at 'commit_after' only 'kill' and 'delay' (the "
+                             f"record is durable: replay would apply it anyway)")
         off = r.get("offset")
         if off is not None:
             if not (isinstance(off, list) and len(off) == 2 and
@@ -138,8 +142,9 @@ def write_rules(store: str, rules: list[dict]) -> None:
 class Faults:
     """One store's rules in this process."""
 
-    def __init__(self, store: str):
+    def __init__(self, store: str, osd_paths: dict | None = None):
         self.path = os.path.join(store, FILE)
+        self.osd_paths = osd_paths if osd_paths is not None else {}   # id -> directory
         self._sig = None
         self._rules: list[Rule] = []
         self._next = 0.0
@@ -180,7 +185,7 @@ class Faults:
             return None
         with self._lock:
             for r in rules:
-                if r.at != at or not r.matches(path, off, n):
+                if r.at != at or not r.matches(path, off, n, self.osd_paths):
                     continue
                 r.seen += 1
                 if r.seen <= r.after or (r.times is not None and r.fired >= r.times):

@@ -172,7 +172,7 @@ class ObjectStore:
         self.readonly = readonly
         self._rng = random.Random()
         self._crash_at = int(os.environ.get("ECFS_CRASH_AT", "0") or 0)
-        self.faults = Faults(self.store)        # STORE/faults.json (backend/faults.py)
+        self.faults = Faults(self.store, self.osdmap.paths)   # STORE/faults.json
         self._crash_n = 0
         self._crash_lock = threading.Lock()
         self._dirty = False
@@ -788,12 +788,15 @@ class ObjectStore:
                 raise sf.CorruptHeader("header names another shard")
             return hdr
         except FileNotFoundError:
-            if i in self.info_shards and os.path.isdir(
+            # evidence of absence from up OSDs only: a recovering one's
+            # shard may be missing because it was away when it was written
+            if i in self.info_shards and self.osdmap.is_up(osd) and os.path.isdir(
                     os.path.join(self.osdmap.paths[osd], "objects")):
                 obj.absent.add(i)       # the OSD is there, the shard is not
             return None
         except sf.CorruptHeader:
-            obj.bad_header.add(i)
+            if self.osdmap.is_up(osd):
+                obj.bad_header.add(i)   # a recovering OSD's stale header is no verdict
             return None
         except OSError as e:
             self._osd_failed(osd, e)
@@ -1512,12 +1515,15 @@ class ObjectStore:
     def _header_ops(self, obj: _Obj, C: int, size: int, version: int,
                     touched: set[int]) -> tuple[list[FileOp], sf.ShardHeader]:
         writable = [j for j in range(self.width) if self._writable(obj, j)]
+        # min_size and the info shard count up OSDs only: a recovering OSD's
+        # shards are written, but nothing counts on them (backend/osdmap.py)
+        up = [j for j in writable if self.osdmap.is_up(obj.loc[j])]
         need = self.pool.write_min
-        if len(writable) < need or not set(writable) & set(self.info_shards):
+        if len(up) < need or not set(up) & set(self.info_shards):
             # as Ceph's min_size: below it a write is refused, so a write
             # that returned always has redundancy left (at K it could never
             # survive one more loss)
-            raise DataUnavailable(f"object {obj.name!r}: only {len(writable)} of {self.width} "
+            raise DataUnavailable(f"object {obj.name!r}: only {len(up)} of {self.width} "
                                   f"shards can be written (need {need}, the pool's min_size, "
                                   f"and an info shard)")
         vec = list(obj.info.vector) if obj.info else [0] * self.width
@@ -1670,9 +1676,9 @@ class ObjectStore:
                                 for op in rec.ops)
                 self.space.check(needs, frees=frees)
             self._note_missed(obj)
+            self._fault_point("commit_before", rec.name)
             self.locks.set_inflight(obj.slot, True)
             self._crashpoint()
-            self.faults.point("commit_before", rec.name)
             try:
                 ticket, nbytes = self.journal.append(rec)
             except BaseException as e:
@@ -1688,7 +1694,7 @@ class ObjectStore:
                 self.counters.add("fsyncs")
             self.counters.add_many((("journal_records", 1), ("journal_bytes", nbytes)))
             self._crashpoint()
-            self.faults.point("commit_after", rec.name)
+            self._fault_point("commit_after", rec.name)
             self._apply(rec, counted=True, kind=kind)
             self.locks.set_inflight(obj.slot, False)
         if hdr is not None:
@@ -1748,6 +1754,7 @@ class ObjectStore:
                 # e.g. replay with a disk late to appear: its shard is stale
                 # now, and its return must rebuild it
                 self._log_missed(op.osd, rec.name)
+                failed.add(op.osd)
                 ok = False
                 continue
             full = os.path.join(path, op.path)
@@ -1929,6 +1936,16 @@ class ObjectStore:
 
     def end_recovery(self, osd: int) -> None:
         self._recovering.discard(osd)
+
+    def _fault_point(self, at: str, name: str) -> None:
+        """An injected fault at a commit point (backend/faults.py): an
+        error there refuses the transaction, nothing journaled."""
+        try:
+            self.faults.point(at, name)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise NoSpace(f"object {name!r}: {e.strerror}") from None
+            raise StoreError(f"object {name!r}: {e.strerror}") from None
 
     def _crashpoint(self) -> None:
         """Fault injection for crash tests: ECFS_CRASH_AT=N SIGKILLs this

@@ -60,12 +60,13 @@ def recover_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
     res = RecoveryResult(osd)
     done: set[str] = set()
     store.begin_recovery(osd)
-    # other processes' writers write its current shards meanwhile, so what
-    # this rebuilds stays current and the loop below ends (backend/osdmap.py)
-    if not store.osdmap.is_up(osd):
-        store.osdmap.mark_recovering(osd)
     ended = False
     try:
+        # other processes' writers write its current shards meanwhile, so
+        # what this rebuilds stays current and the loop ends (backend/osdmap.py)
+        recovering = not store.osdmap.is_up(osd)
+        if recovering:
+            store.osdmap.mark_recovering(osd)
         while True:
             names, _ = store.missed.read(osd)
             todo = [n for n in names if n not in done]
@@ -77,6 +78,12 @@ def recover_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
                     # twice, so only its shard's version can tell.
                     names, _ = store.missed.read(osd)
                     todo = [n for n in names if n not in done or not _current_on(store, n, osd)]
+                    store.osdmap.maybe_refresh()
+                    if recovering and not store.osdmap.is_recovering(osd):
+                        # an I/O error elsewhere, or 'osd down': that says last
+                        st = store.osdmap.states[osd]
+                        raise StoreError(f"osd.{osd} was marked down while it recovered "
+                                         f"({st.reason or 'down'}); not marked up")
                     if not todo:
                         store.missed.clear(osd)
                         store.osdmap.mark_up(osd)

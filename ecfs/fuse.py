@@ -34,10 +34,9 @@ since other processes may change an image. An open image's file is
 invalidated at once (``pyfuse3.invalidate_inode``: attributes and pages)
 when the image changes elsewhere: a header update (resize, snapshot), a
 maintenance op a peer had this mount run, a peer taking or giving up the
-lock. It is called from the image's watch thread, never from the FUSE
-loop, holding no lock a FUSE request needs (the kernel may wait on our
-answers to requests meanwhile); the writeback cache is off, so it never
-waits for dirty pages.
+lock. It runs in a thread of its own (``_Invalidator``): the kernel may
+hold pages locked until we answer a request in flight, so a FUSE worker
+or a watch thread that called it could wait for itself.
 """
 from __future__ import annotations
 
@@ -68,14 +67,47 @@ SNAPDIR = ".snap"
 ATTR_TIMEOUT = 1.0
 
 
-def _invalidate(ino: int) -> None:
-    """Drop the kernel's attributes and pages of an inode (best effort:
-    ENOENT when the kernel has forgotten it)."""
-    try:
-        pyfuse3.invalidate_inode(ino, attr_only=False)
-    except OSError as e:
-        if e.errno not in (errno.ENOENT, errno.EBADF):
-            log.info("invalidating inode %d: %s", ino, e)
+class _Invalidator:
+    """Drops the kernel's attributes and pages of inodes, from a thread of
+    its own. ``pyfuse3.invalidate_inode`` may wait for pages the kernel
+    holds locked until we answer a request (a buffered write in flight),
+    so it is never called from a FUSE request's worker or from a watch
+    thread a peer is waiting on: they queue the inode and go on. Inodes
+    queued again before their turn are dropped once."""
+
+    def __init__(self):
+        self._c = threading.Condition()
+        self._todo: dict[int, None] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="ecfs-invalidate", daemon=True)
+        self._thread.start()
+
+    def queue(self, ino: int) -> None:
+        with self._c:
+            self._todo[ino] = None
+            self._c.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._c:
+                while not self._todo and not self._stop:
+                    self._c.wait()
+                if self._stop:
+                    return
+                ino = next(iter(self._todo))
+                del self._todo[ino]
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=False)
+            except OSError as e:    # ENOENT: the kernel forgot it; EINVAL: no session
+                if e.errno not in (errno.ENOENT, errno.EBADF, errno.EINVAL):
+                    log.info("invalidating inode %d: %s", ino, e)
+
+    def stop(self) -> None:
+        with self._c:
+            self._stop = True
+            self._c.notify()
+
+
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -111,6 +143,7 @@ class EcfsFS(pyfuse3.Operations):
         self._images: dict[tuple, list] = {}     # key -> [Image, open count]
         self._lock = threading.Lock()
         self._grow_lock = threading.Lock()
+        self._invalidator = _Invalidator()
 
     # ------------------------------------------------------------ plumbing
     async def _run(self, fn, *args):
@@ -165,7 +198,7 @@ class EcfsFS(pyfuse3.Operations):
         if key[0] == "img":
             new = Image(self.store, self._name_of(key[1]), read_only=self.read_only, watch=True)
             ino = self._ino(key)
-            new.on_peer_change = lambda: _invalidate(ino)
+            new.on_peer_change = lambda: self._invalidator.queue(ino)
         else:
             new = Image(self.store, self._name_of(key[1]), snapshot=key[2])
         with self._lock:
@@ -617,6 +650,7 @@ class EcfsFS(pyfuse3.Operations):
     # ------------------------------------------------------------ shutdown
     def close_all(self) -> None:
         """Flush and close every image (unmount, SIGTERM)."""
+        self._invalidator.stop()
         for key, ent in list(self._images.items()):
             try:
                 ent[0].close()

@@ -243,7 +243,7 @@ class LockOwner:
                         raise
                     time.sleep(0.005)
                     continue                # it handed the lock over, or is closing
-                self._on_header_update()
+                self._on_header_update(notify=False)    # we asked: nothing to tell
                 return result
             fn, exclusive = self._ops(op, msg, progress)
             with (self.gate.exclusive() if exclusive else self.gate.shared()):
@@ -262,11 +262,12 @@ class LockOwner:
                 if r.get("id") == rid:
                     return r.get("result")
         self._before_op(msg["op"])
+        outer = getattr(self._current, "request", None)
         self._current.request = (rid, msg["op"]) if peer and rid else None
         try:
             return fn()
         finally:
-            self._current.request = None
+            self._current.request = outer
 
     def record(self, requests: list, result) -> list:
         """The header's request records with the running request's added

@@ -32,13 +32,26 @@ class MaintenanceOps:
     def _maint_op(self, op: str, msg: dict, progress):
         """(callable, whether it takes the I/O gate exclusive) for request
         ``op``; flatten and sparsify let writes go on beside them."""
-        name = str(msg.get("name", ""))
+        name = msg.get("name", "")
+        size = msg.get("size", 0)
+        # a request comes from any local process that can reach the socket:
+        # check it as the public calls check their arguments
+        if op in ("snap_create", "snap_rm", "snap_rollback"):
+            if not isinstance(name, str):
+                raise InvalidArgument(f"request {op!r}: bad snapshot name")
+            if op == "snap_create":
+                validate_image_name(name, "snapshot")
+        if op == "resize" and (not isinstance(size, int) or isinstance(size, bool)
+                               or not 0 <= size <= MAX_IMAGE_SIZE):
+            raise InvalidArgument(f"image size must be within 0..{MAX_IMAGE_SIZE}")
+        if op == "object_map_rebuild" and not self.header.has("object-map"):
+            raise InvalidArgument(f"image {self.name!r} has no object-map feature")
         table = {
             "snap_create": (lambda: self._create_snap(name), True),
             "snap_rm": (lambda: self._remove_snap(name, progress), True),
             "snap_rollback": (lambda: self._rollback(name, progress), True),
-            "resize": (lambda: self._resize(int(msg.get("size", -1)),
-                                            bool(msg.get("allow_shrink")), progress), True),
+            "resize": (lambda: self._resize(size, bool(msg.get("allow_shrink")), progress),
+                       True),
             "flatten": (lambda: self._flatten(progress), False),
             "sparsify": (lambda: self._sparsify(progress), False),
             "object_map_rebuild": (
@@ -108,6 +121,11 @@ class MaintenanceOps:
     def _create_snap(self, name: str) -> int:
         # the lock owner flushed before it ran this (``_before_op``)
         with self._mutex:
+            if self.header.has("object-map") and self._valid_map() is None:
+                # a snapshot needs a map it can trust; rebuilt before the
+                # header lock below, which the rebuild takes too (a second
+                # flock of it in this process would wait for ever)
+                self._rebuild_head_map()
             with directory.header_lock(self.store, self.id):
                 hdr = load_header(self.store, self.id, self.name)
                 if any(s.name == name for s in hdr.snapshots):
@@ -116,7 +134,8 @@ class MaintenanceOps:
                 m = self._valid_map()
                 if hdr.has("object-map"):
                     if m is None:
-                        m = self._rebuild_head_map()
+                        raise InvalidArgument(f"image {self.name!r}: the object map could "
+                                              f"not be rebuilt for the snapshot")
                     sm = ObjectMap(self.store, self.id, snap_id)
                     sm.states = m.states.copy()
                     sm.save()
