@@ -1,7 +1,6 @@
 """The run-time fault injection layer (backend/faults.py): rules in
 STORE/faults.json reach a live store without a restart and fail, delay,
 corrupt or kill exactly where they say."""
-import json
 import os
 import signal
 import subprocess

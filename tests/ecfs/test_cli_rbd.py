@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from ..waiting import wait_for
-from .util import assert_user_error, ecfs, ecfs_json, ecfs_popen
+from .util import assert_user_error, ecfs, ecfs_json, ecfs_popen, holds_open
 
 MiB = 1 << 20
 
@@ -188,17 +188,7 @@ def test_pool_object_size_is_the_image_default(tmp_path):
 def _writing_into(pid: int, d) -> bool:
     """Process ``pid`` holds a file in directory ``d`` open (named or not:
     an O_TMPFILE file shows as 'd/#INODE (deleted)')."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"{d}/"):
-                return True
-        except OSError:
-            pass
-    return False
+    return holds_open(pid, lambda target: target.startswith(f"{d}/"))
 
 
 @pytest.mark.parametrize("verb", ["export", "export-diff"])

@@ -56,7 +56,7 @@ from ecfs.outfile import TMP_TAG
 
 from ..waiting import wait_for
 from .mountutil import mounted, need_root
-from .util import EcfsServer, ecfs_json, ecfs_popen, ecfs_trace
+from .util import EcfsServer, ecfs_json, ecfs_popen, ecfs_trace, holds_open
 
 KiB, MiB = 1 << 10, 1 << 20
 OBJ = 64 * KiB               # every image: 64 KiB objects
@@ -455,17 +455,31 @@ def _fill(argv, inputs: Path, out: Path, x: Path | None = None) -> list:
 def _opened(pid: int, path: str) -> bool:
     """Whether process ``pid`` has ``path`` open (an open store keeps its
     clients.lock open)."""
+    return holds_open(pid, lambda target: target == path)
+
+
+def _kill_after(store: Path, argv: list, delay: float, opened: bool) -> int:
+    """Start the command, SIGKILL it ``delay`` s later (counted from its
+    opening the store if ``opened``, else from its start) unless it ended;
+    its return code (0: it had finished)."""
+    p = ecfs_popen(store, *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
     try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
+        if opened:
+            lock = os.path.realpath(store / "clients.lock")
+            wait_for(lambda: p.poll() is not None or _opened(p.pid, lock),
+                     what="the command opening the store", interval=0.001)
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
-                return True
-        except OSError:
-            pass
-    return False
+            p.wait(timeout=delay)       # the randomisation: it runs on until then
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+        err = p.communicate(timeout=60)[1].decode()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=60)
+    assert p.returncode in (0, -signal.SIGKILL), f"{argv} failed by itself: {err}"
+    return p.returncode
 
 
 def _kill(store: Path, argv: list, kind: str, seed: int, points: list, work: float,
@@ -477,41 +491,14 @@ def _kill(store: Path, argv: list, kind: str, seed: int, points: list, work: flo
     rng = random.Random(seed)
     if kind == "launch":
         delay = rng.uniform(startup / 2, startup + work)
-        p = ecfs_popen(store, *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE)
-        try:
-            try:
-                p.wait(timeout=delay)       # the randomisation: it runs on until then
-            except subprocess.TimeoutExpired:
-                p.send_signal(signal.SIGKILL)
-            err = p.communicate(timeout=60)[1].decode()
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=60)
-        assert p.returncode in (0, -signal.SIGKILL), f"{argv} failed by itself: {err}"
+        rc = _kill_after(store, argv, delay, opened=False)
         return f"SIGKILL {delay:.3f} s after its start ({startup:.3f} s to open the store)" + \
-            (" (it had finished)" if p.returncode == 0 else "")
+            (" (it had finished)" if rc == 0 else "")
     if kind == "time":
         delay = rng.uniform(0, work)
-        p = ecfs_popen(store, *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE)
-        try:
-            lock = os.path.realpath(store / "clients.lock")
-            wait_for(lambda: p.poll() is not None or _opened(p.pid, lock),
-                     what="the command opening the store", interval=0.001)
-            try:
-                p.wait(timeout=delay)       # the randomisation: it runs on until then
-            except subprocess.TimeoutExpired:
-                p.send_signal(signal.SIGKILL)
-            err = p.communicate(timeout=60)[1].decode()
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=60)
-        assert p.returncode in (0, -signal.SIGKILL), f"{argv} failed by itself: {err}"
+        rc = _kill_after(store, argv, delay, opened=True)
         return f"SIGKILL {delay:.3f} s after opening the store" + \
-            (" (it had finished)" if p.returncode == 0 else "")
+            (" (it had finished)" if rc == 0 else "")
     aim = kind.split(":", 1)[1] if ":" in kind else "any"
     cands = AIMS[aim](points)
     assert cands, f"no crash point to aim at ({aim})"

@@ -172,3 +172,19 @@ def store_with_images(tmp_path, size: int, *names: str):
     for n in names:
         ecfs(st, "rbd", "import", str(tmp_path / "img.raw"), n)
     return st, img
+
+
+def holds_open(pid: int, match) -> bool:
+    """Whether process ``pid`` has an fd whose target (readlink of
+    /proc/PID/fd/N) satisfies ``match``."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if match(os.readlink(f"/proc/{pid}/fd/{fd}")):
+                return True
+        except OSError:
+            pass
+    return False
