@@ -44,7 +44,7 @@ NAMES = (
     "journal_damaged", "journal_skipped",
     "cache_misses", "cache_writes", "cache_write_bytes", "cache_waits",
     "cache_flushes", "cache_flush_extents", "cache_dirty_bytes",
-    "fast_reads", "state_loads",
+    "fast_reads", "state_loads", "stale_healed",
 )
 # Levels, not counts: set by their process, and not carried into total.ctr
 # when it ends (a dead process holds no dirty bytes).

@@ -179,6 +179,7 @@ class ObjectStore:
         self._closed = False
         self._chunk_hint: dict[str, int] = {}   # lock hint only; checked once locked
         self._recovering: set[int] = set()      # down OSDs this process is rebuilding
+        self._stale: set[str] = set()           # objects with a stale shard on an up OSD
         self._guards: dict[str, object] = {}    # name prefix -> check run before each commit
         self.missed = None if readonly else MissedLog(self.store)
         self.space = SpaceGuard(self.osdmap.paths)
@@ -654,11 +655,44 @@ class ObjectStore:
                 yield obj
         finally:
             self._tls.depth = depth
+        if depth == 0 and self._stale and not getattr(self._tls, "healing", False):
+            self._heal_stale()
         if depth == 0 and self._ckpt_due:
             # the journal outgrew its limit: checkpoint now that this thread
             # holds no stripe (a checkpoint takes a dead writer's slot whole)
             self._ckpt_due = False
             self.checkpoint()
+
+    def _heal_stale(self) -> None:
+        """Rebuild the stale shards on up OSDs that writes found and had to
+        leave out (a shard file deleted or its header damaged by hand): no
+        missed record covers them, since their OSD is up, so they would stay
+        behind until a repair. Each object is locked whole for it, after the
+        write that found it let its stripes go; a failure is logged (scrub
+        still reports the shard) and never fails the write."""
+        from .recovery import rebuild_shard
+        self._tls.healing = True
+        try:
+            while self._stale:
+                try:
+                    name = self._stale.pop()
+                except KeyError:
+                    return          # another thread took the last one
+                try:
+                    with self._locked(name) as obj:
+                        if obj.info is None:
+                            continue
+                        for j in range(self.width):
+                            osd = obj.loc[j]
+                            if self.osdmap.is_up(osd) and obj.info.vector[j] \
+                                    and not self._is_usable(obj, j):
+                                rebuild_shard(self, obj, j, osd, kind="repair")
+                                self.counters.add("stale_healed")
+                except EcfsError as e:
+                    _log.warning("object %r: a stale shard could not be rebuilt (%s); "
+                                 "'ecfs repair' will", name, e)
+        finally:
+            self._tls.healing = False
 
     @contextmanager
     def _locked_slot(self, name: str, slot: int, offset: int, end: int | None, size_hint: int):
@@ -1676,6 +1710,10 @@ class ObjectStore:
                                 for op in rec.ops)
                 self.space.check(needs, frees=frees)
             self._note_missed(obj)
+            if kind == "write" and obj.info is not None and any(
+                    obj.info.vector[j] and self.osdmap.is_up(obj.loc[j])
+                    and not self._is_usable(obj, j) for j in range(self.width)):
+                self._stale.add(obj.name)       # rebuilt after it (_heal_stale)
             self._fault_point("commit_before", rec.name)
             self.locks.set_inflight(obj.slot, True)
             self._crashpoint()

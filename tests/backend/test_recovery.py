@@ -264,3 +264,27 @@ def test_osd_up_ends_while_another_process_keeps_writing_every_object(make_store
             p.kill()
             p.wait()
     check_parity(d)              # osd.2's shards current, parity agreeing
+
+
+def test_a_write_rebuilds_a_stale_shard_it_finds_on_an_up_osd(make_store):
+    """A shard file deleted by hand on an up OSD: no missed record covers
+    it (its OSD never went down), so the write that has to leave it out
+    rebuilds it afterwards instead of leaving it behind until a repair."""
+    from backend.objectstore import ObjectStore
+    d, s = make_store()
+    data = bytearray(os.urandom(256 << 10))
+    s.write_full("x", bytes(data))
+    for p in shard_paths(d, "x", 1):
+        os.unlink(p)
+    s2 = ObjectStore(d)          # another process: nothing of "x" kept
+    try:
+        before = s2.counters.snapshot().get("stale_healed", 0)
+        s2.write("x", 0, b"y" * 4096)
+        data[:4096] = b"y" * 4096
+        assert s2.counters.snapshot().get("stale_healed", 0) == before + 1
+        check_parity(d)          # no stale shard left
+        for o in {osd_of(d, "x", i) for i in (0, 4)}:
+            s2.osdmap.mark_down(o, "test")      # shard 1 must now carry its weight
+        assert s2.read("x", 0, len(data)) == bytes(data)
+    finally:
+        s2.close()
