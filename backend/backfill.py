@@ -50,6 +50,7 @@ class BackfillResult:
     objects: int = 0           # objects visited this run
     shards: int = 0            # shards rebuilt this run
     skipped: int = 0           # objects already done by an earlier, interrupted run
+    misplaced: int = 0         # shard files removed from OSDs placement no longer gives them
 
 
 def progress_path(store_dir: str, osd: int) -> str:
@@ -194,6 +195,9 @@ def rebuild_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
                               f"it stays down: bring the other OSDs back and run "
                               f"'ecfs osd rebuild {osd}' again")
     recover_osd(store, osd, backfill=True)   # what was written meanwhile; marks it up
+    from .rebalance import remove_misplaced
+    # an 'osd add' moved them, and left them if it was interrupted (backend/rebalance.py)
+    res.misplaced = remove_misplaced(store)
     for p in (progress_path(store.store, osd), total_path(store.store, osd)):
         try:
             os.unlink(p)

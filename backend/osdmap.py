@@ -138,15 +138,17 @@ class OsdMap:
             self.states = states
 
     def _reload_paths(self) -> None:
-        """Follow 'ecfs osd replace' by another process: an OSD's directory
-        may have moved (updated in place: other layers hold this dict)."""
+        """Follow 'ecfs osd replace' and 'ecfs osd add' by another process:
+        an OSD's directory may have moved, or an OSD been added (updated in
+        place: other layers hold this dict; ``ids`` feeds placement)."""
         try:
             pool = load_pool(self.store)
         except EcfsError:
             return            # damaged now: keep what was read; the next open says so
         new = {e.id: osd_abspath(self.store, e) for e in pool.osds}
-        if new != self.paths and set(new) == set(self.paths):
+        if new != self.paths and set(new) >= set(self.paths):
             self.paths.update(new)
+            self.ids = tuple(sorted(self.paths))
 
     def check_dir(self, i: int, p: str) -> str:
         """Why OSD directory ``p`` cannot serve as osd.i ('' if it can)."""

@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("osd", help="OSD directories")
-    osub = p.add_subparsers(dest="osd_cmd", metavar="ls|down|up|rebuild|replace",
+    osub = p.add_subparsers(dest="osd_cmd", metavar="ls|down|up|rebuild|replace|add",
                             parser_class=p.__class__)
     osub.required = True
     q = osub.add_parser("ls", help="list OSDs")
@@ -70,6 +70,13 @@ def register(sub) -> None:
     q.add_argument("--max-rate", default=None, metavar="BYTES",
                    help="shard bytes written per second at most (e.g. 64M)")
     q.set_defaults(func=cmd_osd_replace)
+    q = osub.add_parser("add", help="add an OSD on a new (empty) directory and move to it the "
+                                     "shards placement gives it (online, resumable)")
+    q.add_argument("--dir", default=None, metavar="DIR",
+                   help="the new directory (default: STORE/osd.N, N the next id)")
+    q.add_argument("--max-rate", default=None, metavar="BYTES",
+                   help="shard bytes written per second at most (e.g. 64M)")
+    q.set_defaults(func=cmd_osd_add)
 
 
 def _osd_id(text: str) -> int:
@@ -243,11 +250,28 @@ def cmd_osd_down(args) -> int:
     return 0
 
 
-def _backfill(args, verb: str) -> int:
-    from backend.backfill import rebuild_osd
+def _rate(args) -> int | None:
     rate = parse_size(args.max_rate, what="rate") if args.max_rate else None
     if rate is not None and rate <= 0:
         raise InvalidArgument("--max-rate must be positive")
+    return rate
+
+
+def cmd_osd_add(args) -> int:
+    from backend.rebalance import add_osd
+    rate = _rate(args)
+    with ObjectStore(args.store) as s:
+        with progress.bar(args, total=None, desc="Filling the new OSD", unit="obj") as bar:
+            osd, removed = add_osd(s, args.dir, rate=rate, progress=lambda done, total: (
+                bar.set_total(total), bar.update(1)))
+    print(f"added osd.{osd}: its shards rebuilt, {removed} moved shard files removed from "
+          f"the others; marked up")
+    return 0
+
+
+def _backfill(args, verb: str) -> int:
+    from backend.backfill import rebuild_osd
+    rate = _rate(args)
     with ObjectStore(args.store) as s:
         with progress.bar(args, total=None, desc=f"Rebuilding osd.{args.id}", unit="obj") as bar:
             res = rebuild_osd(s, args.id, rate=rate,

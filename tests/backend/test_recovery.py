@@ -288,3 +288,74 @@ def test_a_write_rebuilds_a_stale_shard_it_finds_on_an_up_osd(make_store):
         assert s2.read("x", 0, len(data)) == bytes(data)
     finally:
         s2.close()
+
+
+def test_an_added_osd_takes_its_shards_while_another_process_writes(make_store, tmp_path):
+    """osd add: placement moves about 1/(N+1) of the shards, all to the new
+    OSD; another process writing throughout loses nothing, no shard is
+    left where placement no longer puts it, and the new OSD carries its
+    weight when two others are gone."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from backend.objectstore import ObjectStore
+    from backend.placement import place
+    from backend.rebalance import add_osd
+    d, s = make_store(min_size=5)
+    names = [f"g{i}" for i in range(24)]
+    for n in names:
+        s.write_full(n, bytes([1 + names.index(n)]) * (128 << 10))
+    before = {n: place(n, 6, tuple(range(6))) for n in names}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {root!r})
+        from backend.objectstore import ObjectStore
+        s = ObjectStore({d!r})
+        print("writing", flush=True)
+        i = 0
+        while not os.path.exists({d!r} + "/stop"):
+            n = {names!r}[i % {len(names)}]
+            s.write(n, (i % 32) * 4096, bytes([200 + i % 50]) * 4096)
+            print(n, i, flush=True)
+            i += 1
+        s.close()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "writing"
+        osd, removed = add_osd(s, str(tmp_path / "osd6"))
+        open(os.path.join(d, "stop"), "w").close()
+        writes = [line.split() for line in p.stdout]
+        p.wait(60)
+        assert p.returncode == 0 and writes
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert osd == 6 and s.osdmap.is_up(6)
+    after = {n: place(n, 6, tuple(range(7))) for n in names}
+    moved = sum(a != b for n in names for a, b in zip(before[n], after[n]))
+    assert 0 < moved < len(names) * 6 // 2
+    assert all(b == a or b == 6 for n in names for a, b in zip(before[n], after[n]))
+    assert moved <= removed <= 2 * moved   # each moved shard's sidecar, and its data file
+    from backend import shardfile as sf
+    for o in range(7):                     # nothing left where placement no longer puts it
+        for dp, _, files in os.walk(os.path.join(s.osdmap.paths[o], "objects")):
+            for f in files:
+                name, shard = sf.parse_shard_filename(f[:-5] if f.endswith(".meta") else f)
+                assert place(sf.unescape_name(name), 6, tuple(range(7)))[shard] == o, (o, f)
+    want = {n: bytearray(bytes([1 + names.index(n)]) * (128 << 10)) for n in names}
+    for n, i in writes:
+        i = int(i)
+        want[n][(i % 32) * 4096:(i % 32 + 1) * 4096] = bytes([200 + i % 50]) * 4096
+    check_parity(d)
+    s2 = ObjectStore(d)
+    try:
+        for o in (0, 1):
+            s2.osdmap.mark_down(o, "test")
+        for n in names:
+            assert s2.read(n, 0, 128 << 10) == bytes(want[n]), n
+    finally:
+        s2.close()

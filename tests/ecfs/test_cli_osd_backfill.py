@@ -164,3 +164,57 @@ def test_replace_with_a_bad_directory_changes_nothing(tmp_path):
     for bad in (st / "osd.3", st, st / "osd.0" / "x"):
         assert ecfs(st, "osd", "replace", "5", "--dir", str(bad), check=False).returncode != 0
         assert ecfs_json(st, "status")["health"]["status"] == "HEALTH_OK", bad
+
+
+def test_add_an_osd_while_a_mount_serves_fio_with_verify(tmp_path):
+    """osd add, online: the mount follows the new placement mid-run (its
+    writes planned on the old map are planned again), the new OSD is
+    filled, the moved shards leave the old OSDs, and it then carries its
+    weight with two others gone."""
+    need_root()
+    st = tmp_path / "s"
+    ecfs(st, "init")
+    ecfs(st, "rbd", "create", "f", "--size", "32")
+    mnt = tmp_path / "mnt"
+    job = ["--name=v", f"--filename={mnt / 'f'}", "--size=24M", "--rw=randwrite", "--bs=16k",
+           "--ioengine=psync", "--direct=1", "--verify=crc32c", "--randseed=7",
+           "--output-format=terse"]
+    with mounted(st, mnt):
+        subprocess.run(["fio", *job, "--do_verify=0"], check=True, capture_output=True,
+                       timeout=300, cwd=tmp_path)
+        writer = subprocess.Popen(["fio", *job, "--do_verify=0", "--time_based", "--runtime=4",
+                                   "--randseed=8", "--offset=0"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, cwd=tmp_path)
+        try:
+            out = ecfs(st, "osd", "add").stdout.decode()
+        finally:
+            assert writer.wait(120) == 0, writer.stderr.read()
+        assert "added osd.6" in out and "marked up" in out, out
+        subprocess.run(["fio", *job, "--do_verify=0", "--randseed=9"], check=True,
+                       capture_output=True, timeout=300, cwd=tmp_path)
+        v = subprocess.run(["fio", *job, "--verify_only", "--randseed=9"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert v.returncode == 0, v.stdout + v.stderr
+    osds = ecfs_json(st, "osd", "ls")
+    assert [o["id"] for o in osds] == list(range(7)) and all(o["up"] for o in osds)
+    assert ecfs_json(st, "status")["health"]["status"] == "HEALTH_OK"
+    p = ecfs(st, "scrub", "--deep", check=False)
+    assert p.returncode == 0, p.stdout.decode()
+    assert ecfs(st, "fsck", check=False).returncode == 0
+    for i in (0, 6):                 # the new one among the two lost: the rest suffice
+        ecfs(st, "osd", "down", str(i))
+    with mounted(st, mnt):
+        v = subprocess.run(["fio", *job, "--verify_only", "--randseed=9"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_add_on_a_directory_that_is_not_empty_changes_nothing(tmp_path):
+    st, img = _store(tmp_path)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "file").write_text("x")
+    before = (st / "pool.json").read_text()
+    assert_user_error(ecfs(st, "osd", "add", "--dir", str(used), check=False), "not empty")
+    assert (st / "pool.json").read_text() == before
+    assert len(ecfs_json(st, "osd", "ls")) == 6

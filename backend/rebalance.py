@@ -1,0 +1,119 @@
+"""Growing the pool: ``ecfs osd add [--dir D]``.
+
+Placement (backend/placement.py) is built for growth: with a new OSD of
+the next id, a shard moves only where the new OSD takes its position,
+about 1/(N+1) of all shards, each to the new OSD, none between old ones.
+The steps, each safe to interrupt (``ecfs osd rebuild N`` finishes them):
+
+1. The new directory gets this store's ``osd.json`` with the next id, but
+   no ``objects/`` yet, so every process that sees it takes it for down.
+2. Under the checkpoint gate held exclusive (no transaction of any process
+   between its journal record and its apply; a checkpoint first replays
+   what dead writers left), ``pool.json`` lists the OSD and ``osdmap.json``
+   marks it down ("backfilling"). Every process reads ``pool.json`` again
+   at its next object load (the OSD map's stamp), so placements change
+   everywhere at once; a write planned on the old map is planned again at
+   its commit (the map generation moved).
+3. The backfill (backend/backfill.py) rebuilds every shard placement now
+   gives the OSD from K others, resumable, then marks it up.
+4. Shard files the old OSDs hold at positions placement no longer gives
+   them are removed, each object locked (``remove_misplaced``; also run at
+   the end of every backfill, so a rerun after an interruption cleans up).
+
+Until step 3 ends, a moved shard's new home is being filled: those
+objects have one shard fewer of redundancy (Ceph keeps the old copy
+serving until the backfill is done; here it is rebuilt from the others
+rather than copied). Shrinking (``osd rm``) is not supported yet.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+from . import shardfile as sf
+from .backfill import REASON, rebuild_osd
+from .errors import InvalidArgument
+from .pool import (FORMAT_VERSION, OSD_FILE, _check_layout, _usable_dir, load_pool,
+                   osd_abspath, pool_path, write_json_atomic)
+from .placement import place
+
+
+def add_osd(store, new_dir: str | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            rate: int | None = None) -> tuple[int, int]:
+    """Add an OSD on ``new_dir`` (default ``STORE/osd.N``), backfill it and
+    clean up; returns (its id, misplaced shard files removed)."""
+    pool = load_pool(store.store)
+    osd = max(e.id for e in pool.osds) + 1
+    path = os.path.abspath(new_dir) if new_dir else os.path.join(store.store, f"osd.{osd}")
+    others = [osd_abspath(store.store, e) for e in pool.osds]
+    _check_layout(store.store, others + [path])
+    _usable_dir(path, "new OSD directory")
+    if os.path.isdir(path) and os.listdir(path):
+        raise InvalidArgument(f"{path} is not empty: an OSD starts on an empty directory")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    write_json_atomic(os.path.join(path, OSD_FILE),
+                      {"format_version": FORMAT_VERSION, "fsid": pool.fsid, "osd_id": osd})
+    store.checkpoint()                       # dead writers' transactions: replayed now
+    with store.locks.checkpoint_gate():
+        with open(pool_path(store.store)) as f:
+            raw = json.load(f)
+        inside = path.startswith(os.path.realpath(store.store) + os.sep)
+        raw["osds"].append({"id": osd,
+                            "path": os.path.relpath(path, store.store) if inside else path})
+        write_json_atomic(pool_path(store.store), raw)
+        store.osdmap.refresh()
+        store.osdmap.mark_down(osd, REASON.format(osd=osd))
+        os.makedirs(os.path.join(path, "objects"), mode=0o700, exist_ok=True)
+    res = rebuild_osd(store, osd, progress=progress, rate=rate)   # step 4 at its end
+    return osd, res.misplaced
+
+
+def remove_misplaced(store) -> int:
+    """Unlink shard files that sit on an OSD placement no longer gives
+    their shard (left behind by a growth); returns how many. Each object
+    is locked while its files go, and only a file whose object's current
+    placement puts that shard elsewhere is touched."""
+    removed = 0
+    width, ids = store.width, store.osdmap.ids
+    for osd, root in sorted(store.osdmap.paths.items()):
+        if not store.osdmap.is_up(osd):
+            continue
+        objects = os.path.join(root, "objects")
+        for sub in sorted(_listdir(objects)):
+            d = os.path.join(objects, sub)
+            for f in sorted(_listdir(d)):
+                parsed = sf.parse_shard_filename(f[:-5] if f.endswith(".meta") else f)
+                if parsed is None:
+                    continue
+                name, shard = sf.unescape_name(parsed[0]), parsed[1]
+                if name is None:           # a hashed long name: its header says it
+                    name = _name_in_header(os.path.join(d, f if f.endswith(".meta")
+                                                        else f + ".meta"))
+                    if name is None:
+                        continue
+                if place(name, width, ids)[shard] == osd:
+                    continue
+                with store._locked(name):
+                    try:
+                        os.unlink(os.path.join(d, f))
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+    return removed
+
+
+def _name_in_header(meta: str) -> str | None:
+    try:
+        with open(meta, "rb") as fh:
+            return sf.ShardHeader.unpack(fh.read(sf.HEADER_SIZE)).name
+    except (OSError, sf.CorruptHeader):
+        return None
+
+
+def _listdir(p: str) -> list[str]:
+    try:
+        return os.listdir(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
