@@ -145,6 +145,11 @@ def rebuild_osd(store, osd: int, progress: Callable[[int, int], None] | None = N
     store.osdmap.refresh()
     path = store.osdmap.paths[osd]
     why = store.osdmap.check_dir(osd, path)
+    if why == "objects/ missing" and _is_ours(path, store.pool.fsid, osd):
+        # our osd.json, its objects/ gone (wiped, or an 'osd add' killed
+        # before it made it): everything is rebuilt anyway
+        os.makedirs(os.path.join(path, "objects"), mode=0o700, exist_ok=True)
+        why = store.osdmap.check_dir(osd, path)
     if why:
         raise StoreError(f"osd.{osd}: {path}: {why} (for a new or wiped disk use "
                          f"'ecfs osd replace {osd}')")

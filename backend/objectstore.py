@@ -372,7 +372,7 @@ class ObjectStore:
                     if not parsed:
                         continue
                     stem, shard = parsed
-                    if shard != 0 and shard < self.k:
+                    if shard != 0 and shard < self.k or shard >= self.width:
                         continue
                     n = sf.unescape_name(stem)
                     if n is None:
@@ -380,7 +380,9 @@ class ObjectStore:
                             n = sf.ShardHeader.unpack(_pread_path(os.path.join(d, f), sf.HEADER_SIZE, 0)).name
                         except (OSError, sf.CorruptHeader):
                             continue
-                    if n.startswith(prefix):
+                    # a shard an 'osd add' moved away, until it is removed
+                    if n.startswith(prefix) and \
+                            place(n, self.width, self.osdmap.ids)[shard] == osd:
                         names.add(n)
         return sorted(names)
 
@@ -686,9 +688,9 @@ class ObjectStore:
                             osd = obj.loc[j]
                             if self.osdmap.is_up(osd) and obj.info.vector[j] \
                                     and not self._is_usable(obj, j):
-                                rebuild_shard(self, obj, j, osd, kind="repair")
+                                rebuild_shard(self, obj, j, osd, kind="recovery")
                                 self.counters.add("stale_healed")
-                except EcfsError as e:
+                except Exception as e:      # never the write's failure: it committed
                     _log.warning("object %r: a stale shard could not be rebuilt (%s); "
                                  "'ecfs repair' will", name, e)
         finally:
@@ -750,10 +752,10 @@ class ObjectStore:
         from the headers on disk (then kept)."""
         self.osdmap.maybe_refresh()
         slot = slot if slot is not None else slot_of(name)
+        gen = self.osdmap.generation        # first: a refresh after it makes the view stale
         loc = place(name, self.width, self.osdmap.ids)
         if not self.readonly:
             self._check_identity(loc)
-        gen = self.osdmap.generation
         if self.states is not None:
             st = self.states.pin(name, gen)
             if st is not None:

@@ -2,7 +2,8 @@
 
 Placement (backend/placement.py) is built for growth: with a new OSD of
 the next id, a shard moves only where the new OSD takes its position,
-about 1/(N+1) of all shards, each to the new OSD, none between old ones.
+about 1/(N+1) of all shards, each to the new OSD, none between old ones
+(but that is one shard of most objects: each object has K+M of the N+1).
 The steps, each safe to interrupt (``ecfs osd rebuild N`` finishes them):
 
 1. The new directory gets this store's ``osd.json`` with the next id, but
@@ -23,7 +24,9 @@ The steps, each safe to interrupt (``ecfs osd rebuild N`` finishes them):
 Until step 3 ends, a moved shard's new home is being filled: those
 objects have one shard fewer of redundancy (Ceph keeps the old copy
 serving until the backfill is done; here it is rebuilt from the others
-rather than copied). Shrinking (``osd rm``) is not supported yet.
+rather than copied, and the old copy is removed only at the end). So an
+add starts only with every OSD up and current. Shrinking (``osd rm``) is
+not supported yet.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import os
 from typing import Callable
 
 from . import shardfile as sf
-from .backfill import REASON, rebuild_osd
+from .backfill import REASON, _is_ours, progress_path, rebuild_osd, under_way
 from .errors import InvalidArgument
 from .pool import (FORMAT_VERSION, OSD_FILE, _check_layout, _usable_dir, load_pool,
                    osd_abspath, pool_path, write_json_atomic)
@@ -50,8 +53,11 @@ def add_osd(store, new_dir: str | None = None,
     others = [osd_abspath(store.store, e) for e in pool.osds]
     _check_layout(store.store, others + [path])
     _usable_dir(path, "new OSD directory")
-    if os.path.isdir(path) and os.listdir(path):
+    # a rerun after a kill before step 2 finds only our osd.json there
+    if os.path.isdir(path) and os.listdir(path) and not (
+            os.listdir(path) == [OSD_FILE] and _is_ours(path, pool.fsid, osd)):
         raise InvalidArgument(f"{path} is not empty: an OSD starts on an empty directory")
+    _check_healthy(store)
     os.makedirs(path, mode=0o700, exist_ok=True)
     write_json_atomic(os.path.join(path, OSD_FILE),
                       {"format_version": FORMAT_VERSION, "fsid": pool.fsid, "osd_id": osd})
@@ -59,15 +65,41 @@ def add_osd(store, new_dir: str | None = None,
     with store.locks.checkpoint_gate():
         with open(pool_path(store.store)) as f:
             raw = json.load(f)
+        if any(e["id"] >= osd for e in raw["osds"]):
+            raise InvalidArgument(f"another 'osd add' took osd.{osd} meanwhile")
         inside = path.startswith(os.path.realpath(store.store) + os.sep)
         raw["osds"].append({"id": osd,
                             "path": os.path.relpath(path, store.store) if inside else path})
         write_json_atomic(pool_path(store.store), raw)
         store.osdmap.refresh()
         store.osdmap.mark_down(osd, REASON.format(osd=osd))
+        # the backfill's progress file before objects/: 'osd up' refuses an
+        # OSD being filled, and a kill from here on is finished by a rebuild
+        os.makedirs(os.path.dirname(progress_path(store.store, osd)), mode=0o700,
+                    exist_ok=True)
+        open(progress_path(store.store, osd), "ab").close()
         os.makedirs(os.path.join(path, "objects"), mode=0o700, exist_ok=True)
     res = rebuild_osd(store, osd, progress=progress, rate=rate)   # step 4 at its end
     return osd, res.misplaced
+
+
+def _check_healthy(store) -> None:
+    """Growth moves a shard of most objects (each object has K+M of the N
+    OSDs; the new one takes a position in about (K+M)/(N+1) of them), and
+    until the new OSD is filled those shards count as missing: start only
+    with every OSD up and current, so each object keeps M-1 to spare."""
+    store.osdmap.refresh()
+    bad = [(i, st.reason or "down") for i, st in sorted(store.osdmap.states.items())
+           if not st.up]
+    if bad:
+        i, why = bad[0]
+        raise InvalidArgument(f"osd add needs every OSD up and current: osd.{i} is not "
+                              f"({why})")
+    filling = under_way(store.store)
+    if filling:
+        i = sorted(filling)[0]
+        raise InvalidArgument(f"osd add needs every OSD current: osd.{i} is being backfilled "
+                              f"(run 'ecfs osd rebuild {i}' to finish it)")
 
 
 def remove_misplaced(store) -> int:
@@ -84,10 +116,16 @@ def remove_misplaced(store) -> int:
         for sub in sorted(_listdir(objects)):
             d = os.path.join(objects, sub)
             for f in sorted(_listdir(d)):
-                parsed = sf.parse_shard_filename(f[:-5] if f.endswith(".meta") else f)
-                if parsed is None:
+                try:
+                    parsed = sf.parse_shard_filename(f[:-5] if f.endswith(".meta") else f)
+                except ValueError:
+                    parsed = None
+                if parsed is None or not 0 <= parsed[1] < width:
+                    continue                   # not a shard file of ours: not touched
+                try:
+                    name, shard = sf.unescape_name(parsed[0]), parsed[1]
+                except ValueError:
                     continue
-                name, shard = sf.unescape_name(parsed[0]), parsed[1]
                 if name is None:           # a hashed long name: its header says it
                     name = _name_in_header(os.path.join(d, f if f.endswith(".meta")
                                                         else f + ".meta"))

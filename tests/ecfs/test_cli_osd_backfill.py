@@ -7,7 +7,7 @@ import signal
 import subprocess
 
 from .mountutil import mounted, need_root
-from .util import _cmd, assert_user_error, ecfs, ecfs_json, store_with_images
+from .util import _cmd, assert_user_error, ecfs, ecfs_json, ecfs_popen, store_with_images
 from ..waiting import wait_for
 
 MiB = 1 << 20
@@ -218,3 +218,27 @@ def test_add_on_a_directory_that_is_not_empty_changes_nothing(tmp_path):
     assert_user_error(ecfs(st, "osd", "add", "--dir", str(used), check=False), "not empty")
     assert (st / "pool.json").read_text() == before
     assert len(ecfs_json(st, "osd", "ls")) == 6
+
+
+def test_add_needs_every_osd_up_and_a_killed_add_is_finished_by_a_rebuild(tmp_path):
+    st, img = _store(tmp_path)
+    ecfs(st, "osd", "down", "2")
+    assert_user_error(ecfs(st, "osd", "add", check=False), "every OSD up")
+    assert len(ecfs_json(st, "osd", "ls")) == 6
+    ecfs(st, "osd", "up", "2")
+    # killed right after pool.json listed it, before objects/ existed
+    p = ecfs_popen(st, "osd", "add", env={"ECFS_CRASH_AT": "1"}, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    assert p.wait(120) == -signal.SIGKILL
+    osds = ecfs_json(st, "osd", "ls")
+    if len(osds) == 7:
+        assert not osds[6]["up"]
+        assert ecfs(st, "osd", "up", "6", check=False).returncode != 0   # not filled yet
+        ecfs(st, "osd", "rebuild", "6")
+    else:
+        ecfs(st, "osd", "add")                   # killed before pool.json: it starts again
+    assert ecfs_json(st, "status")["health"]["status"] == "HEALTH_OK"
+    assert ecfs(st, "scrub", "--deep", check=False).returncode == 0
+    for i in (0, 6):
+        ecfs(st, "osd", "down", str(i))
+    assert _export(st, tmp_path) == img
