@@ -52,7 +52,9 @@ read's stripes, a commit's metadata lock): a lock-free reader uses the
 kept ones and opens none, since an open racing with a removal could keep
 the fd of a file unlinked a moment later. (Backfill also unlinks leftover
 shard files, of an OSD that is down: its return changes the OSD map
-generation, so no state kept from before is used.)
+generation, so no state kept from before is used. It also unlinks, on up
+OSDs, shard files an 'osd add' moved away: the add changed the generation
+and placement first, so no state kept since holds them.)
 
 What the counter cannot see is a shard file changed by hand, outside ecfs.
 Bytes flipped or lost still fail their page checksum on every read (kept
