@@ -70,8 +70,7 @@ def register(sub) -> None:
     q.add_argument("--max-rate", default=None, metavar="BYTES",
                    help="shard bytes written per second at most (e.g. 64M)")
     q.set_defaults(func=cmd_osd_replace)
-    q = osub.add_parser("add", help="add an OSD on a new (empty) directory and move to it the "
-                                     "shards placement gives it (online, resumable)")
+    q = osub.add_parser("add", help="add an OSD on an empty directory and fill it (online)")
     q.add_argument("--dir", default=None, metavar="DIR",
                    help="the new directory (default: STORE/osd.N, N the next id)")
     q.add_argument("--max-rate", default=None, metavar="BYTES",
