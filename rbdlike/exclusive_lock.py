@@ -181,10 +181,14 @@ class ExclusiveLock:
                        f"(see 'ecfs rbd lock ls {self.image_name}')")
 
     def guard(self) -> None:
-        """Raise Fenced if the lock was broken (called before each commit)."""
-        if self._epoch_fd is None:
-            raise Fenced(f"image {self.image_name!r}: exclusive lock not held")
-        raw = os.pread(self._epoch_fd, 32, 0)
+        """Raise Fenced if the lock was broken (called before each commit).
+        Under the release lock: a release closing the epoch fd meanwhile
+        would make this read a closed fd (EBADF), or one reused by another
+        open."""
+        with self._release_lock:
+            if self._epoch_fd is None:
+                raise Fenced(f"image {self.image_name!r}: exclusive lock not held")
+            raw = os.pread(self._epoch_fd, 32, 0)
         if int(raw.strip() or 0) != self.epoch:
             raise Fenced(f"image {self.image_name!r}: the exclusive lock was broken; "
                          f"this client may not write any more")

@@ -34,10 +34,12 @@ over answers NotOwner, and the requester asks the next holder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
 import time
+import traceback
 import uuid
 
 from backend import errors as _errors
@@ -48,6 +50,8 @@ from backend.errors import Unreachable as Unreachable
 from backend.procs import pid_alive
 
 from .directory import rbd_dir
+
+_log = logging.getLogger("ecfs.notify")
 
 DEFAULT_TIMEOUT = 30.0      # seconds without any answer before a request gives up
 
@@ -214,8 +218,11 @@ class Watch:
             except EcfsError as e:
                 send({"error": {"type": type(e).__name__, "message": str(e)}})
             except Exception as e:     # never let a peer's request kill the process
+                _log.error("request %r from a peer failed:\n%s", msg.get("op"),
+                           traceback.format_exc())
                 send({"error": {"type": "EcfsError",
-                                "message": f"internal error: {type(e).__name__}: {e}"}})
+                                "message": f"internal error in the lock owner (pid "
+                                           f"{os.getpid()}): {type(e).__name__}: {e}"}})
 
     def close(self) -> None:
         if self._closed:
