@@ -98,7 +98,9 @@ def test_a_killed_rebuild_goes_on_where_it_stopped(tmp_path):
     assert _export(st, tmp_path) == img
 
 
-def test_rebuild_while_a_mount_serves_fio_with_verify(tmp_path):
+def _fio_store(tmp_path):
+    """A default store with a 32 MiB image 'f', its mount point, and a fio
+    job writing 24 MiB of it at random with crc32c verify blocks."""
     need_root()
     st = tmp_path / "s"
     ecfs(st, "init")
@@ -107,6 +109,11 @@ def test_rebuild_while_a_mount_serves_fio_with_verify(tmp_path):
     job = ["--name=v", f"--filename={mnt / 'f'}", "--size=24M", "--rw=randwrite", "--bs=16k",
            "--ioengine=psync", "--direct=1", "--verify=crc32c", "--randseed=7",
            "--output-format=terse"]
+    return st, mnt, job
+
+
+def test_rebuild_while_a_mount_serves_fio_with_verify(tmp_path):
+    st, mnt, job = _fio_store(tmp_path)
     with mounted(st, mnt):
         subprocess.run(["fio", *job, "--do_verify=0"], check=True, capture_output=True,
                        timeout=300, cwd=tmp_path)
@@ -171,14 +178,7 @@ def test_add_an_osd_while_a_mount_serves_fio_with_verify(tmp_path):
     writes planned on the old map are planned again), the new OSD is
     filled, the moved shards leave the old OSDs, and it then carries its
     weight with two others gone."""
-    need_root()
-    st = tmp_path / "s"
-    ecfs(st, "init")
-    ecfs(st, "rbd", "create", "f", "--size", "32")
-    mnt = tmp_path / "mnt"
-    job = ["--name=v", f"--filename={mnt / 'f'}", "--size=24M", "--rw=randwrite", "--bs=16k",
-           "--ioengine=psync", "--direct=1", "--verify=crc32c", "--randseed=7",
-           "--output-format=terse"]
+    st, mnt, job = _fio_store(tmp_path)
     with mounted(st, mnt):
         subprocess.run(["fio", *job, "--do_verify=0"], check=True, capture_output=True,
                        timeout=300, cwd=tmp_path)
