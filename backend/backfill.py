@@ -230,18 +230,10 @@ def _remove_leftovers(store, osd: int, names: set[str]) -> None:
         if not os.path.isdir(d):
             continue
         for f in sorted(os.listdir(d)):
-            parsed = sf.parse_shard_filename(f[:-5] if f.endswith(".meta") else f)
-            if parsed is None:
+            found = sf.shard_file_object(d, f)
+            if found is None:
                 continue
-            name = sf.unescape_name(parsed[0])
-            if name is None:          # a hashed long name: its header says it
-                meta = os.path.join(d, f if f.endswith(".meta") else f + ".meta")
-                try:
-                    with open(meta, "rb") as fh:
-                        name = sf.ShardHeader.unpack(fh.read(sf.HEADER_SIZE)).name
-                except (OSError, sf.CorruptHeader):
-                    continue
-            if name not in keep:
+            if found[0] not in keep:
                 try:
                     os.unlink(os.path.join(d, f))
                 except FileNotFoundError:

@@ -368,18 +368,12 @@ class ObjectStore:
                 for f in _listdir(d):
                     if not f.endswith(".meta"):
                         continue
-                    parsed = sf.parse_shard_filename(f[:-5])
-                    if not parsed:
+                    found = sf.shard_file_object(d, f)
+                    if found is None:
                         continue
-                    stem, shard = parsed
+                    n, shard = found
                     if shard != 0 and shard < self.k or shard >= self.width:
                         continue
-                    n = sf.unescape_name(stem)
-                    if n is None:
-                        try:
-                            n = sf.ShardHeader.unpack(_pread_path(os.path.join(d, f), sf.HEADER_SIZE, 0)).name
-                        except (OSError, sf.CorruptHeader):
-                            continue
                     # a shard an 'osd add' moved away, until it is removed
                     if n.startswith(prefix) and \
                             place(n, self.width, self.osdmap.ids)[shard] == osd:

@@ -37,7 +37,7 @@ from typing import Callable
 from . import shardfile as sf
 from .backfill import REASON, _is_ours, progress_path, rebuild_osd, under_way
 from .errors import InvalidArgument
-from .pool import (FORMAT_VERSION, OSD_FILE, _check_layout, _usable_dir, load_pool,
+from .pool import (FORMAT_VERSION, OSD_FILE, _check_layout, _listdir, _usable_dir, load_pool,
                    osd_abspath, pool_path, write_json_atomic)
 from .placement import place
 
@@ -116,21 +116,10 @@ def remove_misplaced(store) -> int:
         for sub in sorted(_listdir(objects)):
             d = os.path.join(objects, sub)
             for f in sorted(_listdir(d)):
-                try:
-                    parsed = sf.parse_shard_filename(f[:-5] if f.endswith(".meta") else f)
-                except ValueError:
-                    parsed = None
-                if parsed is None or not 0 <= parsed[1] < width:
+                found = sf.shard_file_object(d, f)
+                if found is None or not 0 <= found[1] < width:
                     continue                   # not a shard file of ours: not touched
-                try:
-                    name, shard = sf.unescape_name(parsed[0]), parsed[1]
-                except ValueError:
-                    continue
-                if name is None:           # a hashed long name: its header says it
-                    name = _name_in_header(os.path.join(d, f if f.endswith(".meta")
-                                                        else f + ".meta"))
-                    if name is None:
-                        continue
+                name, shard = found
                 if place(name, width, ids)[shard] == osd:
                     continue
                 with store._locked(name):
@@ -140,18 +129,3 @@ def remove_misplaced(store) -> int:
                     except FileNotFoundError:
                         pass
     return removed
-
-
-def _name_in_header(meta: str) -> str | None:
-    try:
-        with open(meta, "rb") as fh:
-            return sf.ShardHeader.unpack(fh.read(sf.HEADER_SIZE)).name
-    except (OSError, sf.CorruptHeader):
-        return None
-
-
-def _listdir(p: str) -> list[str]:
-    try:
-        return os.listdir(p)
-    except (FileNotFoundError, NotADirectoryError):
-        return []

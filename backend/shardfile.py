@@ -150,6 +150,27 @@ def parse_shard_filename(fname: str) -> tuple[str, int] | None:
     return stem, int(idx)
 
 
+def shard_file_object(dirpath: str, fname: str) -> tuple[str, int] | None:
+    """(object name, shard) of a shard data file or sidecar ``fname`` in
+    ``dirpath``, or None for a file that is none of ours. A hashed long
+    name is read from the sidecar's header (None if it cannot be)."""
+    try:
+        parsed = parse_shard_filename(fname[:-5] if fname.endswith(".meta") else fname)
+        if parsed is None:
+            return None
+        name = unescape_name(parsed[0])
+    except (ValueError, UnicodeDecodeError):
+        return None                         # a stray %-escape: not a name we wrote
+    if name is None:
+        meta = os.path.join(dirpath, fname if fname.endswith(".meta") else fname + ".meta")
+        try:
+            with open(meta, "rb") as fh:
+                name = ShardHeader.unpack(fh.read(HEADER_SIZE)).name
+        except (OSError, CorruptHeader):
+            return None
+    return name, parsed[1]
+
+
 def page_crcs(buf, pages: int | None = None) -> np.ndarray:
     """Stored checksum values (crc32c ^ ZERO_PAGE_CRC) for each page of buf.
 

@@ -224,6 +224,7 @@ class LockOwner:
         over or goes away) reuse one request id: the op happens once."""
         msg = {"op": op, "request_id": uuid.uuid4().hex, **args}
         deadline = time.monotonic() + notify.timeout()
+        asked = False               # a holder may have run it: look for its record
         while True:
             if not self.held and not self.try_acquire():
                 o = owner(self.store, self.image_id)
@@ -234,6 +235,7 @@ class LockOwner:
                     continue
                 if not o.address:
                     raise Busy(f"image {self.name!r} is locked by pid {o.pid} on {o.host}")
+                asked = True
                 try:
                     result = notify.request(o.address, {**msg, "deadline": time.time() +
                                                         notify.timeout()},
@@ -248,16 +250,17 @@ class LockOwner:
             fn, exclusive = self._ops(op, msg, progress)
             with (self.gate.exclusive() if exclusive else self.gate.shared()):
                 if self.held:
-                    result = self._execute(msg, fn, peer=False)
+                    result = self._execute(msg, fn, peer=False, asked=asked)
                     break
         self.notify_header()
         return result
 
-    def _execute(self, msg: dict, fn, peer: bool):
+    def _execute(self, msg: dict, fn, peer: bool, asked: bool = True):
         """Run a request under the gate, holding the lock. A request seen
-        before (its record in the header) answers what it answered then."""
+        before (its record in the header) answers what it answered then;
+        one never sent to a peer (``asked`` False) cannot have been."""
         rid = msg.get("request_id")
-        if rid:
+        if rid and asked:
             for r in self._load_requests():
                 if r.get("id") == rid:
                     return r.get("result")
