@@ -50,6 +50,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import logging
 
@@ -59,15 +60,14 @@ from crc32c import crc32c as _crc32c
 from . import shardfile as sf
 from .codec import FLAG_PARITY_DELTA, Codec
 from .counters import Counters
-from .errors import (DataUnavailable, EcfsError, InvalidArgument, NoSpace, NotFound, StoreError,
-                     TooBig)
+from .errors import (Busy, DataUnavailable, EcfsError, InvalidArgument, NoSpace, NotFound,
+                     ReadOnly, StoreError, TooBig)
 from .faults import Faults
 from .journal import OP_PUNCH, OP_TRUNCATE, OP_UNLINK, OP_WRITE, PUNCH_LEN, FileOp, Journal, Record
 from .locks import ALL_STRIPES, StoreLocks, slot_of
 from .missed import MissedLog
 from .objstate import CommitSeq, ObjState, StateCache, fd_budget
 from .osdmap import OsdMap
-from .placement import place
 from .space import SpaceGuard
 from .pool import MAX_OBJECT_SIZE, load_pool
 
@@ -160,7 +160,10 @@ def _replanning(fn):
 
 
 class ObjectStore:
-    def __init__(self, store: str, *, write_mode: str | None = None, readonly: bool = False):
+    def __init__(self, store: str, *, write_mode: str | None = None, readonly: bool = False,
+                 alone: bool = False):
+        """``alone``: refuse (Busy) a store another process has open, and
+        keep every other opener out until close (``ecfs fsck``)."""
         self.store = os.path.abspath(store)
         self.pool = load_pool(self.store)
         self.k, self.m = self.pool.k, self.pool.m
@@ -214,7 +217,7 @@ class ObjectStore:
                 self._osd_fds[osd] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 pass            # unreachable now: treated as unsynced at checkpoint
-        self._open_recovery()
+        self._open_recovery(alone)
 
     # ------------------------------------------------------------------ API
     def read(self, name: str, offset: int, length: int) -> bytes:
@@ -376,7 +379,7 @@ class ObjectStore:
                         continue
                     # a shard an 'osd add' moved away, until it is removed
                     if n.startswith(prefix) and \
-                            place(n, self.width, self.osdmap.ids)[shard] == osd:
+                            self.osdmap.place(n, self.width)[shard] == osd:
                         names.add(n)
         return sorted(names)
 
@@ -390,9 +393,12 @@ class ObjectStore:
         (the stripe cache in front says yes)."""
         return False
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, then: Callable[[], None] | None = None) -> None:
         """Empty the journal: every record it holds is applied and durable
         on its OSD, or the object is logged as missed by that OSD.
+        ``then()`` runs after that, still under the exclusive gate: no
+        transaction anywhere, an empty journal (backend/rebalance.py's
+        switch of the OSD set).
 
         A dead writer's records are replayed first, each slot under all of
         its locks (never under the gate alone: readers and planning writers
@@ -405,6 +411,8 @@ class ObjectStore:
         journal emptied; if any of that fails, the journal is kept whole
         and the error raised."""
         if self.readonly:
+            if then is not None:
+                raise ReadOnly("this store is open read-only")
             return
         if self.journal.failed:
             self.journal.reset()        # raises the journal's failure
@@ -447,6 +455,8 @@ class ObjectStore:
                     self.locks.clear_inflight()
                     self.counters.add("fsyncs")
                     self._unsettled.clear()
+                    if then is not None:
+                        then()
                     return
             # A file system whose syncfs failed may have dropped dirty pages
             # (and a later syncfs would not say so: an error is reported
@@ -469,15 +479,18 @@ class ObjectStore:
             if not self.journal.failed and self._dirty:
                 self.checkpoint()
         finally:
-            self.counters.close()
-            self.journal.close()
-            self.locks.close()
-            self.states.clear()
-            self.seq.close()
-            self.missed.close()
-            for fd in self._osd_fds.values():
-                os.close(fd)
-            os.close(self._clients_fd)
+            self._close_files()
+
+    def _close_files(self) -> None:
+        self.counters.close()
+        self.journal.close()
+        self.locks.close()
+        self.states.clear()
+        self.seq.close()
+        self.missed.close()
+        for fd in self._osd_fds.values():
+            os.close(fd)
+        os.close(self._clients_fd)
 
     def __enter__(self):
         return self
@@ -492,19 +505,25 @@ class ObjectStore:
         return amplification(self.counters.snapshot())
 
     # ------------------------------------------------------------- recovery
-    def _open_recovery(self) -> None:
+    def _open_recovery(self, alone: bool) -> None:
         """Alone with the store: replay the whole journal (a crash or power
-        cut left it), then share the store with later openers."""
+        cut left it), then share the store with later openers (unless
+        ``alone``: then nobody else may open it until this one closes)."""
         import fcntl
         try:
             fcntl.flock(self._clients_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if alone:
+                self._close_files()
+                raise Busy(f"the store {self.store} is in use (a mount or another command "
+                           f"has it open)") from None
             fcntl.flock(self._clients_fd, fcntl.LOCK_SH)
             return
         if self.journal.size() > 16:
             self._replay_records(list(self.journal.records()), whole_journal=True)
             self.checkpoint()
-        fcntl.flock(self._clients_fd, fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(self._clients_fd, fcntl.LOCK_SH)
 
     def _replay_slot(self, slot: int) -> None:
         """Finish the transaction of a writer that died between journal
@@ -747,7 +766,7 @@ class ObjectStore:
         self.osdmap.maybe_refresh()
         slot = slot if slot is not None else slot_of(name)
         gen = self.osdmap.generation        # first: a refresh after it makes the view stale
-        loc = place(name, self.width, self.osdmap.ids)
+        loc = self.osdmap.place(name, self.width)
         if not self.readonly:
             self._check_identity(loc)
         if self.states is not None:
@@ -1690,6 +1709,14 @@ class ObjectStore:
                 self.osdmap.maybe_refresh()
                 if self.osdmap.generation != plan_gen:
                     raise _Replan()
+            elif kind != "write":
+                # a repair or recovery planned before an 'osd add' or 'rm'
+                # switched placement would write the shards' old homes
+                self.osdmap.maybe_refresh()
+                if obj.loc != self.osdmap.place(obj.name, self.width):
+                    raise StoreError(f"object {obj.name!r}: the OSD set changed ('osd add' or "
+                                     f"'osd rm') during this {kind}; nothing written: run it "
+                                     f"again")
             for prefix, check in list(self._guards.items()):
                 if obj.name.startswith(prefix):
                     check()         # e.g. an image's lock epoch (fencing): may raise

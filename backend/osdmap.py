@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from .errors import EcfsError, StoreError
 from .missed import MissedLog
+from .placement import place
 from .pool import OSD_FILE, PoolConfig, load_pool, osd_abspath, write_json_atomic
 
 
@@ -52,6 +53,7 @@ class OsdMap:
         self._stamp_paths = (self._mapfile(), os.path.join(store, "missed"),
                              os.path.join(store, "pool.json"))
         self.ids = tuple(sorted(self.paths))
+        self.removed = tuple(pool.removed)
         self.generation = 0      # counts changes of the states (a write planned on an
         self.states = {}         # older generation is planned again: objectstore)
         self.refresh()
@@ -138,17 +140,25 @@ class OsdMap:
             self.states = states
 
     def _reload_paths(self) -> None:
-        """Follow 'ecfs osd replace' and 'ecfs osd add' by another process:
-        an OSD's directory may have moved, or an OSD been added (updated in
-        place: other layers hold this dict; ``ids`` feeds placement)."""
+        """Follow 'ecfs osd replace', 'add' and 'rm' by another process: an
+        OSD's directory may have moved, an OSD been added or removed
+        (updated in place: other layers hold this dict; ``ids`` and
+        ``removed`` feed placement)."""
         try:
             pool = load_pool(self.store)
         except EcfsError:
             return            # damaged now: keep what was read; the next open says so
         new = {e.id: osd_abspath(self.store, e) for e in pool.osds}
-        if new != self.paths and set(new) >= set(self.paths):
+        if new != self.paths:
+            for gone in set(self.paths) - set(new):
+                del self.paths[gone]
             self.paths.update(new)
             self.ids = tuple(sorted(self.paths))
+        self.removed = tuple(pool.removed)
+
+    def place(self, name: str, width: int) -> list[int]:
+        """The OSD of each shard of ``name`` on this map (backend/placement.py)."""
+        return place(name, width, self.ids, self.removed)
 
     def check_dir(self, i: int, p: str) -> str:
         """Why OSD directory ``p`` cannot serve as osd.i ('' if it can)."""

@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass, field
 from .codec import SUPPORTED_PLUGINS, load_driver
 from .errors import Exists, InvalidArgument, NotFound, StoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1            # written while no OSD was ever removed (and osd.json's)
+REMOVED_FORMAT = 2            # pool.json listing removed OSDs: an older ecfs would
+                              # place shards without them, so it must refuse the store
 POOL_FILE = "pool.json"
 OSD_FILE = "osd.json"
 WRITE_MODES = ("auto", "delta", "full", "mixed", "reconstruct")
@@ -51,6 +53,9 @@ class PoolConfig:
     format_version: int = FORMAT_VERSION
     # shards a write must reach (Ceph's min_size); None: K+1, Ceph's EC default
     min_size: int | None = None
+    # ids of OSDs taken out ('ecfs osd rm'): never reused, and placement keeps
+    # their draws (backend/placement.py) so that a removal moves only their shards
+    removed: list[int] = field(default_factory=list)
 
     @property
     def write_min(self) -> int:
@@ -66,9 +71,17 @@ class PoolConfig:
             return int(self.chunk_size)
         return LARGE_CHUNK if size >= self.k * LARGE_CHUNK else SMALL_CHUNK
 
+    @property
+    def next_id(self) -> int:
+        return max([e.id for e in self.osds] + self.removed) + 1
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["osds"] = [asdict(o) for o in self.osds]
+        d["removed"] = sorted(self.removed)
+        d["format_version"] = REMOVED_FORMAT if self.removed else FORMAT_VERSION
+        if not self.removed:
+            del d["removed"]
         return d
 
 
@@ -106,9 +119,9 @@ def load_pool(store: str) -> PoolConfig:
         raise StoreError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
     if not isinstance(d, dict) or not _is_int(d.get("format_version")):
         raise StoreError(f"{path}: no integer format_version: not an ecfs pool config")
-    if d["format_version"] > FORMAT_VERSION:
+    if d["format_version"] > REMOVED_FORMAT:
         raise StoreError(f"store format {d['format_version']} is newer than this ecfs "
-                         f"supports ({FORMAT_VERSION}); upgrade ecfs")
+                         f"supports ({REMOVED_FORMAT}); upgrade ecfs")
     if d["format_version"] < 1:
         raise StoreError(f"{path}: bad format_version {d['format_version']}")
 
@@ -143,12 +156,21 @@ def load_pool(store: str) -> PoolConfig:
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise bad(f"osd.{dup[0]} is listed more than once")
+    removed = d.get("removed", [])
+    if not isinstance(removed, list) or not all(_is_int(i) and i >= 0 for i in removed) \
+            or len(set(removed)) != len(removed):
+        raise bad(f"removed must be a list of distinct OSD ids (got {removed!r})")
+    if set(removed) & set(ids):
+        raise bad(f"osd.{sorted(set(removed) & set(ids))[0]} is listed and removed")
+    if removed and d["format_version"] < REMOVED_FORMAT:
+        raise bad(f"removed OSDs need format_version {REMOVED_FORMAT}")
     ms = d.get("min_size")
     if ms is not None and (not _is_int(ms) or not d["k"] <= ms <= d["k"] + d["m"]):
         raise bad(f"min_size must be an integer within k..k+m (got {ms!r})")
     cfg = PoolConfig(k=d["k"], m=d["m"], plugin=d["plugin"], chunk_size=cs,
                      object_size=d["object_size"], osds=osds, write_mode=wm,
-                     fsid=d["fsid"], format_version=d["format_version"], min_size=ms)
+                     fsid=d["fsid"], format_version=d["format_version"], min_size=ms,
+                     removed=sorted(removed))
     paths = [os.path.realpath(osd_abspath(store, o)) for o in osds]
     if len(set(paths)) != len(paths):
         raise bad("two OSDs share one directory")
@@ -195,7 +217,8 @@ def osd_abspath(store: str, entry: OsdEntry) -> str:
 
 # What the store directory holds for itself: no OSD directory may take these names.
 STORE_ENTRIES = ("pool.json", "osdmap.json", "osdmap.json.lock", "journal.log", "locks",
-                 "inflight", "ckpt.lock", "clients.lock", "counters", "missed")
+                 "inflight", "ckpt.lock", "clients.lock", "counters", "missed", "backfill",
+                 "rebalance.json", "seq", "faults.json", "rbd", "mount.log")
 MAX_OSDS = 1024
 
 

@@ -1,114 +1,443 @@
-"""Growing the pool: ``ecfs osd add [--dir D]``.
+"""Changing the OSD set: ``ecfs osd add [--dir D]`` and ``ecfs osd rm ID``.
 
-Placement (backend/placement.py) is built for growth: with a new OSD of
-the next id, a shard moves only where the new OSD takes its position,
-about 1/(N+1) of all shards, each to the new OSD, none between old ones
-(but that is one shard of most objects: each object has K+M of the N+1).
-The steps, each safe to interrupt (``ecfs osd rebuild N`` finishes them):
+Placement (backend/placement.py) moves little on either change: an added
+OSD (the next id) takes about 1/(N+1) of all shards, each from an old OSD;
+a removed OSD's shards go one each to OSDs that hold no other shard of
+the object, and nothing else moves. Both run the same way, copy then
+switch, so no object is ever short of a shard (as Ceph keeps the old copy
+serving until the backfill is done):
 
-1. The new directory gets this store's ``osd.json`` with the next id, but
-   no ``objects/`` yet, so every process that sees it takes it for down.
-2. Under the checkpoint gate held exclusive (no transaction of any process
-   between its journal record and its apply; a checkpoint first replays
-   what dead writers left), ``pool.json`` lists the OSD and ``osdmap.json``
-   marks it down ("backfilling"). Every process reads ``pool.json`` again
-   at its next object load (the OSD map's stamp), so placements change
-   everywhere at once; a write planned on the old map is planned again at
-   its commit (the map generation moved).
-3. The backfill (backend/backfill.py) rebuilds every shard placement now
-   gives the OSD from K others, resumable, then marks it up.
-4. Shard files the old OSDs hold at positions placement no longer gives
-   them are removed, each object locked (``remove_misplaced``; also run at
-   the end of every backfill, so a rerun after an interruption cleans up).
+1. Checks: every OSD up and current, no backfill under way, no other
+   change half done; ``rm`` leaves at least K+M OSDs. Shard files that a
+   killed earlier run copied and never switched to are removed first
+   (``remove_misplaced``), and so is whatever a new directory holds
+   besides our ``osd.json``.
+2. Copy, online: each object (listed from the OSDs) is locked whole while
+   every shard whose home the new map changes is copied to it, file by
+   file (data extents only: holes stay holes), under a temporary name,
+   fsynced, then renamed. The source's fingerprint is kept: its sidecar
+   header (a write to the shard moves its version) and the files' sizes,
+   blocks, inodes and mtimes. Writers go on meanwhile, under the old map.
+3. Catch-up, online: copy again the shards whose source changed since,
+   while that finds many.
+4. Switch, inside a checkpoint (backend/objectstore.py ``checkpoint``'s
+   ``then``): the journal is empty and no transaction of any process is
+   between its record and its apply, so the shard files are the whole
+   truth and no record can later be replayed onto an old home. Objects
+   created since the listing are copied, the shards whose fingerprint
+   moved are copied again, and ``pool.json`` is written with the new OSD
+   set (format 2 when it lists removed OSDs: an older ecfs, which would
+   place shards without them, refuses it). Every process takes the new map
+   at its next object load (pool.json is part of the OSD map's stamp, and
+   its generation moves, so a write planned on the old map is planned
+   again).
+5. Clean up: the old copies are removed, each object locked; ``rm``
+   empties the removed OSD's directory of ecfs's files (``osd.json`` last)
+   and removes it if it is the store's ``osd.N``.
 
-Until step 3 ends, a moved shard's new home is being filled: those
-objects have one shard fewer of redundancy (Ceph keeps the old copy
-serving until the backfill is done; here it is rebuilt from the others
-rather than copied, and the old copy is removed only at the end). So an
-add starts only with every OSD up and current. Shrinking (``osd rm``) is
-not supported yet.
+``STORE/rebalance.json`` says what runs and how far ({"op", "osd",
+"pid", "phase", "done", "total"}, and for rm the OSD's "path"; rewritten
+at most once a second) for
+``ecfs status``; it stays behind a killed run, which status then names.
+
+A kill before step 4 changes nothing anyone reads (copies sit where the
+map puts nothing, and ``list()`` ignores them); the next ``osd add``,
+``osd rm`` or backfill removes them. A kill after it leaves only step 5:
+``osd rm ID`` run again finishes it; after an add, the next add, rm or
+backfill does.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import shardfile as sf
-from .backfill import REASON, _is_ours, progress_path, rebuild_osd, under_way
-from .errors import InvalidArgument
-from .pool import (FORMAT_VERSION, OSD_FILE, _check_layout, _listdir, _usable_dir, load_pool,
-                   osd_abspath, pool_path, write_json_atomic)
+from .backfill import _is_ours, under_way
+from .errors import InvalidArgument, NotFound, StoreError
 from .placement import place
+from .pool import (FORMAT_VERSION, OSD_FILE, _check_layout, _listdir, _usable_dir,
+                   REMOVED_FORMAT, load_pool, osd_abspath, pool_path, validate_profile,
+                   write_json_atomic)
+
+Progress = Callable[[int, int], None]
+CATCH_UP_PASSES = 3
 
 
-def add_osd(store, new_dir: str | None = None,
-            progress: Callable[[int, int], None] | None = None,
-            rate: int | None = None) -> tuple[int, int]:
-    """Add an OSD on ``new_dir`` (default ``STORE/osd.N``), backfill it and
-    clean up; returns (its id, misplaced shard files removed)."""
+@dataclass
+class Change:
+    """What a rebalance moved."""
+    osd: int
+    objects: int = 0          # objects with a shard that moved
+    shards: int = 0           # shards copied (a catch-up copy counts again)
+    bytes: int = 0            # data bytes copied
+    misplaced: int = 0        # old copies removed afterwards
+
+
+@dataclass
+class _Plan:
+    ids: tuple[int, ...]                  # live OSDs after the change
+    removed: tuple[int, ...]
+    paths: dict[int, str]                 # every OSD's directory, old and new
+    # (object, shard) -> (the OSD it was copied from, the source's fingerprint then)
+    copied: dict[tuple[str, int], tuple[int, tuple]] = field(default_factory=dict)
+
+
+def add_osd(store, new_dir: str | None = None, progress: Progress | None = None,
+            rate: int | None = None) -> Change:
+    """Add an OSD on ``new_dir`` (default ``STORE/osd.N``), fill it by
+    copying and switch to it."""
     pool = load_pool(store.store)
-    osd = max(e.id for e in pool.osds) + 1
+    osd = pool.next_id
     path = os.path.abspath(new_dir) if new_dir else os.path.join(store.store, f"osd.{osd}")
     others = [osd_abspath(store.store, e) for e in pool.osds]
     _check_layout(store.store, others + [path])
-    _usable_dir(path, "new OSD directory")
-    # a rerun after a kill before step 2 finds only our osd.json there
-    if os.path.isdir(path) and os.listdir(path) and not (
-            os.listdir(path) == [OSD_FILE] and _is_ours(path, pool.fsid, osd)):
-        raise InvalidArgument(f"{path} is not empty: an OSD starts on an empty directory")
-    _check_healthy(store)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.path.isdir(path) and _is_ours(path, pool.fsid, osd):
+        # a killed earlier add: its copies were never switched to
+        shutil.rmtree(os.path.join(path, "objects"), ignore_errors=True)
+    else:
+        _usable_dir(path, "new OSD directory")
+    _check_healthy(store, "osd add")
+    os.makedirs(os.path.join(path, "objects"), mode=0o700, exist_ok=True)
     write_json_atomic(os.path.join(path, OSD_FILE),
                       {"format_version": FORMAT_VERSION, "fsid": pool.fsid, "osd_id": osd})
-    store.checkpoint()                       # dead writers' transactions: replayed now
-    with store.locks.checkpoint_gate():
+    inside = os.path.realpath(path).startswith(os.path.realpath(store.store) + os.sep)
+    entry = {"id": osd, "path": os.path.relpath(path, store.store) if inside else path}
+    plan = _Plan(ids=tuple(sorted(store.osdmap.ids + (osd,))), removed=store.osdmap.removed,
+                 paths={**store.osdmap.paths, osd: path})
+
+    def edit(raw: dict) -> None:
+        if any(e["id"] >= osd for e in raw["osds"]) or osd in raw.get("removed", []):
+            raise InvalidArgument(f"another 'osd add' took osd.{osd} meanwhile")
+        raw["osds"].append(entry)
+
+    return _rebalance(store, plan, edit, Change(osd), progress, rate, "add")
+
+
+def rm_osd(store, osd: int, progress: Progress | None = None,
+           rate: int | None = None) -> Change:
+    """Drain ``osd`` (its shards copied to the OSDs the map gives them
+    without it), take it out of the pool and empty its directory."""
+    pool = load_pool(store.store)
+    if osd in pool.removed:
+        res = Change(osd)                       # a run killed after the switch
+        res.misplaced = remove_misplaced(store)
+        r = rebalance_state(store.store)
+        mine = r is not None and r["op"] == "rm" and r["osd"] == osd and not r["running"]
+        _empty_removed(store, osd, r.get("path") if mine else None)
+        if mine:
+            state_clear(store.store)
+        return res
+    entry = next((e for e in pool.osds if e.id == osd), None)
+    if entry is None:
+        raise NotFound(f"no osd.{osd} in this store")
+    try:
+        validate_profile(pool.k, pool.m, len(pool.osds) - 1, pool.plugin, pool.chunk_size,
+                         check_plugin=False)
+    except InvalidArgument:
+        raise InvalidArgument(f"cannot remove osd.{osd}: K+M={pool.k + pool.m} needs that many "
+                              f"OSDs and the pool has {len(pool.osds)} (add one first)")
+    _check_healthy(store, "osd rm")
+    plan = _Plan(ids=tuple(i for i in store.osdmap.ids if i != osd),
+                 removed=tuple(sorted(store.osdmap.removed + (osd,))),
+                 paths=dict(store.osdmap.paths))
+
+    def edit(raw: dict) -> None:
+        if not any(e["id"] == osd for e in raw["osds"]):
+            raise InvalidArgument(f"osd.{osd} was removed meanwhile")
+        raw["osds"] = [e for e in raw["osds"] if e["id"] != osd]
+        raw["removed"] = sorted(set(raw.get("removed", [])) | {osd})
+        raw["format_version"] = max(raw["format_version"], REMOVED_FORMAT)
+        # (osdmap.json names no up OSD, and switch() checked every OSD is up)
+
+    res = _rebalance(store, plan, edit, Change(osd), progress, rate, "rm",
+                     path=plan.paths[osd])
+    _empty_removed(store, osd, plan.paths[osd])
+    return res
+
+
+def _rebalance(store, plan: _Plan, edit: Callable[[dict], None], res: Change,
+               progress: Progress | None, rate: int | None, op: str,
+               path: str | None = None) -> Change:
+    """Steps 2 to 5 of the module docstring."""
+    state = _State(store.store, op, res.osd, path)
+    try:
+        _run(store, plan, edit, res, progress, rate, state)
+    except Exception:
+        state.clear()            # failed, not killed: the error says what to do
+        raise
+    state.clear()
+    return res
+
+
+def _run(store, plan: _Plan, edit: Callable[[dict], None], res: Change,
+         progress: Progress | None, rate: int | None, state: "_State") -> None:
+    state.update("cleaning up an earlier run", 0, None, force=True)
+    remove_misplaced(store)                  # a killed earlier run's copies
+    names = store.list()
+    t0 = time.monotonic()
+    moved_objects = set()
+    for i, name in enumerate(names):
+        if _copy_object(store, plan, name, res):
+            moved_objects.add(name)
+        state.update("copying", i + 1, len(names))
+        if progress:
+            progress(i + 1, len(names))
+        if rate:
+            ahead = res.bytes / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(min(ahead, 1.0))    # a rate limit, not synchronisation
+    state.update("catching up", len(names), len(names), force=True)
+    store._crashpoint()
+    for _ in range(CATCH_UP_PASSES):
+        changed = _changed(plan)
+        if len(changed) <= 16:
+            break
+        for key in changed:
+            _copy_object(store, plan, key[0], res, only={key})
+
+    def switch() -> None:
+        # under the gate, with the journal empty: what the files hold is all
+        store.osdmap.refresh()
+        if not all(st.up for st in store.osdmap.states.values()) or under_way(store.store):
+            raise StoreError("an OSD went down or began a backfill during the change; "
+                             "nothing switched (run the command again once all are up)")
+        for name in sorted(set(store.list()) - set(names)):   # created meanwhile
+            if _copy_object(store, plan, name, res, locked=False):
+                moved_objects.add(name)
+        for key in _changed(plan):
+            _copy_object(store, plan, key[0], res, only={key}, locked=False)
         with open(pool_path(store.store)) as f:
             raw = json.load(f)
-        if any(e["id"] >= osd for e in raw["osds"]):
-            raise InvalidArgument(f"another 'osd add' took osd.{osd} meanwhile")
-        inside = path.startswith(os.path.realpath(store.store) + os.sep)
-        raw["osds"].append({"id": osd,
-                            "path": os.path.relpath(path, store.store) if inside else path})
+        edit(raw)
         write_json_atomic(pool_path(store.store), raw)
         store.osdmap.refresh()
-        store.osdmap.mark_down(osd, REASON.format(osd=osd))
-        # the backfill's progress file before objects/: 'osd up' refuses an
-        # OSD being filled, and a kill from here on is finished by a rebuild
-        os.makedirs(os.path.dirname(progress_path(store.store, osd)), mode=0o700,
-                    exist_ok=True)
-        open(progress_path(store.store, osd), "ab").close()
-        os.makedirs(os.path.join(path, "objects"), mode=0o700, exist_ok=True)
-    res = rebuild_osd(store, osd, progress=progress, rate=rate)   # step 4 at its end
-    return osd, res.misplaced
+
+    store.checkpoint(then=switch)
+    state.update("switched; removing the old copies", len(names), len(names), force=True)
+    store._crashpoint()
+    res.objects = len(moved_objects)
+    res.misplaced = remove_misplaced(store)
 
 
-def _check_healthy(store) -> None:
-    """Growth moves a shard of most objects (each object has K+M of the N
-    OSDs; the new one takes a position in about (K+M)/(N+1) of them), and
-    until the new OSD is filled those shards count as missing: start only
-    with every OSD up and current, so each object keeps M-1 to spare."""
+def state_path(store_dir: str) -> str:
+    return os.path.join(store_dir, "rebalance.json")
+
+
+class _State:
+    """STORE/rebalance.json of a running add or rm (see the module docstring)."""
+
+    def __init__(self, store_dir: str, op: str, osd: int, path: str | None):
+        self.path = state_path(store_dir)
+        self.doc = {"op": op, "osd": osd, "pid": os.getpid()}
+        if path:
+            self.doc["path"] = path          # rm: the directory to empty after the switch
+        self._last = 0.0
+
+    def update(self, phase: str, done: int, total: int | None, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < 1.0:
+            return
+        self._last = now
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({**self.doc, "phase": phase, "done": done, "total": total}, f)
+        os.replace(tmp, self.path)       # status only: no fsync needed
+
+    def clear(self) -> None:
+        _unlink(self.path)
+
+
+def state_clear(store_dir: str) -> None:
+    """Forget an interrupted add (``ecfs fsck --repair``: its copies go too)."""
+    _unlink(state_path(store_dir))
+
+
+def rebalance_state(store_dir: str) -> dict | None:
+    """The add or rm under way or interrupted: its rebalance.json, with
+    "running" (its process still alive) and "next" (what to run if not)."""
+    try:
+        with open(state_path(store_dir)) as f:
+            doc = json.load(f)
+        pid, osd, op = int(doc["pid"]), int(doc["osd"]), doc["op"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+        doc["running"] = True
+    except ProcessLookupError:
+        doc["running"] = False
+    except PermissionError:
+        doc["running"] = True
+    if doc["running"]:
+        doc["next"] = ""
+    elif op == "rm":
+        doc["next"] = f"run 'ecfs osd rm {osd}' again"
+    else:
+        doc["next"] = ("its unused copies are removed by the next 'osd add', 'osd rm' or "
+                       "'ecfs fsck --repair'")
+    return doc
+
+
+def _copy_object(store, plan: _Plan, name: str, res: Change, only: set | None = None,
+                 locked: bool = True) -> bool:
+    """Copy the shards of ``name`` whose home ``plan`` changes (``only``
+    those keys), the object locked whole unless the caller holds the
+    checkpoint gate (no writer anywhere); True if any shard moves."""
+    old = store.osdmap.place(name, store.width)
+    new = place(name, store.width, plan.ids, plan.removed)
+    keys = [(name, j) for j in range(store.width) if old[j] != new[j]]
+    if only is not None:
+        keys = [k for k in keys if k in only]
+    if not keys:
+        return False
+    if locked:
+        with store._locked(name):
+            for key in keys:
+                _copy_shard(plan, key, old[key[1]], new[key[1]], res)
+    else:
+        for key in keys:
+            _copy_shard(plan, key, old[key[1]], new[key[1]], res)
+    return True
+
+
+def _copy_shard(plan: _Plan, key: tuple[str, int], src_osd: int, dst_osd: int,
+                res: Change) -> None:
+    src_root, dst_root = plan.paths[src_osd], plan.paths[dst_osd]
+    fp = _fingerprint(src_root, key)
+    for rel in sf.rel_paths(*key):
+        dst = os.path.join(dst_root, rel)
+        src = os.path.join(src_root, rel)
+        if not os.path.exists(src):
+            try:
+                os.unlink(dst)             # removed since an earlier copy
+            except FileNotFoundError:
+                pass
+            continue
+        os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+        res.bytes += _copy_file(src, dst)
+    res.shards += 1
+    plan.copied[key] = (src_osd, fp)
+
+
+def _copy_file(src: str, dst: str) -> int:
+    """Copy ``src`` to ``dst`` durably, data extents only; returns bytes."""
+    tmp = dst + ".copy"
+    copied = 0
+    with open(src, "rb") as fi, open(tmp, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                break                                   # only a hole is left
+            end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
+            off = start
+            while off < end:
+                n = _copy_range(fi.fileno(), fo.fileno(), end - off, off)
+                if n == 0:
+                    break
+                off += n
+            copied += end - start
+            pos = end
+        os.ftruncate(fo.fileno(), size)
+        os.fsync(fo.fileno())
+    os.replace(tmp, dst)
+    dfd = os.open(os.path.dirname(dst), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return copied
+
+
+def _copy_range(fi: int, fo: int, n: int, off: int) -> int:
+    n = min(n, 8 << 20)
+    try:
+        return os.copy_file_range(fi, fo, n, off, off)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    buf = os.pread(fi, n, off)
+    return os.pwrite(fo, buf, off)
+
+
+def _fingerprint(root: str, key: tuple[str, int]) -> tuple:
+    """What moves when the shard is written (its header: the shard's
+    version), resized, punched or replaced."""
+    data, meta = (os.path.join(root, r) for r in sf.rel_paths(*key))
+    out: list = []
+    for p in (data, meta):
+        try:
+            st = os.stat(p)
+            out.append((st.st_ino, st.st_size, st.st_blocks, st.st_mtime_ns, st.st_ctime_ns))
+        except FileNotFoundError:
+            out.append(None)
+    try:
+        with open(meta, "rb") as f:
+            out.append(f.read(sf.HEADER_SIZE))
+    except FileNotFoundError:
+        out.append(None)
+    return tuple(out)
+
+
+def _changed(plan: _Plan) -> list[tuple[str, int]]:
+    """The copied shards whose source changed since their copy (the old
+    map's home: every copy in a plan is from its present home)."""
+    return sorted(key for key, (src, fp) in plan.copied.items()
+                  if _fingerprint(plan.paths[src], key) != fp)
+
+
+def _check_healthy(store, what: str) -> None:
+    """A change moves shards of many objects: start only with every OSD up
+    and current (the copies come from the shards' present homes)."""
     store.osdmap.refresh()
     bad = [(i, st.reason or "down") for i, st in sorted(store.osdmap.states.items())
            if not st.up]
     if bad:
         i, why = bad[0]
-        raise InvalidArgument(f"osd add needs every OSD up and current: osd.{i} is not "
+        raise InvalidArgument(f"{what} needs every OSD up and current: osd.{i} is not "
                               f"({why})")
     filling = under_way(store.store)
     if filling:
         i = sorted(filling)[0]
-        raise InvalidArgument(f"osd add needs every OSD current: osd.{i} is being backfilled "
+        raise InvalidArgument(f"{what} needs every OSD current: osd.{i} is being backfilled "
                               f"(run 'ecfs osd rebuild {i}' to finish it)")
 
 
-def remove_misplaced(store) -> int:
-    """Unlink shard files that sit on an OSD placement no longer gives
-    their shard (left behind by a growth); returns how many. Each object
-    is locked while its files go, and only a file whose object's current
-    placement puts that shard elsewhere is touched."""
+def _empty_removed(store, osd: int, path: str | None = None) -> None:
+    """Remove ecfs's files from a removed OSD's directory (osd.json last,
+    so a kill in between leaves it recognisable), and the directory itself
+    if it is the store's own ``osd.N``."""
+    if path is None:
+        path = os.path.join(store.store, f"osd.{osd}")
+    if not _is_ours(path, store.pool.fsid, osd):
+        return
+    shutil.rmtree(os.path.join(path, "objects"), ignore_errors=True)
+    os.unlink(os.path.join(path, OSD_FILE))
+    if os.path.realpath(path) == os.path.realpath(os.path.join(store.store, f"osd.{osd}")):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+def remove_misplaced(store, dry_run: bool = False) -> int:
+    """Unlink shard files that sit on an OSD placement does not give their
+    shard (old copies after an add or rm, or copies a killed one made);
+    returns how many (``dry_run``: only count them). Each object is locked
+    while its files go, and only a file whose object's current placement
+    puts that shard elsewhere is touched."""
     removed = 0
-    width, ids = store.width, store.osdmap.ids
+    width = store.width
+    store.osdmap.refresh()
     for osd, root in sorted(store.osdmap.paths.items()):
         if not store.osdmap.is_up(osd):
             continue
@@ -116,16 +445,28 @@ def remove_misplaced(store) -> int:
         for sub in sorted(_listdir(objects)):
             d = os.path.join(objects, sub)
             for f in sorted(_listdir(d)):
+                if f.endswith(".copy"):                  # a copy killed half way
+                    removed += dry_run or _unlink(os.path.join(d, f))
+                    continue
                 found = sf.shard_file_object(d, f)
                 if found is None or not 0 <= found[1] < width:
                     continue                   # not a shard file of ours: not touched
                 name, shard = found
-                if place(name, width, ids)[shard] == osd:
+                if store.osdmap.place(name, width)[shard] == osd:
+                    continue
+                if dry_run:
+                    removed += 1
                     continue
                 with store._locked(name):
-                    try:
-                        os.unlink(os.path.join(d, f))
+                    if store.osdmap.place(name, width)[shard] != osd and \
+                            _unlink(os.path.join(d, f)):
                         removed += 1
-                    except FileNotFoundError:
-                        pass
     return removed
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False

@@ -13,12 +13,12 @@ when clean (after repair), 4 otherwise.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 
-from backend.errors import EcfsError, Inconsistent, InvalidArgument
+from backend.errors import Busy, EcfsError, Inconsistent
 from backend.objectstore import ObjectStore
+from backend.rebalance import rebalance_state, remove_misplaced, state_clear
 from backend.scrub import repair_object, scrub_names
 
 from . import progress
@@ -36,23 +36,6 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_fsck)
 
 
-def _alone(store_dir: str) -> None:
-    """Refuse a store another process has open (it holds clients.lock)."""
-    path = os.path.join(store_dir, "clients.lock")
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise InvalidArgument(f"the store {store_dir} is in use (a mount or another command "
-                              f"has it open): fsck runs offline; 'ecfs umount' first, or "
-                              f"use 'ecfs scrub' online")
-    finally:
-        os.close(fd)
-
-
 class _Findings:
     def __init__(self):
         self.items: list[dict] = []
@@ -65,11 +48,20 @@ class _Findings:
         return [i for i in self.items if not i["fixed"]]
 
 
+def _open_alone(store_dir: str) -> ObjectStore:
+    """The store, with every other opener kept out until fsck ends (a check
+    then an open would let a mount in between)."""
+    try:
+        return ObjectStore(store_dir, alone=True)    # alone: the journal is replayed on open
+    except Busy as e:
+        raise Busy(f"{e}: fsck runs offline; 'ecfs umount' first, or use 'ecfs scrub' "
+                   f"online") from None
+
+
 def cmd_fsck(args) -> int:
-    _alone(args.store)
     f = _Findings()
-    with ObjectStore(args.store) as store:       # alone: the journal is replayed on open
-        _check_osds(store, f)
+    with _open_alone(args.store) as store:
+        _check_osds(store, f, args.repair)
         _check_journal(store, f)
         names = store.list()
         _check_objects(args, store, names, f)
@@ -95,7 +87,7 @@ def cmd_fsck(args) -> int:
     return 0
 
 
-def _check_osds(store, f: _Findings) -> None:
+def _check_osds(store, f: _Findings, repair: bool) -> None:
     behind = store.missed.behind()
     for osd, st in sorted(store.osdmap.states.items()):
         if not st.up and osd not in behind:
@@ -108,6 +100,22 @@ def _check_osds(store, f: _Findings) -> None:
     for e in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         if e.startswith("osd.") and e[4:].isdigit():      # beside it: osd.N.total
             f.add(e, "a backfill was interrupted", hint=f"'ecfs osd rebuild {e[4:]}' goes on")
+    r = rebalance_state(store.store)
+    if r and not r["running"]:
+        what = f"an 'osd {r['op']} {r['osd']}' was interrupted ({r.get('phase', '')})"
+        if repair and r["op"] == "add":
+            state_clear(store.store)
+            f.add("OSDs", what, fixed="its unused copies removed (below)")
+        else:
+            f.add("OSDs", what, hint=r["next"])
+    n = remove_misplaced(store, dry_run=True)
+    if n:
+        what = (f"{n} shard files lie where placement puts no shard (old copies left by an "
+                f"interrupted 'osd add' or 'osd rm')")
+        if repair:
+            f.add("OSDs", what, fixed=f"{remove_misplaced(store)} removed")
+        else:
+            f.add("OSDs", what, hint="'ecfs fsck --repair' removes them")
 
 
 def _check_journal(store, f: _Findings) -> None:

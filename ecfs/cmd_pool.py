@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("osd", help="OSD directories")
-    osub = p.add_subparsers(dest="osd_cmd", metavar="ls|down|up|rebuild|replace|add",
+    osub = p.add_subparsers(dest="osd_cmd", metavar="ls|down|up|rebuild|replace|add|rm",
                             parser_class=p.__class__)
     osub.required = True
     q = osub.add_parser("ls", help="list OSDs")
@@ -74,8 +74,13 @@ def register(sub) -> None:
     q.add_argument("--dir", default=None, metavar="DIR",
                    help="the new directory (default: STORE/osd.N, N the next id)")
     q.add_argument("--max-rate", default=None, metavar="BYTES",
-                   help="shard bytes written per second at most (e.g. 64M)")
+                   help="shard bytes copied per second at most (e.g. 64M)")
     q.set_defaults(func=cmd_osd_add)
+    q = osub.add_parser("rm", help="drain an OSD onto the others, then remove it (online)")
+    q.add_argument("id", type=_osd_id)
+    q.add_argument("--max-rate", default=None, metavar="BYTES",
+                   help="shard bytes copied per second at most (e.g. 64M)")
+    q.set_defaults(func=cmd_osd_rm)
 
 
 def _osd_id(text: str) -> int:
@@ -168,6 +173,8 @@ def cmd_status(args) -> int:
     backfills = [{"osd": osd, "done": done, "total": total,
                   "percent": None if not total else min(100.0, round(100 * done / total, 1))}
                  for osd, (done, total) in sorted(under_way(args.store).items())]
+    from backend.rebalance import rebalance_state
+    rebalance = rebalance_state(args.store)
     if wants_json(args):
         print_json({
             "store": os.path.abspath(args.store), "fsid": pool.fsid,
@@ -177,7 +184,7 @@ def cmd_status(args) -> int:
                      "write_mode": pool.write_mode},
             "health": {"status": h, "reason": reason},
             "osds": osds, "objects": nobj, "images": nimg,
-            "usable_bytes": usable, "backfill": backfills,
+            "usable_bytes": usable, "backfill": backfills, "rebalance": rebalance,
             "counters": ctr, "amplification": amp,
         })
         return 0
@@ -196,6 +203,11 @@ def cmd_status(args) -> int:
             else f"{b['done']} objects done"
         print(f"backfill: osd.{b['osd']} {of}"
               f" (running, or interrupted: 'ecfs osd rebuild {b['osd']}' goes on)")
+    if rebalance:
+        r = rebalance
+        of = f" {r['done']}/{r['total']} objects" if r.get("total") else ""
+        print(f"rebalance: osd {r['op']} osd.{r['osd']}: {r.get('phase', '')}{of}"
+              + (f" (pid {r['pid']})" if r["running"] else f"; interrupted: {r['next']}"))
     print(f"io:      {ctr['client_read_ops']} reads ({format_size(ctr['client_read_bytes'])}), "
           f"{ctr['client_write_ops']} writes ({format_size(ctr['client_write_bytes'])}); "
           f"{ctr['shard_reads']} shard reads, {ctr['shard_writes']} shard writes, "
@@ -238,7 +250,8 @@ def cmd_osd_ls(args) -> int:
 
 def _check_osd(pool, osd: int) -> None:
     if osd not in {e.id for e in pool.osds}:
-        raise NotFound(f"no osd.{osd} in this store (have osd.0..osd.{len(pool.osds) - 1})")
+        have = ", ".join(f"osd.{e.id}" for e in sorted(pool.osds, key=lambda e: e.id))
+        raise NotFound(f"no osd.{osd} in this store (it has {have})")
 
 
 def cmd_osd_down(args) -> int:
@@ -261,11 +274,26 @@ def cmd_osd_add(args) -> int:
     rate = _rate(args)
     with ObjectStore(args.store) as s:
         with progress.bar(args, total=None, desc="Filling the new OSD", unit="obj") as bar:
-            osd, removed = add_osd(s, args.dir, rate=rate, progress=lambda done, total: (
+            res = add_osd(s, args.dir, rate=rate, progress=lambda done, total: (
                 bar.set_total(total), bar.update(1)))
-    print(f"added osd.{osd}: its shards rebuilt, {removed} moved shard files removed from "
-          f"the others; marked up")
+    print(f"added osd.{res.osd}: {_moved(res)}; up")
     return 0
+
+
+def cmd_osd_rm(args) -> int:
+    from backend.rebalance import rm_osd
+    rate = _rate(args)
+    with ObjectStore(args.store) as s:
+        with progress.bar(args, total=None, desc=f"Draining osd.{args.id}", unit="obj") as bar:
+            res = rm_osd(s, args.id, rate=rate, progress=lambda done, total: (
+                bar.set_total(total), bar.update(1)))
+    print(f"removed osd.{res.osd}: {_moved(res)}")
+    return 0
+
+
+def _moved(res) -> str:
+    return (f"{res.shards} shards of {res.objects} objects copied "
+            f"({format_size(res.bytes)}), {res.misplaced} old shard files removed")
 
 
 def _backfill(args, verb: str) -> int:

@@ -60,3 +60,32 @@ def test_adding_an_osd_moves_only_to_it():
                     assert b[r] == n, (a, b)
         frac = moved / (NOBJ * WIDTH)
         assert 0.5 / (n + 1) < frac < 1.5 / (n + 1), (n, frac)
+
+
+def test_removing_an_osd_moves_exactly_its_shards_and_stays_balanced():
+    n = 9
+    old = _all(n)
+    for gone in (0, 4, 8):
+        live = tuple(i for i in range(n) if i != gone)
+        new = [place(nm, WIDTH, live, (gone,)) for nm in NAMES]
+        moved = 0
+        for a, b in zip(old, new):
+            assert len(set(b)) == WIDTH and gone not in b
+            for r in range(WIDTH):
+                if a[r] != b[r]:
+                    moved += 1
+                    assert a[r] == gone, (a, b)      # only the removed OSD's shards move
+        assert moved == sum(p.count(gone) for p in old)
+        counts = collections.Counter(o for p in new for o in p)
+        fair = NOBJ * WIDTH / (n - 1)
+        assert all(abs(c - fair) <= 0.10 * fair for c in counts.values()), (gone, counts)
+
+
+def test_growth_after_a_removal_moves_about_one_in_n():
+    live = tuple(i for i in range(9) if i != 3)
+    old = [place(nm, WIDTH, live, (3,)) for nm in NAMES]
+    new = [place(nm, WIDTH, live + (9,), (3,)) for nm in NAMES]
+    moved = sum(a[r] != b[r] for a, b in zip(old, new) for r in range(WIDTH))
+    to_new = sum(a[r] != b[r] and b[r] == 9 for a, b in zip(old, new) for r in range(WIDTH))
+    assert 0.5 / 9 < to_new / (NOBJ * WIDTH) < 1.5 / 9
+    assert moved - to_new < 0.02 * NOBJ * WIDTH       # substitutes changing hands: few

@@ -290,23 +290,12 @@ def test_a_write_rebuilds_a_stale_shard_it_finds_on_an_up_osd(make_store):
         s2.close()
 
 
-def test_an_added_osd_takes_its_shards_while_another_process_writes(make_store, tmp_path):
-    """osd add: placement moves about 1/(N+1) of the shards, all to the new
-    OSD; another process writing throughout loses nothing, no shard is
-    left where placement no longer puts it, and the new OSD carries its
-    weight when two others are gone."""
+def _writer(d, names):
+    """Another process writing 4K pages of ``names`` until STORE/stop exists;
+    its stdout says each write it completed."""
     import subprocess
     import sys
     import textwrap
-
-    from backend.objectstore import ObjectStore
-    from backend.placement import place
-    from backend.rebalance import add_osd
-    d, s = make_store(min_size=5)
-    names = [f"g{i}" for i in range(24)]
-    for n in names:
-        s.write_full(n, bytes([1 + names.index(n)]) * (128 << 10))
-    before = {n: place(n, 6, tuple(range(6))) for n in names}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = textwrap.dedent(f"""
         import os, sys
@@ -323,33 +312,148 @@ def test_an_added_osd_takes_its_shards_while_another_process_writes(make_store, 
         s.close()
     """)
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    return p
+
+
+def _stop_writer(d, p):
+    open(os.path.join(d, "stop"), "w").close()
+    writes = [line.split() for line in p.stdout]
+    assert p.wait(60) == 0 and writes
+    return writes
+
+
+def _expected(names, writes, size=128 << 10):
+    want = {n: bytearray(bytes([1 + names.index(n)]) * size) for n in names}
+    for n, i in writes:
+        i = int(i)
+        want[n][(i % 32) * 4096:(i % 32 + 1) * 4096] = bytes([200 + i % 50]) * 4096
+    return want
+
+
+def _all_placed(s):
+    """Every shard file sits where placement puts it."""
+    from backend import shardfile as sf
+    for o, root in s.osdmap.paths.items():
+        for dp, _, files in os.walk(os.path.join(root, "objects")):
+            for f in files:
+                name, shard = sf.parse_shard_filename(f[:-5] if f.endswith(".meta") else f)
+                assert s.osdmap.place(sf.unescape_name(name), s.width)[shard] == o, (o, f)
+
+
+def test_removed_osds_drain_while_another_process_writes(make_store):
+    """osd rm, twice, under a writer in another process: exactly the removed
+    OSD's shards move (each copied before the switch, so no object is ever
+    short of one), nothing is lost, and two more OSDs may then fail."""
+    from backend.objectstore import ObjectStore
+    from backend.placement import place
+    from backend.rebalance import rm_osd
+    d, s = make_store(osds=8, min_size=5)
+    names = [f"r{i}" for i in range(24)]
+    for n in names:
+        s.write_full(n, bytes([1 + names.index(n)]) * (128 << 10))
+    before = {n: place(n, 6, tuple(range(8))) for n in names}
+    p = _writer(d, names)
     try:
-        assert p.stdout.readline().strip() == "writing"
-        osd, removed = add_osd(s, str(tmp_path / "osd6"))
-        open(os.path.join(d, "stop"), "w").close()
-        writes = [line.split() for line in p.stdout]
-        p.wait(60)
-        assert p.returncode == 0 and writes
+        res = rm_osd(s, 3)
+        assert s.osdmap.ids == (0, 1, 2, 4, 5, 6, 7) and s.osdmap.removed == (3,)
+        after = {n: place(n, 6, s.osdmap.ids, (3,)) for n in names}
+        on3 = sum(before[n].count(3) for n in names)
+        assert res.shards >= on3 > 0 and res.objects == on3
+        for n in names:
+            assert [b for a, b in zip(before[n], after[n]) if a != b] == \
+                [b for a, b in zip(before[n], after[n]) if a == 3]
+        res2 = rm_osd(s, 6)
+        assert res2.objects > 0 and s.osdmap.removed == (3, 6)
+        writes = _stop_writer(d, p)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert osd == 6 and s.osdmap.is_up(6)
+    assert not os.path.exists(os.path.join(d, "osd.3")) and not os.path.exists(
+        os.path.join(d, "osd.6"))
+    _all_placed(s)
+    want = _expected(names, writes)
+    check_parity(d)
+    from backend.pool import load_pool
+    assert load_pool(d).format_version == 2
+    s2 = ObjectStore(d)
+    try:
+        for o in (0, 1):
+            s2.osdmap.mark_down(o, "test")
+        for n in names:
+            assert s2.read(n, 0, 128 << 10) == bytes(want[n]), n
+    finally:
+        s2.close()
+
+
+def test_rm_refuses_below_k_plus_m_and_with_an_osd_down(make_store):
+    from backend.errors import InvalidArgument
+    from backend.rebalance import rm_osd
+    d, s = make_store(osds=7)
+    s.write_full("x", b"x" * 100_000)
+    s.osdmap.mark_down(2, "test")
+    with pytest.raises(InvalidArgument, match="every OSD up"):
+        rm_osd(s, 0)
+    s.osdmap.mark_up(2)
+    rm_osd(s, 6)
+    with pytest.raises(InvalidArgument, match="K\\+M=6 needs that many"):
+        rm_osd(s, 1)
+    assert s.read("x", 0, 100_000) == b"x" * 100_000
+    from backend.rebalance import add_osd
+    assert add_osd(s).osd == 7                # a removed OSD's id is never reused
+    assert s.osdmap.ids == (0, 1, 2, 3, 4, 5, 7) and s.osdmap.removed == (6,)
+    assert s.read("x", 0, 100_000) == b"x" * 100_000
+    check_parity(d)
+
+
+def test_a_pool_listing_removed_osds_needs_format_2(make_store):
+    import json
+    from backend.pool import load_pool
+    d, s = make_store(osds=7)
+    s.close()
+    p = os.path.join(d, "pool.json")
+    raw = json.load(open(p))
+    raw["osds"] = raw["osds"][:6]
+    raw["removed"] = [6]
+    json.dump(raw, open(p, "w"))
+    with pytest.raises(StoreError, match="removed OSDs need format_version 2"):
+        load_pool(d)
+    raw["format_version"] = 3
+    json.dump(raw, open(p, "w"))
+    with pytest.raises(StoreError, match="newer than this ecfs supports"):
+        load_pool(d)
+
+
+def test_an_added_osd_takes_its_shards_while_another_process_writes(make_store, tmp_path):
+    """osd add: placement moves about 1/(N+1) of the shards, all to the new
+    OSD, each copied before the switch; another process writing throughout
+    loses nothing, no shard is left where placement no longer puts it, and
+    the new OSD carries its weight when two others are gone."""
+    from backend.objectstore import ObjectStore
+    from backend.placement import place
+    from backend.rebalance import add_osd
+    d, s = make_store(min_size=5)
+    names = [f"g{i}" for i in range(24)]
+    for n in names:
+        s.write_full(n, bytes([1 + names.index(n)]) * (128 << 10))
+    before = {n: place(n, 6, tuple(range(6))) for n in names}
+    p = _writer(d, names)
+    try:
+        res = add_osd(s, str(tmp_path / "osd6"))
+        writes = _stop_writer(d, p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert res.osd == 6 and s.osdmap.is_up(6)
     after = {n: place(n, 6, tuple(range(7))) for n in names}
     moved = sum(a != b for n in names for a, b in zip(before[n], after[n]))
-    assert 0 < moved < len(names) * 6 // 2
+    assert 0 < moved < len(names) * 6 // 2 and moved <= res.shards
     assert all(b == a or b == 6 for n in names for a, b in zip(before[n], after[n]))
-    assert moved <= removed <= 2 * moved   # each moved shard's sidecar, and its data file
-    from backend import shardfile as sf
-    for o in range(7):                     # nothing left where placement no longer puts it
-        for dp, _, files in os.walk(os.path.join(s.osdmap.paths[o], "objects")):
-            for f in files:
-                name, shard = sf.parse_shard_filename(f[:-5] if f.endswith(".meta") else f)
-                assert place(sf.unescape_name(name), 6, tuple(range(7)))[shard] == o, (o, f)
-    want = {n: bytearray(bytes([1 + names.index(n)]) * (128 << 10)) for n in names}
-    for n, i in writes:
-        i = int(i)
-        want[n][(i % 32) * 4096:(i % 32 + 1) * 4096] = bytes([200 + i % 50]) * 4096
+    assert moved <= res.misplaced <= 2 * moved   # each moved shard's sidecar, and its data file
+    _all_placed(s)
+    want = _expected(names, writes)
     check_parity(d)
     s2 = ObjectStore(d)
     try:

@@ -37,14 +37,15 @@ def shard_paths(store_dir: str, name: str, shard: int) -> tuple[str, str]:
     """(data, sidecar) absolute paths of a shard where placement puts it."""
     paths = osd_paths(store_dir)
     pool = pool_of(store_dir)
-    loc = place(name, pool["k"] + pool["m"], tuple(sorted(paths)))
+    loc = place(name, pool["k"] + pool["m"], tuple(sorted(paths)), tuple(pool.get("removed", ())))
     rd, rm = sf.rel_paths(name, shard)
     return os.path.join(paths[loc[shard]], rd), os.path.join(paths[loc[shard]], rm)
 
 
 def osd_of(store_dir: str, name: str, shard: int) -> int:
     pool = pool_of(store_dir)
-    return place(name, pool["k"] + pool["m"], tuple(sorted(osd_paths(store_dir))))[shard]
+    return place(name, pool["k"] + pool["m"], tuple(sorted(osd_paths(store_dir))),
+                 tuple(pool.get("removed", ())))[shard]
 
 
 def read_header(meta_path: str) -> sf.ShardHeader | None:

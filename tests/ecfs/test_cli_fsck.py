@@ -50,3 +50,24 @@ def test_fsck_refuses_a_store_in_use(tmp_path):
     finally:
         s.close()
     assert ecfs(st, "fsck").returncode == 0
+
+
+def test_fsck_keeps_every_other_opener_out_until_it_ends(tmp_path):
+    """No check-then-open window: the store fsck opens stays its own, so a
+    mount or command started meanwhile waits for it to end."""
+    import threading
+    st = tmp_path / "s"
+    ecfs(st, "init")
+    alone = ObjectStore(str(st), alone=True)
+    opened = []
+    t = threading.Thread(target=lambda: opened.append(ObjectStore(str(st))))
+    try:
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and not opened       # waiting for fsck's store to close
+        assert_user_error(ecfs(st, "fsck", check=False), "in use")
+    finally:
+        alone.close()
+    t.join(30)
+    assert opened
+    opened[0].close()

@@ -6,6 +6,8 @@ import shutil
 import signal
 import subprocess
 
+import pytest
+
 from .mountutil import mounted, need_root
 from .util import _cmd, assert_user_error, ecfs, ecfs_json, ecfs_popen, store_with_images
 from ..waiting import wait_for
@@ -173,30 +175,34 @@ def test_replace_with_a_bad_directory_changes_nothing(tmp_path):
         assert ecfs_json(st, "status")["health"]["status"] == "HEALTH_OK", bad
 
 
-def test_add_an_osd_while_a_mount_serves_fio_with_verify(tmp_path):
-    """osd add, online: the mount follows the new placement mid-run (its
-    writes planned on the old map are planned again), the new OSD is
-    filled, the moved shards leave the old OSDs, and it then carries its
-    weight with two others gone."""
+def test_add_and_rm_while_a_mount_serves_fio_with_verify(tmp_path):
+    """osd add, then osd rm, online: the mount follows each new placement
+    mid-run (its writes planned on the old map are planned again), the
+    moved shards are copied and then leave their old OSDs, and the new
+    set carries the data with two OSDs gone."""
     st, mnt, job = _fio_store(tmp_path)
     with mounted(st, mnt):
         subprocess.run(["fio", *job, "--do_verify=0"], check=True, capture_output=True,
                        timeout=300, cwd=tmp_path)
-        writer = subprocess.Popen(["fio", *job, "--do_verify=0", "--time_based", "--runtime=4",
-                                   "--randseed=8", "--offset=0"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, cwd=tmp_path)
-        try:
-            out = ecfs(st, "osd", "add").stdout.decode()
-        finally:
-            assert writer.wait(120) == 0, writer.stderr.read()
-        assert "added osd.6" in out and "marked up" in out, out
+        for argv, seed in ((["add"], 8), (["rm", "2"], 10)):
+            writer = subprocess.Popen(["fio", *job, "--do_verify=0", "--time_based",
+                                       "--runtime=4", f"--randseed={seed}", "--offset=0"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      cwd=tmp_path)
+            try:
+                out = ecfs(st, "osd", *argv).stdout.decode()
+            finally:
+                assert writer.wait(120) == 0, writer.stderr.read()
+            assert ("added osd.6" if argv == ["add"] else "removed osd.2") in out, out
+            assert "objects copied" in out, out
         subprocess.run(["fio", *job, "--do_verify=0", "--randseed=9"], check=True,
                        capture_output=True, timeout=300, cwd=tmp_path)
         v = subprocess.run(["fio", *job, "--verify_only", "--randseed=9"],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert v.returncode == 0, v.stdout + v.stderr
     osds = ecfs_json(st, "osd", "ls")
-    assert [o["id"] for o in osds] == list(range(7)) and all(o["up"] for o in osds)
+    assert [o["id"] for o in osds] == [0, 1, 3, 4, 5, 6] and all(o["up"] for o in osds)
+    assert not (st / "osd.2").exists()
     assert ecfs_json(st, "status")["health"]["status"] == "HEALTH_OK"
     p = ecfs(st, "scrub", "--deep", check=False)
     assert p.returncode == 0, p.stdout.decode()
@@ -220,25 +226,42 @@ def test_add_on_a_directory_that_is_not_empty_changes_nothing(tmp_path):
     assert len(ecfs_json(st, "osd", "ls")) == 6
 
 
-def test_add_needs_every_osd_up_and_a_killed_add_is_finished_by_a_rebuild(tmp_path):
+@pytest.mark.parametrize("at", [1, 2])
+def test_a_killed_add_or_rm_is_finished_by_running_it_again(tmp_path, at):
+    """Killed after the copy (at=1: nothing switched, the copies unused) or
+    after the switch (at=2: the old copies left): the store stays whole and
+    running the command again ends where one uninterrupted run would."""
     st, img = _store(tmp_path)
-    ecfs(st, "osd", "down", "2")
-    assert_user_error(ecfs(st, "osd", "add", check=False), "every OSD up")
-    assert len(ecfs_json(st, "osd", "ls")) == 6
-    ecfs(st, "osd", "up", "2")
-    # killed right after pool.json listed it, before objects/ existed
-    p = ecfs_popen(st, "osd", "add", env={"ECFS_CRASH_AT": "1"}, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    assert p.wait(120) == -signal.SIGKILL
-    osds = ecfs_json(st, "osd", "ls")
-    if len(osds) == 7:
-        assert not osds[6]["up"]
-        assert ecfs(st, "osd", "up", "6", check=False).returncode != 0   # not filled yet
-        ecfs(st, "osd", "rebuild", "6")
-    else:
-        ecfs(st, "osd", "add")                   # killed before pool.json: it starts again
-    assert ecfs_json(st, "status")["health"]["status"] == "HEALTH_OK"
+    if at == 1:
+        ecfs(st, "osd", "down", "2")
+        assert_user_error(ecfs(st, "osd", "add", check=False), "every OSD up")
+        assert len(ecfs_json(st, "osd", "ls")) == 6
+        ecfs(st, "osd", "up", "2")
+    for argv, ids in ((["add"], list(range(7))), (["rm", "0"], list(range(1, 7)))):
+        was = [o["id"] for o in ecfs_json(st, "osd", "ls")]
+        p = ecfs_popen(st, "osd", *argv, env={"ECFS_CRASH_AT": str(at)},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert p.wait(120) == -signal.SIGKILL
+        assert [o["id"] for o in ecfs_json(st, "osd", "ls")] == (was if at == 1 else ids)
+        status = ecfs_json(st, "status")
+        assert status["health"]["status"] == "HEALTH_OK"
+        assert status["rebalance"]["op"] == argv[0] and not status["rebalance"]["running"]
+        assert "interrupted" in ecfs(st, "status").stdout.decode()
+        assert _export(st, tmp_path) == img
+        if at == 1 or argv[0] == "rm":
+            ecfs(st, "osd", *argv)
+        assert [o["id"] for o in ecfs_json(st, "osd", "ls")] == ids
+    assert not (st / "osd.0").exists() and not (st / "rebalance.json").exists()
     assert ecfs(st, "scrub", "--deep", check=False).returncode == 0
-    for i in (0, 6):
+    assert ecfs(st, "fsck", check=False).returncode == 0
+    for i in (1, 6):
         ecfs(st, "osd", "down", str(i))
     assert _export(st, tmp_path) == img
+
+
+def test_rm_refuses_what_would_leave_too_few_osds(tmp_path):
+    st, img = _store(tmp_path)
+    before = (st / "pool.json").read_text()
+    assert_user_error(ecfs(st, "osd", "rm", "1", check=False), "K+M=6 needs that many OSDs")
+    assert_user_error(ecfs(st, "osd", "rm", "9", check=False), "no osd.9")
+    assert (st / "pool.json").read_text() == before

@@ -223,7 +223,6 @@ def test_unavailable_data_is_eio_never_zeros(store, tmp_path):
     """The OSDs holding object 10's info shards down (HEALTH_ERR): reading
     that object through the mount fails with EIO, and the CLI says
     'unavailable', never zeros and never 'does not exist'."""
-    from backend.placement import place
     from rbdlike.header import data_object
     from rbdlike.directory import load as load_dir
     from backend.objectstore import ObjectStore
@@ -233,7 +232,7 @@ def test_unavailable_data_is_eio_never_zeros(store, tmp_path):
     ecfs(store, "rbd", "import", str(img), "i")
     with ObjectStore(str(store), readonly=True) as s:
         name = data_object(load_dir(s)["i"], 10)
-        loc = place(name, s.width, s.osdmap.ids)
+        loc = s.osdmap.place(name, s.width)
         victims = sorted({loc[j] for j in s.info_shards})
     for osd in victims:
         ecfs(store, "osd", "down", str(osd))

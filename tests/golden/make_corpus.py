@@ -2,6 +2,7 @@
 inputs, packed as one tar.gz with a manifest of what it must read back.
 
     python -m tests.golden.make_corpus tests/golden/store-v1.tar.gz
+    python -m tests.golden.make_corpus --removed-osd tests/golden/store-v2-removed-osd.tar.gz
 
 Every later version must read the committed corpora back unchanged
 (tests/golden/test_golden.py), as Ceph's erasure-code non-regression
@@ -13,7 +14,10 @@ The store holds: 4+2 objects with 4 KiB and 64 KiB chunks, one sparse,
 one overwritten in place (parity by delta), one written with zero pages
 (holes, checksum 0); an image with an object map, a protected snapshot,
 a clone with its own writes; and a journal that still holds a record
-(the copy is taken while the store is open, after a write)."""
+(the copy is taken while the store is open, after a write).
+``--removed-osd``: 8 OSDs, and osd.3 removed (``ecfs osd rm``) after the
+plain objects are written: pool.json format 2, placement with a removed
+OSD."""
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +48,9 @@ def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def build(d: str, snapshot_to: str) -> dict:
-    create_store(d, k=4, m=2, chunk_size="auto", write_mode="auto")
+def build(d: str, snapshot_to: str, removed_osd: bool = False) -> dict:
+    create_store(d, k=4, m=2, chunk_size="auto", write_mode="auto",
+                 osds=8 if removed_osd else None)
     objs: dict[str, bytes] = {}
     s = ObjectStore(d)
     objs["small"] = content(1, 10_000)
@@ -67,6 +72,9 @@ def build(d: str, snapshot_to: str) -> dict:
     zeros[8192:24576] = bytes(16384)
     s.write("zeros", 0, bytes(zeros))
     objs["zeros"] = bytes(zeros)
+    if removed_osd:
+        from backend.rebalance import rm_osd
+        rm_osd(s, 3)
     s.close()
 
     images: dict[str, bytes] = {}
@@ -108,9 +116,9 @@ def build(d: str, snapshot_to: str) -> dict:
             "image_sizes": {n: len(b) for n, b in images.items()}}
 
 
-def main(out: str) -> None:
+def main(out: str, removed_osd: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        made = build(os.path.join(tmp, "made"), os.path.join(tmp, "store"))
+        made = build(os.path.join(tmp, "made"), os.path.join(tmp, "store"), removed_osd)
         with open(os.path.join(tmp, "store", "golden.json"), "w") as f:
             json.dump({"made_by": "ecfs " + _version(), **made}, f, indent=1, sort_keys=True)
         with tarfile.open(out, "w:gz") as t:
@@ -123,4 +131,5 @@ def _version() -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    main(args[-1], removed_osd="--removed-osd" in args)
