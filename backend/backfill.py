@@ -37,6 +37,7 @@ from typing import Callable
 
 from . import shardfile as sf
 from .errors import DataUnavailable, NotFound, StoreError
+from .locks import maintenance
 from .pool import (FORMAT_VERSION, OSD_FILE, _check_layout, _usable_dir, load_pool,
                    osd_abspath, pool_path, write_json_atomic)
 from .recovery import rebuild_shard, recover_osd
@@ -140,6 +141,12 @@ def _is_ours(path: str, fsid: str, osd: int) -> bool:
 def rebuild_osd(store, osd: int, progress: Callable[[int, int], None] | None = None,
                 rate: int | None = None) -> BackfillResult:
     """Backfill ``osd`` (see the module docstring) and mark it up."""
+    with maintenance(store.store, f"osd rebuild {osd}"):
+        return _rebuild_osd(store, osd, progress, rate)
+
+
+def _rebuild_osd(store, osd: int, progress: Callable[[int, int], None] | None,
+                 rate: int | None) -> BackfillResult:
     if osd not in store.osdmap.paths:
         raise NotFound(f"no such OSD: osd.{osd}")
     store.osdmap.refresh()

@@ -45,6 +45,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 log = logging.getLogger("ecfs.faults")
 
@@ -142,9 +143,9 @@ def write_rules(store: str, rules: list[dict]) -> None:
 class Faults:
     """One store's rules in this process."""
 
-    def __init__(self, store: str, osd_paths: dict | None = None):
+    def __init__(self, store: str, osd_paths: Callable[[], dict] | None = None):
         self.path = os.path.join(store, FILE)
-        self.osd_paths = osd_paths if osd_paths is not None else {}   # id -> directory
+        self._osd_paths = osd_paths or dict          # the OSD map's present {id: directory}
         self._sig = None
         self._rules: list[Rule] = []
         self._next = 0.0
@@ -185,7 +186,7 @@ class Faults:
             return None
         with self._lock:
             for r in rules:
-                if r.at != at or not r.matches(path, off, n, self.osd_paths):
+                if r.at != at or not r.matches(path, off, n, self._osd_paths()):
                     continue
                 r.seen += 1
                 if r.seen <= r.after or (r.times is not None and r.fired >= r.times):

@@ -21,6 +21,11 @@
 * The clients lock. Every open store holds ``STORE/clients.lock`` shared;
   the opener that gets it exclusive is alone, so it may replay the whole
   journal (after a crash or power cut) before anyone writes.
+* The maintenance lock. ``STORE/maint.lock`` (flock, exclusive, never
+  waited for) is held by whatever moves or rebuilds whole OSDs (``osd
+  add``, ``rm``, ``rebuild``, ``replace``): two of them at once would
+  delete each other's copies. It holds the holder's pid and command, for
+  the refusal's message; re-entrant within a process.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ import os
 import threading
 import time
 from contextlib import contextmanager
+
+from .errors import Busy
 
 SLOTS = 1 << 20
 _INPROC = 4096
@@ -163,3 +170,39 @@ class StoreLocks:
         for fd in (self._lockfd, self._inflight, self._ckptfd):
             if fd is not None:
                 os.close(fd)
+
+
+_maint_held: dict[str, int] = {}
+_maint_mutex = threading.Lock()
+
+
+@contextmanager
+def maintenance(store_dir: str, what: str):
+    """Hold the store's maintenance lock for ``what`` (see the module
+    docstring), or raise Busy naming the command that holds it."""
+    key = os.path.realpath(store_dir)
+    with _maint_mutex:
+        if key in _maint_held:
+            _maint_held[key] += 1
+            fd = None
+        else:
+            fd = os.open(os.path.join(store_dir, "maint.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "?"
+                os.close(fd)
+                raise Busy(f"'{what}' must wait: another command is moving or rebuilding "
+                           f"OSDs of this store ({holder}); wait for it to end") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}: ecfs {what}\n".encode(), 0)
+            _maint_held[key] = 1
+    try:
+        yield
+    finally:
+        with _maint_mutex:
+            _maint_held[key] -= 1
+            if _maint_held[key] == 0:
+                del _maint_held[key]
+                if fd is not None:
+                    os.close(fd)

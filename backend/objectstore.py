@@ -139,6 +139,11 @@ class _Replan(Exception):
     """The OSD map changed under a write before it was journaled."""
 
 
+class PlacementMoved(StoreError):
+    """An 'osd add' or 'osd rm' switched placement under a repair or
+    recovery step planned before it: nothing was written."""
+
+
 _REPLANS = 8
 
 
@@ -175,7 +180,7 @@ class ObjectStore:
         self.readonly = readonly
         self._rng = random.Random()
         self._crash_at = int(os.environ.get("ECFS_CRASH_AT", "0") or 0)
-        self.faults = Faults(self.store, self.osdmap.paths)   # STORE/faults.json
+        self.faults = Faults(self.store, lambda: self.osdmap.paths)   # STORE/faults.json
         self._crash_n = 0
         self._crash_lock = threading.Lock()
         self._dirty = False
@@ -185,7 +190,7 @@ class ObjectStore:
         self._stale: set[str] = set()           # objects with a stale shard on an up OSD
         self._guards: dict[str, object] = {}    # name prefix -> check run before each commit
         self.missed = None if readonly else MissedLog(self.store)
-        self.space = SpaceGuard(self.osdmap.paths)
+        self.space = SpaceGuard(lambda: self.osdmap.paths)
         self.seq: CommitSeq | None = None
         self.states: StateCache | None = None       # backend/objstate.py
         if readonly:
@@ -211,6 +216,7 @@ class ObjectStore:
         # writeback errors seen since *its file* was opened, so an fd opened
         # at checkpoint time would miss every error from before.
         self._osd_fds: dict[int, int] = {}
+        self._osd_fd_lock = threading.Lock()
         self._osd_ident: dict[int, tuple[int, tuple[int, int]]] = {}   # osd -> (fd, identity)
         for osd, path in self.osdmap.paths.items():
             try:
@@ -633,6 +639,10 @@ class ObjectStore:
         journal holds writes for them (``touched()``: the OSDs it does)."""
         by_dev: dict[int, list[int]] = {}
         failed: dict[int, str] = {}
+        with self._osd_fd_lock:
+            for osd in [o for o in self._osd_fds if o not in self.osdmap.paths]:
+                os.close(self._osd_fds.pop(osd))     # removed ('osd rm'): let its disk go
+                self._osd_ident.pop(osd, None)
         for osd in osds:
             fd = self._osd_fds.get(osd)
             if fd is None:
@@ -1209,7 +1219,6 @@ class ObjectStore:
         self.counters.add("checksum_errors", n)
         if self.readonly:
             return
-        self.counters.add("checksum_repairs", n)
         rd, rm = sf.rel_paths(obj.name, i)
         osd = obj.loc[i]
         ext = self._extents(obj.info.object_size, obj.info.chunk_size)[i]
@@ -1220,7 +1229,13 @@ class ObjectStore:
             ops.append(FileOp(OP_WRITE, osd, rd, run0 * PAGE, buf[: stop - run0 * PAGE].tobytes()))
             ops.append(FileOp(OP_WRITE, osd, rm, sf.crc_offset(run0),
                               sf.page_crcs(buf).astype("<u4").tobytes()))
-        self._commit(obj, (ops, None), kind="repair")
+        try:
+            self._commit(obj, (ops, None), kind="repair")
+        except PlacementMoved:
+            # the decoded bytes are right; the page is rewritten by the
+            # next read or scrub that meets it at the shard's new home
+            return
+        self.counters.add("checksum_repairs", n)
 
     # ------------------------------------------------------------ write path
     def _write_locked(self, obj: _Obj, offset: int, data: memoryview, size_hint: int = 0,
@@ -1707,16 +1722,19 @@ class ObjectStore:
                 # as missed (an OSD just brought up would be behind again).
                 # Nothing is journaled yet: plan again (see _replanning).
                 self.osdmap.maybe_refresh()
-                if self.osdmap.generation != plan_gen:
+                # obj.loc: where the planned ops write (a writer of some
+                # stripes reloads its header view at commit, on the new map)
+                if self.osdmap.generation != plan_gen or \
+                        obj.loc != self.osdmap.place(obj.name, self.width):
                     raise _Replan()
             elif kind != "write":
                 # a repair or recovery planned before an 'osd add' or 'rm'
                 # switched placement would write the shards' old homes
                 self.osdmap.maybe_refresh()
                 if obj.loc != self.osdmap.place(obj.name, self.width):
-                    raise StoreError(f"object {obj.name!r}: the OSD set changed ('osd add' or "
-                                     f"'osd rm') during this {kind}; nothing written: run it "
-                                     f"again")
+                    raise PlacementMoved(f"object {obj.name!r}: the OSD set changed ('osd add' "
+                                         f"or 'osd rm') during this {kind}; nothing written: "
+                                         f"run it again")
             for prefix, check in list(self._guards.items()):
                 if obj.name.startswith(prefix):
                     check()         # e.g. an image's lock epoch (fencing): may raise
@@ -1942,14 +1960,17 @@ class ObjectStore:
         store's fsid and this OSD's id) and marked down unless it passes,
         so a foreign or empty directory is never written into."""
         for osd in osds:
-            fd = self._osd_fds.get(osd) if self._osd_fds else None
-            if fd is None or not self.osdmap.writable(osd):
-                continue
-            path = self.osdmap.paths[osd]
+            path = self.osdmap.paths.get(osd)
+            if path is None or not self.osdmap.writable(osd):
+                continue                # (not in the pool any more: 'osd rm')
             try:
                 st = os.stat(path)      # one stat per OSD per load: the fd's own is kept
-                if (st.st_dev, st.st_ino) == self._osd_id(osd, fd):
-                    continue
+                with self._osd_fd_lock:     # a checkpoint closes removed OSDs' fds
+                    fd = self._osd_fds.get(osd)
+                    if fd is None:
+                        continue
+                    if (st.st_dev, st.st_ino) == self._osd_id(osd, fd):
+                        continue
                 why = self.osdmap.check_dir(osd, path)
             except OSError as e:
                 why = f"directory unreachable: {e.strerror or e}"
@@ -1959,8 +1980,10 @@ class ObjectStore:
                 self.osdmap.mark_down(osd, f"directory replaced: {why}")
                 continue
             try:     # the same OSD, mounted again: follow it
-                self._osd_fds[osd] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-                os.close(fd)
+                with self._osd_fd_lock:
+                    if self._osd_fds.get(osd) == fd:
+                        self._osd_fds[osd] = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+                        os.close(fd)
             except OSError:
                 pass
 

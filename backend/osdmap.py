@@ -84,6 +84,14 @@ class OsdMap:
                            for k, v in reasons.items()):
             raise StoreError(f"{path} is damaged: expected "
                              f"{{\"down\": [ids], \"reasons\": {{\"id\": \"why\"}}}}")
+        named = set(down) | set(rec) | {int(k) for k in reasons}
+        if named - set(self.paths):
+            self._reload_paths()         # 'osd add' or 'rm' by another process
+        # a process whose map predates an 'osd rm' may have marked the
+        # removed OSD down: that entry means nothing now
+        gone = set(self.removed)
+        down, rec = [i for i in down if i not in gone], [i for i in rec if i not in gone]
+        reasons = {k: v for k, v in reasons.items() if int(k) not in gone}
         unknown = sorted((set(down) | set(rec) | {int(k) for k in reasons}) - set(self.paths))
         if unknown:
             raise StoreError(f"{path} is damaged: it names osd.{unknown[0]}, "
@@ -142,18 +150,16 @@ class OsdMap:
     def _reload_paths(self) -> None:
         """Follow 'ecfs osd replace', 'add' and 'rm' by another process: an
         OSD's directory may have moved, an OSD been added or removed
-        (updated in place: other layers hold this dict; ``ids`` and
-        ``removed`` feed placement)."""
+        (``ids`` and ``removed`` feed placement)."""
         try:
             pool = load_pool(self.store)
         except EcfsError:
             return            # damaged now: keep what was read; the next open says so
         new = {e.id: osd_abspath(self.store, e) for e in pool.osds}
         if new != self.paths:
-            for gone in set(self.paths) - set(new):
-                del self.paths[gone]
-            self.paths.update(new)
-            self.ids = tuple(sorted(self.paths))
+            # a new dict, never one changed in place: other threads iterate it
+            self.paths = new
+            self.ids = tuple(sorted(new))
         self.removed = tuple(pool.removed)
 
     def place(self, name: str, width: int) -> list[int]:
@@ -201,6 +207,8 @@ class OsdMap:
 
     def mark_down(self, osd: int, reason: str) -> None:
         """Persistently mark an OSD down (admin command or I/O failure)."""
+        if osd not in self.paths:
+            return                 # taken out by 'osd rm' since this view was loaded
         with self._lock:
             if not self.states[osd].up and self.states[osd].reason == reason:
                 return
@@ -229,7 +237,11 @@ class OsdMap:
             raise StoreError(f"cannot update {path}: {e.strerror or e}")
         try:
             fcntl.flock(lfd, fcntl.LOCK_EX)
+            self._reload_paths()
             down, reasons, rec = fn(*self._read_map())
+            live = set(self.paths)          # never name an OSD 'osd rm' took out
+            down, rec = {i for i in down if i in live}, {i for i in rec if i in live}
+            reasons = {k: v for k, v in reasons.items() if int(k) in live}
             doc = {"down": sorted(down), "reasons": reasons}
             if rec:
                 doc["recovering"] = sorted(rec)

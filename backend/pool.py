@@ -218,7 +218,7 @@ def osd_abspath(store: str, entry: OsdEntry) -> str:
 # What the store directory holds for itself: no OSD directory may take these names.
 STORE_ENTRIES = ("pool.json", "osdmap.json", "osdmap.json.lock", "journal.log", "locks",
                  "inflight", "ckpt.lock", "clients.lock", "counters", "missed", "backfill",
-                 "rebalance.json", "seq", "faults.json", "rbd", "mount.log")
+                 "rebalance.json", "maint.lock", "seq", "faults.json", "rbd", "mount.log")
 MAX_OSDS = 1024
 
 

@@ -2,49 +2,54 @@
 
 Placement (backend/placement.py) moves little on either change: an added
 OSD (the next id) takes about 1/(N+1) of all shards, each from an old OSD;
-a removed OSD's shards go one each to OSDs that hold no other shard of
-the object, and nothing else moves. Both run the same way, copy then
-switch, so no object is ever short of a shard (as Ceph keeps the old copy
-serving until the backfill is done):
+a first removal sends each of the OSD's shards to an OSD that holds no
+other shard of the object, and nothing else moves (later changes may move
+a few substitutes besides). Both run the same way, copy then switch, so no
+object is ever short of a shard (as Ceph keeps the old copy serving until
+the backfill is done):
 
-1. Checks: every OSD up and current, no backfill under way, no other
-   change half done; ``rm`` leaves at least K+M OSDs. Shard files that a
-   killed earlier run copied and never switched to are removed first
-   (``remove_misplaced``), and so is whatever a new directory holds
-   besides our ``osd.json``.
+1. Checks, under the store's maintenance lock (backend/locks.py: no other
+   add, rm, rebuild or replace meanwhile, which would delete the copies):
+   every OSD up and current, no backfill under way; ``rm`` leaves at least
+   K+M OSDs. Shard files that a killed earlier run copied and never
+   switched to are removed first (``remove_misplaced``), and so is
+   whatever a new directory holds besides our ``osd.json``.
 2. Copy, online: each object (listed from the OSDs) is locked whole while
    every shard whose home the new map changes is copied to it, file by
    file (data extents only: holes stay holes), under a temporary name,
    fsynced, then renamed. The source's fingerprint is kept: its sidecar
    header (a write to the shard moves its version) and the files' sizes,
-   blocks, inodes and mtimes. Writers go on meanwhile, under the old map.
-3. Catch-up, online: copy again the shards whose source changed since,
-   while that finds many.
+   blocks, inodes and times. Writers go on meanwhile, under the old map.
+3. Catch-up, online: objects created since the listing are copied, and the
+   shards whose source changed (or whose copy went) are copied again,
+   pass after pass until few are left (``SWITCH_LEFT``) or
+   ``CATCH_UP_PASSES`` ran.
 4. Switch, inside a checkpoint (backend/objectstore.py ``checkpoint``'s
    ``then``): the journal is empty and no transaction of any process is
    between its record and its apply, so the shard files are the whole
-   truth and no record can later be replayed onto an old home. Objects
-   created since the listing are copied, the shards whose fingerprint
-   moved are copied again, and ``pool.json`` is written with the new OSD
-   set (format 2 when it lists removed OSDs: an older ecfs, which would
-   place shards without them, refuses it). Every process takes the new map
-   at its next object load (pool.json is part of the OSD map's stamp, and
-   its generation moves, so a write planned on the old map is planned
-   again).
+   truth and no record can later be replayed onto an old home. The last
+   new objects and changed shards are copied (every writer waits for
+   this: step 3 keeps it short, but the listing that finds new objects
+   walks every OSD's directories), and ``pool.json`` is written with the
+   new OSD set (format 2 when it lists removed OSDs: an older ecfs, which
+   would place shards without them, refuses it). Every process takes the
+   new map at its next object load (pool.json is part of the OSD map's
+   stamp, and its generation moves). A write planned on the old map is
+   planned again at its commit; a repair or recovery step planned on it
+   writes nothing (``PlacementMoved``).
 5. Clean up: the old copies are removed, each object locked; ``rm``
-   empties the removed OSD's directory of ecfs's files (``osd.json`` last)
-   and removes it if it is the store's ``osd.N``.
+   empties the removed OSD's directory the same way (``osd.json`` last)
+   and removes it if it is the store's own ``osd.N``.
 
-``STORE/rebalance.json`` says what runs and how far ({"op", "osd",
-"pid", "phase", "done", "total"}, and for rm the OSD's "path"; rewritten
-at most once a second) for
-``ecfs status``; it stays behind a killed run, which status then names.
-
-A kill before step 4 changes nothing anyone reads (copies sit where the
-map puts nothing, and ``list()`` ignores them); the next ``osd add``,
-``osd rm`` or backfill removes them. A kill after it leaves only step 5:
-``osd rm ID`` run again finishes it; after an add, the next add, rm or
-backfill does.
+``STORE/rebalance.json`` says what runs and how far ({"op", "osd", "pid",
+"path", "phase", "done", "total"}; rewritten at most once a second) for
+``ecfs status``. It stays behind a killed run, which status and fsck then
+name. A kill before step 4 changes nothing anyone reads: the copies sit
+where the map puts nothing (``list()`` and reads ignore them), and the
+next add, rm or backfill removes them; an add's new directory is reused
+by the next add. A kill after it leaves only step 5: ``osd rm ID`` run
+again finishes it (an add needs nothing more: its old copies are
+misplaced files). ``ecfs fsck --repair`` settles either.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ from typing import Callable
 
 from . import shardfile as sf
 from .backfill import _is_ours, under_way
+from .locks import maintenance
 from .errors import InvalidArgument, NotFound, StoreError
 from .placement import place
 from .pool import (FORMAT_VERSION, OSD_FILE, _check_layout, _listdir, _usable_dir,
@@ -65,7 +71,8 @@ from .pool import (FORMAT_VERSION, OSD_FILE, _check_layout, _listdir, _usable_di
                    write_json_atomic)
 
 Progress = Callable[[int, int], None]
-CATCH_UP_PASSES = 3
+CATCH_UP_PASSES = 10       # catch-up passes at most before the switch
+SWITCH_LEFT = 16           # ... and when so few changed shards are left, no more
 
 
 @dataclass
@@ -76,6 +83,8 @@ class Change:
     shards: int = 0           # shards copied (a catch-up copy counts again)
     bytes: int = 0            # data bytes copied
     misplaced: int = 0        # old copies removed afterwards
+    emptied: str | None = None    # rm: the removed OSD's directory, emptied
+    already: bool = False     # rm: the OSD was out already (a rerun finishing one)
 
 
 @dataclass
@@ -83,105 +92,122 @@ class _Plan:
     ids: tuple[int, ...]                  # live OSDs after the change
     removed: tuple[int, ...]
     paths: dict[int, str]                 # every OSD's directory, old and new
-    # (object, shard) -> (the OSD it was copied from, the source's fingerprint then)
-    copied: dict[tuple[str, int], tuple[int, tuple]] = field(default_factory=dict)
+    # (object, shard) -> (the OSD it was copied from, to, the source's fingerprint then)
+    copied: dict[tuple[str, int], tuple[int, int, tuple]] = field(default_factory=dict)
 
 
 def add_osd(store, new_dir: str | None = None, progress: Progress | None = None,
             rate: int | None = None) -> Change:
     """Add an OSD on ``new_dir`` (default ``STORE/osd.N``), fill it by
     copying and switch to it."""
-    pool = load_pool(store.store)
-    osd = pool.next_id
-    path = os.path.abspath(new_dir) if new_dir else os.path.join(store.store, f"osd.{osd}")
-    others = [osd_abspath(store.store, e) for e in pool.osds]
-    _check_layout(store.store, others + [path])
-    if os.path.isdir(path) and _is_ours(path, pool.fsid, osd):
-        # a killed earlier add: its copies were never switched to
-        shutil.rmtree(os.path.join(path, "objects"), ignore_errors=True)
-    else:
-        _usable_dir(path, "new OSD directory")
-    _check_healthy(store, "osd add")
-    os.makedirs(os.path.join(path, "objects"), mode=0o700, exist_ok=True)
-    write_json_atomic(os.path.join(path, OSD_FILE),
-                      {"format_version": FORMAT_VERSION, "fsid": pool.fsid, "osd_id": osd})
-    inside = os.path.realpath(path).startswith(os.path.realpath(store.store) + os.sep)
-    entry = {"id": osd, "path": os.path.relpath(path, store.store) if inside else path}
-    plan = _Plan(ids=tuple(sorted(store.osdmap.ids + (osd,))), removed=store.osdmap.removed,
-                 paths={**store.osdmap.paths, osd: path})
+    with maintenance(store.store, "osd add"):
+        pool = load_pool(store.store)
+        osd = pool.next_id
+        path = os.path.abspath(new_dir) if new_dir else os.path.join(store.store, f"osd.{osd}")
+        others = [osd_abspath(store.store, e) for e in pool.osds]
+        _check_layout(store.store, others + [path])
+        if os.path.isdir(path) and _is_ours(path, pool.fsid, osd):
+            # a killed earlier add: its copies were never switched to
+            shutil.rmtree(os.path.join(path, "objects"), ignore_errors=True)
+        else:
+            _usable_dir(path, "new OSD directory")
+        _check_healthy(store, "osd add")
+        os.makedirs(os.path.join(path, "objects"), mode=0o700, exist_ok=True)
+        write_json_atomic(os.path.join(path, OSD_FILE),
+                          {"format_version": FORMAT_VERSION, "fsid": pool.fsid, "osd_id": osd})
+        inside = os.path.realpath(path).startswith(os.path.realpath(store.store) + os.sep)
+        entry = {"id": osd, "path": os.path.relpath(path, store.store) if inside else path}
+        plan = _Plan(ids=tuple(sorted(store.osdmap.ids + (osd,))),
+                     removed=store.osdmap.removed, paths={**store.osdmap.paths, osd: path})
 
-    def edit(raw: dict) -> None:
-        if any(e["id"] >= osd for e in raw["osds"]) or osd in raw.get("removed", []):
-            raise InvalidArgument(f"another 'osd add' took osd.{osd} meanwhile")
-        raw["osds"].append(entry)
+        def edit(raw: dict) -> None:
+            if any(e["id"] >= osd for e in raw["osds"]) or osd in raw.get("removed", []):
+                raise InvalidArgument(f"another 'osd add' took osd.{osd} meanwhile")
+            raw["osds"].append(entry)
 
-    return _rebalance(store, plan, edit, Change(osd), progress, rate, "add")
+        return _rebalance(store, plan, edit, Change(osd), progress, rate,
+                          _State(store.store, "add", osd, path))
 
 
 def rm_osd(store, osd: int, progress: Progress | None = None,
            rate: int | None = None) -> Change:
     """Drain ``osd`` (its shards copied to the OSDs the map gives them
     without it), take it out of the pool and empty its directory."""
-    pool = load_pool(store.store)
-    if osd in pool.removed:
-        res = Change(osd)                       # a run killed after the switch
-        res.misplaced = remove_misplaced(store)
-        r = rebalance_state(store.store)
-        mine = r is not None and r["op"] == "rm" and r["osd"] == osd and not r["running"]
-        _empty_removed(store, osd, r.get("path") if mine else None)
-        if mine:
-            state_clear(store.store)
+    with maintenance(store.store, f"osd rm {osd}"):
+        pool = load_pool(store.store)
+        if osd in pool.removed:
+            return _finish_rm(store, osd)       # a run killed after the switch, or done
+        entry = next((e for e in pool.osds if e.id == osd), None)
+        if entry is None:
+            raise NotFound(f"no osd.{osd} in this store")
+        try:
+            validate_profile(pool.k, pool.m, len(pool.osds) - 1, pool.plugin, pool.chunk_size,
+                             check_plugin=False)
+        except InvalidArgument:
+            raise InvalidArgument(f"cannot remove osd.{osd}: K+M={pool.k + pool.m} needs that "
+                                  f"many OSDs and the pool has {len(pool.osds)} (add one "
+                                  f"first)")
+        _check_healthy(store, "osd rm")
+        plan = _Plan(ids=tuple(i for i in store.osdmap.ids if i != osd),
+                     removed=tuple(sorted(store.osdmap.removed + (osd,))),
+                     paths=dict(store.osdmap.paths))
+
+        def edit(raw: dict) -> None:
+            if not any(e["id"] == osd for e in raw["osds"]):
+                raise InvalidArgument(f"osd.{osd} was removed meanwhile")
+            raw["osds"] = [e for e in raw["osds"] if e["id"] != osd]
+            raw["removed"] = sorted(set(raw.get("removed", [])) | {osd})
+            raw["format_version"] = max(raw["format_version"], REMOVED_FORMAT)
+            # (osdmap.json names no up OSD, and switch() checked every OSD is up)
+
+        path = plan.paths[osd]
+        res = _rebalance(store, plan, edit, Change(osd), progress, rate,
+                         _State(store.store, "rm", osd, path),
+                         finish=lambda: _empty_removed(store, osd, path))
+        res.emptied = path
         return res
-    entry = next((e for e in pool.osds if e.id == osd), None)
-    if entry is None:
-        raise NotFound(f"no osd.{osd} in this store")
-    try:
-        validate_profile(pool.k, pool.m, len(pool.osds) - 1, pool.plugin, pool.chunk_size,
-                         check_plugin=False)
-    except InvalidArgument:
-        raise InvalidArgument(f"cannot remove osd.{osd}: K+M={pool.k + pool.m} needs that many "
-                              f"OSDs and the pool has {len(pool.osds)} (add one first)")
-    _check_healthy(store, "osd rm")
-    plan = _Plan(ids=tuple(i for i in store.osdmap.ids if i != osd),
-                 removed=tuple(sorted(store.osdmap.removed + (osd,))),
-                 paths=dict(store.osdmap.paths))
 
-    def edit(raw: dict) -> None:
-        if not any(e["id"] == osd for e in raw["osds"]):
-            raise InvalidArgument(f"osd.{osd} was removed meanwhile")
-        raw["osds"] = [e for e in raw["osds"] if e["id"] != osd]
-        raw["removed"] = sorted(set(raw.get("removed", [])) | {osd})
-        raw["format_version"] = max(raw["format_version"], REMOVED_FORMAT)
-        # (osdmap.json names no up OSD, and switch() checked every OSD is up)
 
-    res = _rebalance(store, plan, edit, Change(osd), progress, rate, "rm",
-                     path=plan.paths[osd])
-    _empty_removed(store, osd, plan.paths[osd])
+def _finish_rm(store, osd: int) -> Change:
+    """Step 5 of an rm whose switch is done: the old copies and the removed
+    OSD's directory (named by the interrupted run's rebalance.json)."""
+    res = Change(osd, already=True)
+    res.misplaced = remove_misplaced(store)
+    r = rebalance_state(store.store)
+    mine = r is not None and r["op"] == "rm" and r["osd"] == osd and not r["running"]
+    path = r.get("path") if mine else None
+    res.emptied = _empty_removed(store, osd, path)
+    if mine:
+        state_clear(store.store)
     return res
 
 
 def _rebalance(store, plan: _Plan, edit: Callable[[dict], None], res: Change,
-               progress: Progress | None, rate: int | None, op: str,
-               path: str | None = None) -> Change:
+               progress: Progress | None, rate: int | None, state: "_State",
+               finish: Callable[[], None] | None = None) -> Change:
     """Steps 2 to 5 of the module docstring."""
-    state = _State(store.store, op, res.osd, path)
+    switched = []
     try:
-        _run(store, plan, edit, res, progress, rate, state)
+        _run(store, plan, edit, res, progress, rate, state, switched)
+        if finish is not None:
+            finish()
     except Exception:
-        state.clear()            # failed, not killed: the error says what to do
-        raise
+        if not switched:
+            state.clear()     # failed before the switch: the error says what to do
+        raise                 # (after it, status keeps naming the run to finish)
     state.clear()
     return res
 
 
 def _run(store, plan: _Plan, edit: Callable[[dict], None], res: Change,
-         progress: Progress | None, rate: int | None, state: "_State") -> None:
+         progress: Progress | None, rate: int | None, state: "_State",
+         switched: list) -> None:
     state.update("cleaning up an earlier run", 0, None, force=True)
     remove_misplaced(store)                  # a killed earlier run's copies
-    names = store.list()
+    names = set(store.list())
     t0 = time.monotonic()
     moved_objects = set()
-    for i, name in enumerate(names):
+    for i, name in enumerate(sorted(names)):
         if _copy_object(store, plan, name, res):
             moved_objects.add(name)
         state.update("copying", i + 1, len(names))
@@ -193,12 +219,19 @@ def _run(store, plan: _Plan, edit: Callable[[dict], None], res: Change,
                 time.sleep(min(ahead, 1.0))    # a rate limit, not synchronisation
     state.update("catching up", len(names), len(names), force=True)
     store._crashpoint()
+    # Catch up while writers go on, until little is left for the switch,
+    # which runs with every writer of every process waiting
     for _ in range(CATCH_UP_PASSES):
+        new = set(store.list()) - names
         changed = _changed(plan)
-        if len(changed) <= 16:
-            break
+        for name in sorted(new):
+            names.add(name)
+            if _copy_object(store, plan, name, res):
+                moved_objects.add(name)
         for key in changed:
             _copy_object(store, plan, key[0], res, only={key})
+        if len(new) + len(changed) <= SWITCH_LEFT:
+            break
 
     def switch() -> None:
         # under the gate, with the journal empty: what the files hold is all
@@ -206,7 +239,7 @@ def _run(store, plan: _Plan, edit: Callable[[dict], None], res: Change,
         if not all(st.up for st in store.osdmap.states.values()) or under_way(store.store):
             raise StoreError("an OSD went down or began a backfill during the change; "
                              "nothing switched (run the command again once all are up)")
-        for name in sorted(set(store.list()) - set(names)):   # created meanwhile
+        for name in sorted(set(store.list()) - names):          # created meanwhile
             if _copy_object(store, plan, name, res, locked=False):
                 moved_objects.add(name)
         for key in _changed(plan):
@@ -215,6 +248,7 @@ def _run(store, plan: _Plan, edit: Callable[[dict], None], res: Change,
             raw = json.load(f)
         edit(raw)
         write_json_atomic(pool_path(store.store), raw)
+        switched.append(True)
         store.osdmap.refresh()
 
     store.checkpoint(then=switch)
@@ -231,11 +265,10 @@ def state_path(store_dir: str) -> str:
 class _State:
     """STORE/rebalance.json of a running add or rm (see the module docstring)."""
 
-    def __init__(self, store_dir: str, op: str, osd: int, path: str | None):
+    def __init__(self, store_dir: str, op: str, osd: int, path: str):
         self.path = state_path(store_dir)
-        self.doc = {"op": op, "osd": osd, "pid": os.getpid()}
-        if path:
-            self.doc["path"] = path          # rm: the directory to empty after the switch
+        # path: the new OSD's directory (add), or the one to empty (rm)
+        self.doc = {"op": op, "osd": osd, "pid": os.getpid(), "path": path}
         self._last = 0.0
 
     def update(self, phase: str, done: int, total: int | None, force: bool = False) -> None:
@@ -253,7 +286,7 @@ class _State:
 
 
 def state_clear(store_dir: str) -> None:
-    """Forget an interrupted add (``ecfs fsck --repair``: its copies go too)."""
+    """Forget an interrupted add or rm (settled: ``ecfs fsck --repair``)."""
     _unlink(state_path(store_dir))
 
 
@@ -276,10 +309,10 @@ def rebalance_state(store_dir: str) -> dict | None:
     if doc["running"]:
         doc["next"] = ""
     elif op == "rm":
-        doc["next"] = f"run 'ecfs osd rm {osd}' again"
+        doc["next"] = f"run 'ecfs osd rm {osd}' again, or 'ecfs fsck --repair'"
     else:
-        doc["next"] = ("its unused copies are removed by the next 'osd add', 'osd rm' or "
-                       "'ecfs fsck --repair'")
+        doc["next"] = ("run 'ecfs osd add' again (with the same --dir), or 'ecfs fsck "
+                       "--repair' to drop what it copied")
     return doc
 
 
@@ -321,7 +354,7 @@ def _copy_shard(plan: _Plan, key: tuple[str, int], src_osd: int, dst_osd: int,
         os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
         res.bytes += _copy_file(src, dst)
     res.shards += 1
-    plan.copied[key] = (src_osd, fp)
+    plan.copied[key] = (src_osd, dst_osd, fp)
 
 
 def _copy_file(src: str, dst: str) -> int:
@@ -390,9 +423,12 @@ def _fingerprint(root: str, key: tuple[str, int]) -> tuple:
 
 def _changed(plan: _Plan) -> list[tuple[str, int]]:
     """The copied shards whose source changed since their copy (the old
-    map's home: every copy in a plan is from its present home)."""
-    return sorted(key for key, (src, fp) in plan.copied.items()
-                  if _fingerprint(plan.paths[src], key) != fp)
+    map's home: every copy in a plan is from its present home), or whose
+    copy is gone."""
+    return sorted(key for key, (src, dst, fp) in plan.copied.items()
+                  if _fingerprint(plan.paths[src], key) != fp
+                  or (fp[1] is not None and not os.path.exists(
+                      os.path.join(plan.paths[dst], sf.rel_paths(*key)[1]))))
 
 
 def _check_healthy(store, what: str) -> None:
@@ -412,21 +448,76 @@ def _check_healthy(store, what: str) -> None:
                               f"(run 'ecfs osd rebuild {i}' to finish it)")
 
 
-def _empty_removed(store, osd: int, path: str | None = None) -> None:
-    """Remove ecfs's files from a removed OSD's directory (osd.json last,
-    so a kill in between leaves it recognisable), and the directory itself
-    if it is the store's own ``osd.N``."""
+def _empty_removed(store, osd: int, path: str | None = None) -> str | None:
+    """Remove ecfs's files from a removed OSD's directory, each shard file
+    under its object's lock (a reader that loaded the object before the
+    switch finishes first), ``osd.json`` last so that a kill in between
+    leaves it recognisable; the directory itself goes if it is the
+    store's own ``osd.N``. Returns the directory, or None if it held no
+    OSD of ours (already emptied)."""
     if path is None:
         path = os.path.join(store.store, f"osd.{osd}")
     if not _is_ours(path, store.pool.fsid, osd):
-        return
-    shutil.rmtree(os.path.join(path, "objects"), ignore_errors=True)
+        return None
+    _remove_tree(store, os.path.join(path, "objects"), store.width)
     os.unlink(os.path.join(path, OSD_FILE))
     if os.path.realpath(path) == os.path.realpath(os.path.join(store.store, f"osd.{osd}")):
         try:
             os.rmdir(path)
         except OSError:
             pass
+    return path
+
+
+def _remove_tree(store, objects: str, width: int | None) -> None:
+    """Unlink an OSD's ``objects/`` tree; with ``width``, each shard file
+    of ours under its object's lock."""
+    for sub in sorted(_listdir(objects)):
+        d = os.path.join(objects, sub)
+        for f in sorted(_listdir(d)):
+            found = sf.shard_file_object(d, f) if width else None
+            if found is not None and 0 <= found[1] < width:
+                with store._locked(found[0]):
+                    _unlink(os.path.join(d, f))
+            else:
+                _unlink(os.path.join(d, f))
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+    try:
+        os.rmdir(objects)
+    except OSError:
+        pass
+
+
+def finish_rm(store, osd: int) -> bool:
+    """``ecfs fsck --repair`` of an interrupted 'osd rm': finish it if its
+    switch was done (True); if not (False), the pool is as before and its
+    copies are misplaced files (``remove_misplaced`` drops them)."""
+    if osd not in load_pool(store.store).removed:
+        return False
+    _finish_rm(store, osd)
+    return True
+
+
+def drop_unswitched_add(store, r: dict) -> None:
+    """``ecfs fsck --repair`` of an interrupted 'osd add': killed before
+    its switch, its directory (not in the pool) holds copies nobody reads:
+    empty it. (After the switch only old copies are left: misplaced files.)"""
+    osd, path = r["osd"], r.get("path")
+    pool = load_pool(store.store)
+    if any(e.id == osd for e in pool.osds):
+        return
+    if path and _is_ours(path, pool.fsid, osd):
+        _remove_tree(store, os.path.join(path, "objects"), None)
+        os.unlink(os.path.join(path, OSD_FILE))
+        if os.path.realpath(path) == os.path.realpath(os.path.join(store.store,
+                                                                   f"osd.{osd}")):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
 
 def remove_misplaced(store, dry_run: bool = False) -> int:

@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from .errors import NoSpace
 
@@ -48,8 +49,8 @@ class FsSpace:
 
 
 class SpaceGuard:
-    def __init__(self, paths: dict[int, str]):
-        self.paths = paths
+    def __init__(self, paths: Callable[[], dict[int, str]]):
+        self._paths = paths       # the OSD map's present {id: directory}
         self._lock = threading.Lock()
         self._dev: dict[int, int] = {}
         self._fs: dict[int, FsSpace] = {}
@@ -58,14 +59,14 @@ class SpaceGuard:
         dev = self._dev.get(osd)
         if dev is None:
             try:
-                dev = self._dev[osd] = os.stat(self.paths[osd]).st_dev
-            except OSError:
+                dev = self._dev[osd] = os.stat(self._paths()[osd]).st_dev
+            except (OSError, KeyError):     # KeyError: taken out by 'osd rm'
                 return None       # unreachable: the I/O itself will tell
         fs = self._fs.get(dev)
         if fs is None or now - fs.at > REFRESH:
             try:
-                st = os.statvfs(self.paths[osd])
-            except OSError:
+                st = os.statvfs(self._paths()[osd])
+            except (OSError, KeyError):
                 return None
             fs = self._fs[dev] = FsSpace(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize, now)
         return fs

@@ -18,7 +18,8 @@ import re
 
 from backend.errors import Busy, EcfsError, Inconsistent
 from backend.objectstore import ObjectStore
-from backend.rebalance import rebalance_state, remove_misplaced, state_clear
+from backend.rebalance import (drop_unswitched_add, finish_rm, rebalance_state,
+                               remove_misplaced, state_clear)
 from backend.scrub import repair_object, scrub_names
 
 from . import progress
@@ -102,15 +103,22 @@ def _check_osds(store, f: _Findings, repair: bool) -> None:
             f.add(e, "a backfill was interrupted", hint=f"'ecfs osd rebuild {e[4:]}' goes on")
     r = rebalance_state(store.store)
     if r and not r["running"]:
-        what = f"an 'osd {r['op']} {r['osd']}' was interrupted ({r.get('phase', '')})"
-        if repair and r["op"] == "add":
+        what = (f"an 'osd add' (of osd.{r['osd']})" if r["op"] == "add"
+                else f"an 'osd rm {r['osd']}'") + f" was interrupted ({r.get('phase', '')})"
+        if repair:
+            if r["op"] == "add":
+                drop_unswitched_add(store, r)
+                fixed = "what it copied dropped; the pool is as it was before it"
+            else:
+                fixed = "finished" if finish_rm(store, r["osd"]) else \
+                    "what it copied dropped; the pool is as it was before it"
             state_clear(store.store)
-            f.add("OSDs", what, fixed="its unused copies removed (below)")
+            f.add("OSDs", what, fixed=fixed)
         else:
             f.add("OSDs", what, hint=r["next"])
     n = remove_misplaced(store, dry_run=True)
     if n:
-        what = (f"{n} shard files lie where placement puts no shard (old copies left by an "
+        what = (f"{n} shard files lie where placement puts no shard (copies left by an "
                 f"interrupted 'osd add' or 'osd rm')")
         if repair:
             f.add("OSDs", what, fixed=f"{remove_misplaced(store)} removed")

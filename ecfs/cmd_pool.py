@@ -6,6 +6,7 @@ import os
 from backend import counters
 from backend.errors import InvalidArgument, NotFound
 from backend.objectstore import ObjectStore, amplification
+from backend.locks import maintenance
 from backend.osdmap import OsdMap
 from backend.space import full_osds
 from backend.pool import WRITE_MODES, create_store, load_pool
@@ -276,7 +277,9 @@ def cmd_osd_add(args) -> int:
         with progress.bar(args, total=None, desc="Filling the new OSD", unit="obj") as bar:
             res = add_osd(s, args.dir, rate=rate, progress=lambda done, total: (
                 bar.set_total(total), bar.update(1)))
-    print(f"added osd.{res.osd}: {_moved(res)}; up")
+    print(f"added osd.{res.osd}: {_count(res.shards, 'shard')} of "
+          f"{_count(res.objects, 'object')} copied to it ({format_size(res.bytes)}), "
+          f"{_count(res.misplaced, 'old shard file')} removed from the others; up")
     return 0
 
 
@@ -287,13 +290,18 @@ def cmd_osd_rm(args) -> int:
         with progress.bar(args, total=None, desc=f"Draining osd.{args.id}", unit="obj") as bar:
             res = rm_osd(s, args.id, rate=rate, progress=lambda done, total: (
                 bar.set_total(total), bar.update(1)))
-    print(f"removed osd.{res.osd}: {_moved(res)}")
+    if res.already:
+        print(f"osd.{res.osd} is out of the pool already"
+              + (f"; finished its removal: {res.emptied} emptied" if res.emptied else ""))
+    else:
+        print(f"removed osd.{res.osd}: {_count(res.shards, 'shard')} of "
+              f"{_count(res.objects, 'object')} copied to the other OSDs "
+              f"({format_size(res.bytes)}); {res.emptied} emptied")
     return 0
 
 
-def _moved(res) -> str:
-    return (f"{res.shards} shards of {res.objects} objects copied "
-            f"({format_size(res.bytes)}), {res.misplaced} old shard files removed")
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def _backfill(args, verb: str) -> int:
@@ -320,9 +328,10 @@ def cmd_osd_replace(args) -> int:
     pool = load_pool(args.store)
     _check_osd(pool, args.id)
     prepare_replacement(args.store, args.id, args.dir, check_only=True)   # bad input: no change
-    OsdMap(args.store, pool).mark_down(args.id, "being replaced")
-    prepare_replacement(args.store, args.id, args.dir)
-    return _backfill(args, "replaced")
+    with maintenance(args.store, f"osd replace {args.id}"):
+        OsdMap(args.store, pool).mark_down(args.id, "being replaced")
+        prepare_replacement(args.store, args.id, args.dir)
+        return _backfill(args, "replaced")
 
 
 def cmd_osd_up(args) -> int:

@@ -9,6 +9,7 @@ from backend.recovery import recover_osd
 
 from .iogen import IOGen, Model, run_op, verify_all
 from .util import check_parity, osd_of, shard_paths
+from ..waiting import wait_for
 
 K, M = 4, 2
 
@@ -463,3 +464,133 @@ def test_an_added_osd_takes_its_shards_while_another_process_writes(make_store, 
             assert s2.read(n, 0, 128 << 10) == bytes(want[n]), n
     finally:
         s2.close()
+
+
+_PAUSED_WRITER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from backend.objectstore import ObjectStore
+s = ObjectStore({d!r})
+s.read("p", 0, 4096)
+plan = s._stripe_ops
+
+def paused(*a, **k):
+    # planned on the map of now; committed after the switch
+    out = plan(*a, **k)
+    open({sig!r} + "/planned", "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists({sig!r} + "/switched") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return out
+
+s._stripe_ops = paused
+deadline = time.monotonic() + 60
+while not os.path.exists({sig!r} + "/start") and time.monotonic() < deadline:
+    time.sleep(0.01)
+s.write("p", 0, b"B" * 4096)
+s.close()
+print("acknowledged", flush=True)
+"""
+
+
+@pytest.mark.parametrize("op", ["add", "rm"])
+def test_a_write_planned_before_the_switch_is_planned_again(make_store, tmp_path, op):
+    """A writer of some stripes plans on the old map, then commits after an
+    add or rm switched placement: it must plan again, not write the old
+    homes (which the clean-up then removes: an acknowledged write lost)."""
+    import subprocess
+    import sys
+    from backend.rebalance import add_osd, rm_osd
+    d, s = make_store(osds=6 if op == "add" else 7)
+    old = os.urandom(65536)
+    s.write_full("p", old)
+    sig = tmp_path / "sig"
+    sig.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.Popen([sys.executable, "-c", _PAUSED_WRITER.format(root=root, d=d,
+                                                                       sig=str(sig))],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = s.checkpoint
+
+    def switch_while_planned(then=None):
+        # the copy is done: let the writer plan on the old map, then switch
+        if then is None:
+            return checkpoint()
+        (sig / "start").touch()
+        wait_for(lambda: (sig / "planned").exists() or p.poll() is not None, 60)
+        assert p.poll() is None, p.stderr.read()
+        checkpoint(then=then)
+        (sig / "switched").touch()
+
+    s.checkpoint = switch_while_planned
+    try:
+        moved = add_osd(s) if op == "add" else rm_osd(s, s.osdmap.place("p", 6)[0])
+        assert (sig / "switched").exists() and moved.objects == 1
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and "acknowledged" in out, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert s.read("p", 0, 65536) == b"B" * 4096 + old[4096:]
+    check_parity(d)
+
+
+def test_a_process_that_missed_an_rm_cannot_poison_the_osd_map(make_store):
+    """A reader whose view predates an rm meets the removed OSD's files gone
+    and marks it down: that must not name an OSD the pool no longer has
+    (every process would then refuse the store)."""
+    import json
+    from backend.objectstore import ObjectStore
+    from backend.osdmap import OsdMap
+    from backend.pool import load_pool
+    from backend.rebalance import rm_osd
+    d, s = make_store(osds=7)
+    s.write_full("x", b"x" * 100_000)
+    stale = OsdMap(d, load_pool(d))           # loaded before the rm
+    rm_osd(s, 2)
+    stale.mark_down(2, "directory missing")
+    s2 = ObjectStore(d)
+    try:
+        assert 2 not in s2.osdmap.states and s2.read("x", 0, 100_000) == b"x" * 100_000
+    finally:
+        s2.close()
+    # and an osdmap.json an older view wrote naming it is read as not naming it
+    with open(os.path.join(d, "osdmap.json"), "w") as f:
+        json.dump({"down": [2], "reasons": {"2": "directory missing"}}, f)
+    s3 = ObjectStore(d)
+    try:
+        assert all(st.up for st in s3.osdmap.states.values())
+    finally:
+        s3.close()
+
+
+def test_two_commands_moving_osds_never_run_at_once(make_store):
+    """A rebuild beside an add or rm would delete the copies it makes."""
+    from backend.backfill import rebuild_osd
+    from backend.errors import Busy
+    from backend.locks import maintenance
+    from backend.rebalance import add_osd, rm_osd
+    d, s = make_store(osds=7)
+    s.write_full("x", b"x" * 100_000)
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, %r)\n"
+         "from backend.locks import maintenance\n"
+         "with maintenance(%r, 'osd rm 3'):\n"
+         "    print('held', flush=True); sys.stdin.read()" % (root, d)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for run in (lambda: rebuild_osd(s, 1), lambda: add_osd(s), lambda: rm_osd(s, 4)):
+            with pytest.raises(Busy, match=r"another command is moving or rebuilding OSDs "
+                                           r"of this store \(pid \d+: ecfs osd rm 3\)"):
+                run()
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    with maintenance(d, "outer"):             # re-entrant in one process
+        assert rm_osd(s, 4).objects >= 0
+    assert s.read("x", 0, 100_000) == b"x" * 100_000

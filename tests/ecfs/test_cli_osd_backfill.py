@@ -265,3 +265,26 @@ def test_rm_refuses_what_would_leave_too_few_osds(tmp_path):
     assert_user_error(ecfs(st, "osd", "rm", "1", check=False), "K+M=6 needs that many OSDs")
     assert_user_error(ecfs(st, "osd", "rm", "9", check=False), "no osd.9")
     assert (st / "pool.json").read_text() == before
+
+
+def test_fsck_repair_settles_an_interrupted_add_or_rm(tmp_path):
+    """fsck names an add or rm killed mid-way, and --repair settles it: an
+    add killed before its switch is dropped (the pool as before it, its
+    directory emptied), an rm killed after its switch is finished."""
+    st, img = _store(tmp_path)
+    for argv, at, ids in ((["add"], 1, list(range(6))), (["rm", "1"], 2, [0, 2, 3, 4, 5])):
+        if argv == ["rm", "1"]:
+            ecfs(st, "osd", "add")
+        p = ecfs_popen(st, "osd", *argv, env={"ECFS_CRASH_AT": str(at)},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert p.wait(120) == -signal.SIGKILL
+        out = ecfs(st, "fsck", check=False)
+        assert out.returncode == 4 and "was interrupted" in out.stdout.decode(), out.stdout
+        out = ecfs(st, "fsck", "--repair", check=False)
+        assert out.returncode == 0, out.stdout.decode()
+        assert ecfs(st, "fsck").stdout.decode().strip().endswith("clean")
+        assert [o["id"] for o in ecfs_json(st, "osd", "ls")] == (ids if at == 1 else
+                                                                  [0, 2, 3, 4, 5, 6])
+        assert ecfs_json(st, "status")["rebalance"] is None
+    assert not (st / "osd.1").exists()
+    assert _export(st, tmp_path) == img
