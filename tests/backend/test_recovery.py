@@ -342,18 +342,41 @@ def _all_placed(s):
                 assert s.osdmap.place(sf.unescape_name(name), s.width)[shard] == o, (o, f)
 
 
+def _filled(make_store, prefix, osds):
+    """A store of ``osds`` OSDs with 24 objects of 128 KiB, and where
+    placement puts their shards now."""
+    from backend.placement import place
+    d, s = make_store(osds=osds, min_size=5)
+    names = [f"{prefix}{i}" for i in range(24)]
+    for n in names:
+        s.write_full(n, bytes([1 + names.index(n)]) * (128 << 10))
+    return d, s, names, {n: place(n, 6, tuple(range(osds))) for n in names}
+
+
+def _check_whole(d, s, names, writes):
+    """Every shard where placement puts it, parity right, and every byte
+    the writer wrote readable with two OSDs gone."""
+    from backend.objectstore import ObjectStore
+    _all_placed(s)
+    want = _expected(names, writes)
+    check_parity(d)
+    s2 = ObjectStore(d)
+    try:
+        for o in (0, 1):
+            s2.osdmap.mark_down(o, "test")
+        for n in names:
+            assert s2.read(n, 0, 128 << 10) == bytes(want[n]), n
+    finally:
+        s2.close()
+
+
 def test_removed_osds_drain_while_another_process_writes(make_store):
     """osd rm, twice, under a writer in another process: exactly the removed
     OSD's shards move (each copied before the switch, so no object is ever
     short of one), nothing is lost, and two more OSDs may then fail."""
-    from backend.objectstore import ObjectStore
     from backend.placement import place
     from backend.rebalance import rm_osd
-    d, s = make_store(osds=8, min_size=5)
-    names = [f"r{i}" for i in range(24)]
-    for n in names:
-        s.write_full(n, bytes([1 + names.index(n)]) * (128 << 10))
-    before = {n: place(n, 6, tuple(range(8))) for n in names}
+    d, s, names, before = _filled(make_store, "r", 8)
     p = _writer(d, names)
     try:
         res = rm_osd(s, 3)
@@ -373,19 +396,9 @@ def test_removed_osds_drain_while_another_process_writes(make_store):
             p.wait()
     assert not os.path.exists(os.path.join(d, "osd.3")) and not os.path.exists(
         os.path.join(d, "osd.6"))
-    _all_placed(s)
-    want = _expected(names, writes)
-    check_parity(d)
     from backend.pool import load_pool
     assert load_pool(d).format_version == 2
-    s2 = ObjectStore(d)
-    try:
-        for o in (0, 1):
-            s2.osdmap.mark_down(o, "test")
-        for n in names:
-            assert s2.read(n, 0, 128 << 10) == bytes(want[n]), n
-    finally:
-        s2.close()
+    _check_whole(d, s, names, writes)
 
 
 def test_rm_refuses_below_k_plus_m_and_with_an_osd_down(make_store):
@@ -431,14 +444,9 @@ def test_an_added_osd_takes_its_shards_while_another_process_writes(make_store, 
     OSD, each copied before the switch; another process writing throughout
     loses nothing, no shard is left where placement no longer puts it, and
     the new OSD carries its weight when two others are gone."""
-    from backend.objectstore import ObjectStore
     from backend.placement import place
     from backend.rebalance import add_osd
-    d, s = make_store(min_size=5)
-    names = [f"g{i}" for i in range(24)]
-    for n in names:
-        s.write_full(n, bytes([1 + names.index(n)]) * (128 << 10))
-    before = {n: place(n, 6, tuple(range(6))) for n in names}
+    d, s, names, before = _filled(make_store, "g", 6)
     p = _writer(d, names)
     try:
         res = add_osd(s, str(tmp_path / "osd6"))
@@ -453,17 +461,7 @@ def test_an_added_osd_takes_its_shards_while_another_process_writes(make_store, 
     assert 0 < moved < len(names) * 6 // 2 and moved <= res.shards
     assert all(b == a or b == 6 for n in names for a, b in zip(before[n], after[n]))
     assert moved <= res.misplaced <= 2 * moved   # each moved shard's sidecar, and its data file
-    _all_placed(s)
-    want = _expected(names, writes)
-    check_parity(d)
-    s2 = ObjectStore(d)
-    try:
-        for o in (0, 1):
-            s2.osdmap.mark_down(o, "test")
-        for n in names:
-            assert s2.read(n, 0, 128 << 10) == bytes(want[n]), n
-    finally:
-        s2.close()
+    _check_whole(d, s, names, writes)
 
 
 _PAUSED_WRITER = """
