@@ -62,6 +62,7 @@ _NAME = struct.Struct("<H")
 _VERSION = struct.Struct("<Q")
 
 OP_WRITE, OP_TRUNCATE, OP_UNLINK, OP_PUNCH = 1, 2, 3, 4
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 PUNCH_LEN = struct.Struct("<Q")     # OP_PUNCH data: the length of the hole
 
 
@@ -82,19 +83,27 @@ class Record:
     version: int | None = None    # None: read from a format-1 journal
 
 
-def encode_record(rec: Record) -> bytes:
+def record_parts(rec: Record) -> list:
+    """The record's bytes as a list of buffers, its header first: written
+    with one writev, never joined (a flush's record holds every page it
+    writes: joining was a copy of all of them)."""
     nb = rec.name.encode()
-    parts = [_VERSION.pack(rec.version or 0)]
-    parts.append(_NAME.pack(len(nb)))
-    parts.append(nb)
-    parts.append(_NAME.pack(len(rec.ops)))
+    parts = [_VERSION.pack(rec.version or 0), _NAME.pack(len(nb)), nb,
+             _NAME.pack(len(rec.ops))]
     for op in rec.ops:
         pb = op.path.encode()
         parts.append(_OP.pack(op.type, op.osd, len(pb), op.offset, len(op.data)))
         parts.append(pb)
         parts.append(op.data)
-    payload = b"".join(parts)
-    return _REC.pack(b"JREC", len(payload), _crc32c.crc32c(payload), rec.slot) + payload
+    crc, n = 0, 0
+    for p in parts:
+        crc = _crc32c.crc32c(p, crc)
+        n += len(p)
+    return [_REC.pack(b"JREC", n, crc, rec.slot)] + parts
+
+
+def encode_record(rec: Record) -> bytes:
+    return b"".join(record_parts(rec))
 
 
 def decode_payload(slot: int, payload: memoryview, fmt: int = FORMAT) -> Record:
@@ -161,11 +170,15 @@ class Journal:
         if self.format != FORMAT:
             raise StoreError(f"journal {self.path} is format {self.format} with records "
                              f"still in it: open the store alone once to replay it")
-        blob = encode_record(rec)
-        # One write() with O_APPEND: the kernel places it whole at the end,
-        # even with other processes appending.
-        n = os.write(self.fd, blob)
-        if n != len(blob):
+        parts = record_parts(rec)
+        size = sum(len(p) for p in parts)
+        # One write call with O_APPEND: the kernel places it whole at the
+        # end, even with other processes appending.
+        if len(parts) <= _IOV_MAX:
+            n = os.writev(self.fd, parts)
+        else:
+            n = os.write(self.fd, b"".join(parts))
+        if n != size:
             raise OSError("journal: short write")
         with self._cond:
             self._appended += 1
