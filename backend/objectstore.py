@@ -2179,7 +2179,9 @@ def _page_ops(osd: int, path: str, p0: int, buf: np.ndarray, crcs: np.ndarray,
         if zero[a]:
             ops.append(FileOp(OP_PUNCH, osd, path, lo, PUNCH_LEN.pack(hi - lo)))
         else:
-            ops.append(FileOp(OP_WRITE, osd, path, lo, buf[a * PAGE:hi - p0 * PAGE].tobytes()))
+            # a view of the window, not a copy: nothing changes the window
+            # once its ops are built, and the ops keep it alive
+            ops.append(FileOp(OP_WRITE, osd, path, lo, memoryview(buf[a * PAGE:hi - p0 * PAGE])))
     return ops
 
 
