@@ -172,37 +172,45 @@ class StoreLocks:
                 os.close(fd)
 
 
-_maint_held: dict[str, int] = {}
+_maint_held: dict[str, list] = {}      # store -> [thread ident, depth, fd]
 _maint_mutex = threading.Lock()
 
 
 @contextmanager
 def maintenance(store_dir: str, what: str):
     """Hold the store's maintenance lock for ``what`` (see the module
-    docstring), or raise Busy naming the command that holds it."""
+    docstring), or raise Busy naming the command that holds it. Re-entrant
+    in the thread that holds it; another thread of the process is refused
+    as another process would be."""
     key = os.path.realpath(store_dir)
+    me = threading.get_ident()
     with _maint_mutex:
-        if key in _maint_held:
-            _maint_held[key] += 1
-            fd = None
+        held = _maint_held.get(key)
+        if held is not None:
+            if held[0] != me:
+                raise Busy(f"'{what}' must wait: another thread of this process is moving "
+                           f"or rebuilding OSDs of this store")
+            held[1] += 1
         else:
             fd = os.open(os.path.join(store_dir, "maint.lock"), os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "?"
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "?"
+                    raise Busy(f"'{what}' must wait: another command is moving or rebuilding "
+                               f"OSDs of this store ({holder}); wait for it to end") from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()}: ecfs {what}\n".encode(), 0)
+            except BaseException:
                 os.close(fd)
-                raise Busy(f"'{what}' must wait: another command is moving or rebuilding "
-                           f"OSDs of this store ({holder}); wait for it to end") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}: ecfs {what}\n".encode(), 0)
-            _maint_held[key] = 1
+                raise
+            _maint_held[key] = held = [me, 1, fd]
     try:
         yield
     finally:
         with _maint_mutex:
-            _maint_held[key] -= 1
-            if _maint_held[key] == 0:
+            held[1] -= 1
+            if held[1] == 0:
                 del _maint_held[key]
-                if fd is not None:
-                    os.close(fd)
+                os.close(held[2])

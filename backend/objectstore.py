@@ -370,8 +370,11 @@ class ObjectStore:
     def list(self, prefix: str = "") -> list[str]:
         """Object names (sorted), gathered from the info shards' sidecars."""
         names = set()
+        paths = self.osdmap.paths
         for osd in self.osdmap.up_ids():
-            root = os.path.join(self.osdmap.paths[osd], "objects")
+            if osd not in paths:
+                continue                 # (another thread's newer map: not listed now)
+            root = os.path.join(paths[osd], "objects")
             for sub in _listdir(root):
                 d = os.path.join(root, sub)
                 for f in _listdir(d):
@@ -494,8 +497,10 @@ class ObjectStore:
         self.states.clear()
         self.seq.close()
         self.missed.close()
-        for fd in self._osd_fds.values():
-            os.close(fd)
+        with self._osd_fd_lock:
+            for fd in self._osd_fds.values():
+                os.close(fd)
+            self._osd_fds.clear()
         os.close(self._clients_fd)
 
     def __enter__(self):
@@ -639,27 +644,39 @@ class ObjectStore:
         journal holds writes for them (``touched()``: the OSDs it does)."""
         by_dev: dict[int, list[int]] = {}
         failed: dict[int, str] = {}
-        with self._osd_fd_lock:
-            for osd in [o for o in self._osd_fds if o not in self.osdmap.paths]:
-                os.close(self._osd_fds.pop(osd))     # removed ('osd rm'): let its disk go
-                self._osd_ident.pop(osd, None)
-        for osd in osds:
-            fd = self._osd_fds.get(osd)
-            if fd is None:
-                try:            # back since open: errors from now on are seen
-                    fd = self._osd_fds[osd] = os.open(self.osdmap.paths[osd],
-                                                      os.O_RDONLY | os.O_DIRECTORY)
-                except OSError:
-                    if osd in touched():
-                        failed[osd] = "unreachable at checkpoint"
-                    continue
-            by_dev.setdefault(os.fstat(fd).st_dev, []).append(osd)
-        for group in by_dev.values():
-            try:
-                syncfs(self._osd_fds[group[0]])
-            except OSError as e:
-                for osd in group:
-                    failed[osd] = f"writeback failed: {e.strerror or e}"
+        dups: dict[int, int] = {}
+        try:
+            with self._osd_fd_lock:
+                for osd in [o for o in self._osd_fds if o not in self.osdmap.paths]:
+                    os.close(self._osd_fds.pop(osd))     # removed ('osd rm'): let its disk go
+                    self._osd_ident.pop(osd, None)
+                for osd in osds:
+                    fd = self._osd_fds.get(osd)
+                    path = self.osdmap.paths.get(osd)
+                    try:
+                        if fd is None:      # back since open: errors from now on are seen
+                            if path is None:
+                                raise FileNotFoundError(errno.ENOENT, "not in the pool")
+                            fd = self._osd_fds[osd] = os.open(path,
+                                                              os.O_RDONLY | os.O_DIRECTORY)
+                        # a dup shares the open file, and so its writeback
+                        # error mark: a load following a remount may swap
+                        # and close the kept fd while this one syncs
+                        dups[osd] = os.dup(fd)
+                    except OSError:
+                        if osd in touched():
+                            failed[osd] = "unreachable at checkpoint"
+            for osd, fd in dups.items():
+                by_dev.setdefault(os.fstat(fd).st_dev, []).append(osd)
+            for group in by_dev.values():
+                try:
+                    syncfs(dups[group[0]])
+                except OSError as e:
+                    for osd in group:
+                        failed[osd] = f"writeback failed: {e.strerror or e}"
+        finally:
+            for fd in dups.values():
+                os.close(fd)
         return failed
 
     # ----------------------------------------------------------- object view
@@ -881,7 +898,9 @@ class ObjectStore:
         return u
 
     def _abs(self, obj: _Obj, i: int) -> tuple[str, str]:
-        d = self.osdmap.paths[obj.loc[i]]
+        d = self.osdmap.paths.get(obj.loc[i])
+        if d is None:     # taken out ('osd rm') since this view was loaded: as gone
+            raise FileNotFoundError(errno.ENOENT, f"osd.{obj.loc[i]} is not in the pool")
         rd, rm = sf.rel_paths(obj.name, i)
         return os.path.join(d, rd), os.path.join(d, rm)
 
@@ -889,7 +908,7 @@ class ObjectStore:
         why = f"I/O error: {e.strerror or e}"
         if self.readonly:      # a read-only view writes nothing, the OSD map included
             from .osdmap import OsdState
-            self.osdmap.states[osd] = OsdState(osd, self.osdmap.paths[osd], False, why)
+            self.osdmap.states[osd] = OsdState(osd, self.osdmap.paths.get(osd, ""), False, why)
             return
         self.osdmap.mark_down(osd, why)
 
@@ -1934,7 +1953,10 @@ class ObjectStore:
         fd = table.get(i)
         if fd is not None:
             return fd
-        path = os.path.join(self.osdmap.paths[st.loc[i]], sf.rel_paths(st.name, i)[meta])
+        root = self.osdmap.paths.get(st.loc[i])
+        if root is None:
+            return None
+        path = os.path.join(root, sf.rel_paths(st.name, i)[meta])
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
         except OSError:

@@ -52,8 +52,9 @@ class OsdMap:
         self.paths = {e.id: osd_abspath(store, e) for e in pool.osds}
         self._stamp_paths = (self._mapfile(), os.path.join(store, "missed"),
                              os.path.join(store, "pool.json"))
-        self.ids = tuple(sorted(self.paths))
-        self.removed = tuple(pool.removed)
+        # (live ids, removed ids): one attribute, so placement never pairs
+        # the ids of one pool.json with the removed ids of another
+        self._layout = (tuple(sorted(self.paths)), tuple(pool.removed))
         self.generation = 0      # counts changes of the states (a write planned on an
         self.states = {}         # older generation is planned again: objectstore)
         self.refresh()
@@ -61,8 +62,20 @@ class OsdMap:
     def _mapfile(self) -> str:
         return os.path.join(self.store, "osdmap.json")
 
-    def _read_map(self) -> tuple[set[int], dict[str, str], set[int]]:
-        """(ids marked down, reasons, ids recovering) from osdmap.json, checked."""
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return self._layout[0]
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        return self._layout[1]
+
+    def _read_map(self, live=None, removed=None) -> tuple[set[int], dict[str, str], set[int]]:
+        """(ids marked down, reasons, ids recovering) from osdmap.json,
+        checked against the pool's ``live`` and ``removed`` ids (default:
+        this map's)."""
+        live = set(self.paths) if live is None else set(live)
+        gone = set(self.removed if removed is None else removed)
         path = self._mapfile()
         try:
             with open(path) as f:
@@ -84,22 +97,18 @@ class OsdMap:
                            for k, v in reasons.items()):
             raise StoreError(f"{path} is damaged: expected "
                              f"{{\"down\": [ids], \"reasons\": {{\"id\": \"why\"}}}}")
-        named = set(down) | set(rec) | {int(k) for k in reasons}
-        if named - set(self.paths):
-            self._reload_paths()         # 'osd add' or 'rm' by another process
         # a process whose map predates an 'osd rm' may have marked the
         # removed OSD down: that entry means nothing now
-        gone = set(self.removed)
         down, rec = [i for i in down if i not in gone], [i for i in rec if i not in gone]
         reasons = {k: v for k, v in reasons.items() if int(k) not in gone}
-        unknown = sorted((set(down) | set(rec) | {int(k) for k in reasons}) - set(self.paths))
+        unknown = sorted((set(down) | set(rec) | {int(k) for k in reasons}) - live)
         if unknown:
             raise StoreError(f"{path} is damaged: it names osd.{unknown[0]}, "
                              f"which this store does not have")
         return set(down), dict(reasons), set(rec)
 
-    def _admin_down(self) -> tuple[dict[int, str], set[int]]:
-        down, reasons, rec = self._read_map()
+    def _admin_down(self, live, removed) -> tuple[dict[int, str], set[int]]:
+        down, reasons, rec = self._read_map(live, removed)
         return {int(k): v for k, v in reasons.items()} | \
             {i: reasons.get(str(i), "marked down") for i in down}, rec
 
@@ -123,11 +132,15 @@ class OsdMap:
             self.refresh()
 
     def refresh(self) -> None:
+        """Read the map again. Everything is computed first and then
+        published together, the generation last: a reader that took the
+        generation before sees its view go stale; one that took it after
+        sees paths, placement and states of the same pool.json."""
         self._seen = self._stamp()
-        self._reload_paths()
-        admin, recovering = self._admin_down()
+        paths, layout = self._load_paths()
+        admin, recovering = self._admin_down(paths, layout[1])
         states = {}
-        for i, p in self.paths.items():
+        for i, p in paths.items():
             why = self.check_dir(i, p) if i not in admin or i in recovering else ""
             if i in recovering and not why:
                 states[i] = OsdState(i, p, False, f"recovering ('ecfs osd up {i}' under way)",
@@ -143,28 +156,27 @@ class OsdMap:
                 states[i] = OsdState(i, states[i].path, False,
                                      f"behind: missed writes to recover (run 'ecfs osd up {i}')")
         with self._lock:
-            if states != self.states:
+            changed = states != self.states or layout != self._layout
+            # new dicts, never ones changed in place: other threads iterate them
+            self.paths, self._layout, self.states = paths, layout, states
+            if changed:
                 self.generation += 1
-            self.states = states
 
-    def _reload_paths(self) -> None:
-        """Follow 'ecfs osd replace', 'add' and 'rm' by another process: an
-        OSD's directory may have moved, an OSD been added or removed
-        (``ids`` and ``removed`` feed placement)."""
+    def _load_paths(self) -> tuple[dict[int, str], tuple]:
+        """The pool's OSD directories and (live ids, removed ids) as
+        pool.json has them now ('ecfs osd replace', 'add' and 'rm' by
+        another process), without publishing them."""
         try:
             pool = load_pool(self.store)
         except EcfsError:
-            return            # damaged now: keep what was read; the next open says so
-        new = {e.id: osd_abspath(self.store, e) for e in pool.osds}
-        if new != self.paths:
-            # a new dict, never one changed in place: other threads iterate it
-            self.paths = new
-            self.ids = tuple(sorted(new))
-        self.removed = tuple(pool.removed)
+            return self.paths, self._layout   # damaged now: the next open says so
+        paths = {e.id: osd_abspath(self.store, e) for e in pool.osds}
+        return paths, (tuple(sorted(paths)), tuple(pool.removed))
 
     def place(self, name: str, width: int) -> list[int]:
         """The OSD of each shard of ``name`` on this map (backend/placement.py)."""
-        return place(name, width, self.ids, self.removed)
+        ids, removed = self._layout
+        return place(name, width, ids, removed)
 
     def check_dir(self, i: int, p: str) -> str:
         """Why OSD directory ``p`` cannot serve as osd.i ('' if it can)."""
@@ -191,28 +203,34 @@ class OsdMap:
             return "objects/ missing"
         return ""
 
+    # An id this map no longer has ('osd rm'), or not yet (a view planned
+    # on another thread's newer map), is down: a read decodes around it and
+    # a write planned with it plans again at its commit.
     def is_up(self, osd: int) -> bool:
-        return self.states[osd].up
+        st = self.states.get(osd)
+        return st is not None and st.up
 
     def is_recovering(self, osd: int) -> bool:
-        return self.states[osd].recovering
+        st = self.states.get(osd)
+        return st is not None and st.recovering
 
     def writable(self, osd: int) -> bool:
         """Up, or recovering: writes go to its current shards."""
-        st = self.states[osd]
-        return st.up or st.recovering
+        st = self.states.get(osd)
+        return st is not None and (st.up or st.recovering)
 
     def up_ids(self) -> list[int]:
         return [i for i, s in self.states.items() if s.up]
 
     def mark_down(self, osd: int, reason: str) -> None:
         """Persistently mark an OSD down (admin command or I/O failure)."""
-        if osd not in self.paths:
-            return                 # taken out by 'osd rm' since this view was loaded
         with self._lock:
-            if not self.states[osd].up and self.states[osd].reason == reason:
+            st = self.states.get(osd)
+            if st is None:
+                return             # taken out by 'osd rm' since this view was loaded
+            if not st.up and st.reason == reason:
                 return
-            self.states[osd] = OsdState(osd, self.paths[osd], False, reason)
+            self.states[osd] = OsdState(osd, st.path, False, reason)
             self.generation += 1
         self._edit(lambda down, reasons, rec: (down | {osd}, reasons | {str(osd): reason},
                                                rec - {osd}))
@@ -237,9 +255,9 @@ class OsdMap:
             raise StoreError(f"cannot update {path}: {e.strerror or e}")
         try:
             fcntl.flock(lfd, fcntl.LOCK_EX)
-            self._reload_paths()
-            down, reasons, rec = fn(*self._read_map())
-            live = set(self.paths)          # never name an OSD 'osd rm' took out
+            paths, (ids, removed) = self._load_paths()
+            down, reasons, rec = fn(*self._read_map(ids, removed))
+            live = set(ids)                 # never name an OSD 'osd rm' took out
             down, rec = {i for i in down if i in live}, {i for i in rec if i in live}
             reasons = {k: v for k, v in reasons.items() if int(k) in live}
             doc = {"down": sorted(down), "reasons": reasons}

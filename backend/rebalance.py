@@ -501,14 +501,15 @@ def finish_rm(store, osd: int) -> bool:
     return True
 
 
-def drop_unswitched_add(store, r: dict) -> None:
+def drop_unswitched_add(store, r: dict) -> bool:
     """``ecfs fsck --repair`` of an interrupted 'osd add': killed before
     its switch, its directory (not in the pool) holds copies nobody reads:
-    empty it. (After the switch only old copies are left: misplaced files.)"""
+    empty it (False). After the switch (True) only old copies are left,
+    misplaced files that ``remove_misplaced`` drops."""
     osd, path = r["osd"], r.get("path")
     pool = load_pool(store.store)
     if any(e.id == osd for e in pool.osds):
-        return
+        return True
     if path and _is_ours(path, pool.fsid, osd):
         _remove_tree(store, os.path.join(path, "objects"), None)
         os.unlink(os.path.join(path, OSD_FILE))
@@ -518,6 +519,7 @@ def drop_unswitched_add(store, r: dict) -> None:
                 os.rmdir(path)
             except OSError:
                 pass
+    return False
 
 
 def remove_misplaced(store, dry_run: bool = False) -> int:

@@ -107,8 +107,9 @@ def _check_osds(store, f: _Findings, repair: bool) -> None:
                 else f"an 'osd rm {r['osd']}'") + f" was interrupted ({r.get('phase', '')})"
         if repair:
             if r["op"] == "add":
-                drop_unswitched_add(store, r)
-                fixed = "what it copied dropped; the pool is as it was before it"
+                fixed = (f"finished: osd.{r['osd']} is in the pool"
+                         if drop_unswitched_add(store, r) else
+                         "what it copied dropped; the pool is as it was before it")
             else:
                 fixed = "finished" if finish_rm(store, r["osd"]) else \
                     "what it copied dropped; the pool is as it was before it"

@@ -592,3 +592,22 @@ def test_two_commands_moving_osds_never_run_at_once(make_store):
     with maintenance(d, "outer"):             # re-entrant in one process
         assert rm_osd(s, 4).objects >= 0
     assert s.read("x", 0, 100_000) == b"x" * 100_000
+
+
+def test_a_view_planned_on_an_older_map_meets_no_missing_key(make_store):
+    """Another thread's refresh may publish a map without an OSD a plan in
+    flight still names (or with one it does not know yet): that OSD reads
+    as down, its files as gone; nothing raises KeyError."""
+    from backend.rebalance import rm_osd
+    d, s = make_store(osds=7)
+    s.write_full("v", b"v" * 200_000)
+    old = s._load("v")
+    gone = old.loc[0]
+    rm_osd(s, gone)
+    s.osdmap.refresh()
+    assert not s.osdmap.is_up(gone) and not s.osdmap.writable(gone)
+    assert not s.osdmap.is_recovering(gone)
+    with pytest.raises(FileNotFoundError):
+        s._abs(old, 0)
+    assert s.osdmap.place("v", 6) != old.loc and gone not in s.osdmap.place("v", 6)
+    assert s.read("v", 0, 200_000) == b"v" * 200_000
