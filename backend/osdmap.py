@@ -19,6 +19,16 @@ OSD's, and log the stale ones as missed. So an object recovered stays
 current under a writer that keeps writing it, and the recovery ends
 (without this, a writer touching objects faster than they are rebuilt
 kept ``osd up`` going for ever). An I/O error or ``osd down`` ends it.
+
+The OSD set itself follows pool.json ('ecfs osd add', 'rm', 'replace' by
+any process; it is part of the change stamp). A refresh computes the
+paths, the placement ids (live and removed) and the states of one
+pool.json, publishes them together as new objects (never changed in
+place: other threads iterate them) and moves the generation last. A view
+loaded before it is stale by its generation; until it notices, an id its
+plan names that the map no longer has (or does not have yet) reads as
+down. osdmap.json never names an OSD outside the pool: ids of removed
+OSDs in it (written by a process whose map predated the rm) are ignored.
 """
 from __future__ import annotations
 
