@@ -459,14 +459,20 @@ def _empty_removed(store, osd: int, path: str | None = None) -> str | None:
         path = os.path.join(store.store, f"osd.{osd}")
     if not _is_ours(path, store.pool.fsid, osd):
         return None
-    _remove_tree(store, os.path.join(path, "objects"), store.width)
+    _drop_osd_dir(store, osd, path, store.width)
+    return path
+
+
+def _drop_osd_dir(store, osd: int, path: str, width: int | None) -> None:
+    """Empty an OSD directory of ours (``_remove_tree``), ``osd.json`` last,
+    and remove it if it is the store's own ``osd.N``."""
+    _remove_tree(store, os.path.join(path, "objects"), width)
     os.unlink(os.path.join(path, OSD_FILE))
     if os.path.realpath(path) == os.path.realpath(os.path.join(store.store, f"osd.{osd}")):
         try:
             os.rmdir(path)
         except OSError:
             pass
-    return path
 
 
 def _remove_tree(store, objects: str, width: int | None) -> None:
@@ -511,14 +517,7 @@ def drop_unswitched_add(store, r: dict) -> bool:
     if any(e.id == osd for e in pool.osds):
         return True
     if path and _is_ours(path, pool.fsid, osd):
-        _remove_tree(store, os.path.join(path, "objects"), None)
-        os.unlink(os.path.join(path, OSD_FILE))
-        if os.path.realpath(path) == os.path.realpath(os.path.join(store.store,
-                                                                   f"osd.{osd}")):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
+        _drop_osd_dir(store, osd, path, None)     # not in the pool: nobody reads it
     return False
 
 
