@@ -45,10 +45,11 @@ NAMES = (
     "cache_misses", "cache_writes", "cache_write_bytes", "cache_waits",
     "cache_flushes", "cache_flush_extents", "cache_dirty_bytes",
     "fast_reads", "state_loads", "stale_healed",
+    "page_hits", "page_cache_bytes",
 )
 # Levels, not counts: set by their process, and not carried into total.ctr
 # when it ends (a dead process holds no dirty bytes).
-GAUGES = ("cache_dirty_bytes",)
+GAUGES = ("cache_dirty_bytes", "page_cache_bytes")
 # Room to add counters without changing the file format.
 SLOTS = 64
 IDX = {n: i for i, n in enumerate(NAMES)}

@@ -999,6 +999,9 @@ class ObjectStore:
             st = self.states.pin(obj.name, obj.gen)
             if st is not None:
                 try:
+                    if self.states.get_pages(st, i, p0, p1, out):
+                        self.counters.add("page_hits")
+                        return np.zeros(n, dtype=bool)
                     done = self._read_pinned(st, i, p0, p1, out, lockless=False)
                 finally:
                     self.states.unpin(st)
@@ -1082,8 +1085,13 @@ class ObjectStore:
         except OSError:         # EAGAIN (not in memory), or an error the long way reports
             return False
         if p1 - p0 == 1:
-            return (_crc32c(out) ^ sf.ZERO_PAGE_CRC) == stored[0]
-        return bool((sf.page_crcs(out, p1 - p0) == stored).all())
+            good = (_crc32c(out) ^ sf.ZERO_PAGE_CRC) == stored[0]
+        else:
+            good = bool((sf.page_crcs(out, p1 - p0) == stored).all())
+        if good and self.states.page_budget is not None:
+            self.states.keep_pages(st, i, p0, out, seq)
+            self.counters.set("page_cache_bytes", self.states.page_bytes())
+        return good
 
     def _load_crcs(self, st: ObjState, i: int, seq: int, lockless: bool) -> np.ndarray | None:
         """Shard i's whole checksum table (as far as its extent goes), read
@@ -1132,7 +1140,7 @@ class ObjectStore:
             C = info.chunk_size
             KC = self.k * C
             pieces = []
-            reads = rbytes = 0
+            reads = rbytes = hits = 0
             pos = offset
             while pos < end:
                 s, r = divmod(pos, KC)
@@ -1146,19 +1154,22 @@ class ObjectStore:
                     lo = s * C + c
                     p0, p1 = lo // PAGE, -(-(lo + n) // PAGE)
                     buf = np.empty((p1 - p0) * PAGE, dtype=np.uint8)
-                    if not self._read_pinned(st, i, p0, p1, buf, lockless=True):
+                    if self.states.get_pages(st, i, p0, p1, buf):
+                        hits += 1
+                    elif self._read_pinned(st, i, p0, p1, buf, lockless=True):
+                        reads += 1
+                        rbytes += len(buf)
+                    else:
                         return None
                     a = lo - p0 * PAGE
                     pieces.append(buf[a:a + n])
-                    reads += 1
-                    rbytes += len(buf)
                 pos += n
             if self.seq.get(st.slot) != seq:
                 return None             # a shard file changed meanwhile
         finally:
             self.states.unpin(st)
         self.counters.add_many((("client_read_ops", 1), ("client_read_bytes", end - offset),
-                                ("fast_reads", 1),
+                                ("fast_reads", 1), ("page_hits", hits),
                                 ("read_shard_reads", reads), ("shard_reads", reads),
                                 ("shard_read_bytes", rbytes)))
         return pieces[0].tobytes() if len(pieces) == 1 else np.concatenate(pieces).tobytes()
@@ -1831,6 +1842,8 @@ class ObjectStore:
                 else:
                     self.states.drop(rec.name)
                 self.states.unpin(st)
+                if self.states.page_budget is not None:
+                    self.counters.set("page_cache_bytes", self.states.page_bytes())
             if self.seq:
                 self.seq.end(rec.slot)
 
@@ -1917,6 +1930,7 @@ class ObjectStore:
                 continue
             i, meta = shard
             if not meta:
+                self._follow_pages(st, i, op)
                 continue
             if op.type == OP_WRITE:
                 if op.offset == 0:
@@ -1943,6 +1957,28 @@ class ObjectStore:
         self._judge(obj, hdrs)
         st.hdrs, st.info, st.usable = hdrs, obj.info, obj.usable
         st.absent, st.bad_header = obj.absent, obj.bad_header
+
+    def _follow_pages(self, st: ObjState, i: int, op: FileOp) -> None:
+        """The kept pages of shard i after ``op`` on its data file: whole
+        pages written are kept (what a later overwrite's plan would read:
+        the old data and parity), anything else the op touched is
+        forgotten."""
+        if op.osd != st.loc[i] or op.type == OP_UNLINK:
+            self.states.drop_pages(st, i)
+        elif op.type == OP_WRITE:
+            p0, n = op.offset // PAGE, len(op.data) // PAGE
+            if op.offset % PAGE:
+                self.states.drop_pages(st, i, p0, -(-(op.offset + len(op.data)) // PAGE))
+                return
+            if n:
+                self.states.set_pages(st, i, p0, op.data[:n * PAGE])
+            if len(op.data) % PAGE:     # a page cut at the shard's end: not kept
+                self.states.drop_pages(st, i, p0 + n, p0 + n + 1)
+        elif op.type == OP_TRUNCATE:
+            self.states.drop_pages(st, i, op.offset // PAGE)
+        else:                           # a hole punched
+            self.states.drop_pages(st, i, op.offset // PAGE,
+                                   -(-(op.offset + PUNCH_LEN.unpack(op.data)[0]) // PAGE))
 
     def _kept_fd(self, st: ObjState, i: int, meta: bool, create: bool = False) -> int | None:
         """Shard i's data file (or sidecar) of the pinned state ``st``,

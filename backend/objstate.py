@@ -56,6 +56,31 @@ generation, so no state kept from before is used. It also unlinks, on up
 OSDs, shard files an 'osd add' moved away: the add changed the generation
 and placement first, so no state kept since holds them.)
 
+Kept pages
+----------
+A state may also keep shard pages (``pages``: (shard, page) -> 4 KiB),
+data and parity alike, under the same validity as its checksum tables:
+
+=================  ====================================================
+event              kept pages
+=================  ====================================================
+this process       the whole pages it wrote are kept (runs up to
+applies a write    MAX_KEPT_RUN: longer ones are streams); pages it cut,
+                   punched, truncated or unlinked are forgotten (follow)
+a verified read    the pages read are kept, if the counter has not moved
+                   since before the read (keep_pages)
+stale, dropped     gone with the state
+over the budget    the least recently used states' pages go first
+                   (``page_budget()``: none kept while it is None)
+=================  ====================================================
+
+So a later overwrite of a page whose old data and parity pages are kept
+plans with 0 shard reads (parity delta from the kept pages), and a read of
+kept pages is 0 shard reads. The budget is set by the stripe cache in
+front (backend/stripecache.py): what its dirty bytes leave of its
+capacity. A kept page is trusted as read: bytes flipped on disk under it
+are found by the next read from disk or a scrub, not by a read it serves.
+
 What the counter cannot see is a shard file changed by hand, outside ecfs.
 Bytes flipped or lost still fail their page checksum on every read (kept
 tables are the stored ones), and a failed check always goes the long way,
@@ -71,6 +96,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -78,6 +104,7 @@ from . import shardfile as sf
 from .locks import SLOTS
 
 SEQ_FILE = "seq"
+MAX_KEPT_RUN = 64 * sf.PAGE     # longer runs of pages written or read are not kept
 _SEQ_BYTES = SLOTS * 4
 
 
@@ -138,6 +165,7 @@ class ObjState:
     fds: dict[int, int] = field(default_factory=dict)     # shard -> data file fd
     mfds: dict[int, int] = field(default_factory=dict)    # shard -> sidecar fd
     crcs: dict[int, np.ndarray] = field(default_factory=dict)   # shard -> checksum table
+    pages: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (shard, page) -> bytes
     retired: list[int] = field(default_factory=list)   # fds of unlinked files, to close
     pins: int = 0            # users of its fds now: they are closed when it drops to 0
     dead: bool = False       # dropped from the cache
@@ -159,6 +187,8 @@ class StateCache:
         self._lock = threading.Lock()
         self._d: OrderedDict[str, ObjState] = OrderedDict()
         self._fds = 0            # fds held by entries in _d
+        self._pages = 0          # page bytes held by entries in _d
+        self.page_budget: Callable[[], int] | None = None   # None: no pages kept
         self._gen: int | None = None     # the OSD map generation of the entries
 
     def pin(self, name: str, gen: int) -> ObjState | None:
@@ -234,6 +264,78 @@ class StateCache:
                 return
             st.seq = (seq0 + 2) & 0xFFFFFFFF
 
+    # ------------------------------------------------------------ pages
+    def get_pages(self, st: ObjState, i: int, p0: int, p1: int, out: np.ndarray) -> bool:
+        """Copy shard i's pages [p0, p1) into ``out`` if all are kept (the
+        caller pins ``st`` and judges validity as for its fds: a page is
+        kept only while the state is). No lock: a kept page is replaced,
+        never changed, and only under the commit counter's odd phase."""
+        pages = st.pages
+        if not pages:
+            return False
+        got = [pages.get((i, p)) for p in range(p0, p1)]
+        if None in got:
+            return False
+        for n, page in enumerate(got):
+            out[n * sf.PAGE:(n + 1) * sf.PAGE] = np.frombuffer(page, dtype=np.uint8)
+        return True
+
+    def keep_pages(self, st: ObjState, i: int, p0: int, buf, seq: int) -> None:
+        """Keep shard i's pages from p0 (``buf``: whole pages, verified),
+        read with the counter at ``seq`` before and after, if it has still
+        not moved."""
+        with self._lock:
+            if self.seq.get(st.slot) == seq == st.seq and not st.dead:
+                self.set_pages(st, i, p0, buf)
+
+    def set_pages(self, st: ObjState, i: int, p0: int, buf) -> None:
+        """(under the lock: keep_pages, or follow's change) Shard i's pages
+        from p0 now hold ``buf`` (whole pages)."""
+        if self.page_budget is None or len(buf) > MAX_KEPT_RUN:
+            # (a long run is a stream: keeping it would push out the small
+            # writes' pages, the ones a later overwrite reads)
+            self.drop_pages(st, i, p0, p0 + len(buf) // sf.PAGE)
+            return
+        mv = memoryview(buf).cast("B")
+        pages, grown = st.pages, 0
+        for n in range(len(mv) // sf.PAGE):
+            key = (i, p0 + n)
+            grown -= sf.PAGE if key in pages else 0
+            pages[key] = bytes(mv[n * sf.PAGE:(n + 1) * sf.PAGE])
+            grown += sf.PAGE
+        if not st.dead:
+            self._pages += grown
+            self._trim_pages(st)
+
+    def drop_pages(self, st: ObjState, i: int, p0: int = 0, p1: int | None = None) -> None:
+        """(under the lock) Forget shard i's kept pages in [p0, p1)."""
+        if not st.pages:
+            return
+        keys = [k for k in st.pages if k[0] == i and k[1] >= p0 and (p1 is None or k[1] < p1)]
+        for k in keys:
+            del st.pages[k]
+        if not st.dead:
+            self._pages -= len(keys) * sf.PAGE
+
+    def page_bytes(self) -> int:
+        return self._pages
+
+    def _trim_pages(self, keep: ObjState) -> None:
+        """Within the budget: the pages of the least recently used states
+        go first, then the oldest of ``keep``'s own."""
+        budget = self.page_budget() if self.page_budget is not None else 0
+        if self._pages <= budget:
+            return
+        for st in list(self._d.values()):
+            if self._pages <= budget:
+                return
+            if st is not keep and st.pages:
+                self._pages -= len(st.pages) * sf.PAGE
+                st.pages = {}
+        while self._pages > budget and keep.pages:
+            del keep.pages[next(iter(keep.pages))]
+            self._pages -= sf.PAGE
+
     def drop(self, name: str) -> None:
         with self._lock:
             st = self._d.get(name)
@@ -280,6 +382,8 @@ class StateCache:
         del self._d[st.name]
         st.dead = True
         self._fds -= len(st.fds) + len(st.mfds)
+        self._pages -= len(st.pages) * sf.PAGE
+        st.pages = {}
         if not st.pins:
             self._close(st)
 

@@ -57,8 +57,14 @@ Crash safety is the store's: each flushed extent is one atomic store write,
 so a crash loses at most writes no completed ``flush`` covered, and never
 leaves a stripe whose parity disagrees with its data.
 
-Not yet here (issue 11): parity pages and clean data kept for reads, one
-journal record per flush batch, and readahead.
+Clean pages (data and parity) are kept by the store below, in its object
+states (backend/objstate.py, "Kept pages"), within what the dirty bytes
+leave of the capacity (at least an eighth of it): an overwrite of a page
+whose old data and parity are kept flushes with 0 shard reads, and a read
+of kept pages reads no shard.
+
+Not yet here (issue 11): one journal record per flush batch of many
+objects, and readahead.
 """
 from __future__ import annotations
 
@@ -108,6 +114,12 @@ class StripeCache:
         self._waiting = 0                  # writers waiting for room
         self._stall: EcfsError | None = None   # a flush pass freed nothing and failed
         self._closed = False
+        states = getattr(store, "states", None)
+        if states is not None:
+            # clean pages (data and parity, kept by the store's object
+            # states) use what dirty bytes leave of the capacity, at least
+            # an eighth of it: a flush's own pages stay for the next one
+            states.page_budget = lambda: max(capacity // 8, capacity - self._bytes)
         self._pool = ThreadPoolExecutor(FLUSH_THREADS, thread_name_prefix="ecfs-flush")
         self._flusher = threading.Thread(target=self._flush_loop, name="ecfs-flusher",
                                          daemon=True)
@@ -324,7 +336,10 @@ class StripeCache:
         that failed or was dropped since the last flush) is raised."""
         with self._cv:
             names = [n for n in self._objs if n.startswith(prefix)]
-        errs = list(self._pool.map(self._flush_one, names))
+        if len(names) > 1:
+            errs = list(self._pool.map(self._flush_one, names))
+        else:       # (an fsync after one write: no hop to a flush thread)
+            errs = [self._flush_one(n) for n in names]
         self.lower.flush()
         with self._cv:
             for n in names:

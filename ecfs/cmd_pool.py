@@ -220,6 +220,8 @@ def cmd_status(args) -> int:
         print(f"cache:   {format_size(ctr['cache_dirty_bytes'])} dirty now; "
               f"{ctr['cache_writes']} writes absorbed, {ctr['cache_flushes']} object flushes, "
               f"{ctr['cache_hits']} read hits, {ctr['cache_waits']} waits for room")
+        print(f"         {format_size(ctr['page_cache_bytes'])} of clean pages kept now; "
+              f"{ctr['page_hits']} shard reads saved by them")
     if not getattr(args, "verbose", False):
         return 0
     print()

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from backend.errors import Fenced, NoSpace
+from backend.objectstore import ObjectStore
 from backend.stripecache import StripeCache
 
 from ..waiting import wait_for
@@ -28,6 +29,15 @@ def cached(make_store):
     c.close()
 
 
+def _on_disk(d, offset, length):
+    """What a store opened afresh reads (no kept state, no kept pages)."""
+    fresh = ObjectStore(d)
+    try:
+        return fresh.read(OBJ, offset, length)
+    finally:
+        fresh.close()
+
+
 def _fill(s, n=4 << 20):
     data = bytearray(os.urandom(n))
     s.write(OBJ, 0, bytes(data))
@@ -41,7 +51,7 @@ def test_write_returns_before_the_store_sees_it_and_flush_makes_it_durable(cache
     n = counted(s, lambda: c.write(OBJ, 8192, new))
     assert n["shard_writes"] == n["journal_records"] == n["fsyncs"] == 0
     assert n["cache_writes"] == 1 and s.counters.snapshot()["cache_dirty_bytes"] == 4096
-    assert s.read(OBJ, 8192, 4096) == bytes(data[8192:12288])     # not yet
+    assert _on_disk(d, 8192, 4096) == bytes(data[8192:12288])     # not yet
     n = counted(s, lambda: c.flush(P))
     data[8192:12288] = new
     assert s.read(OBJ, 0, len(data)) == bytes(data)
@@ -120,6 +130,96 @@ def test_sequential_4k_writes_filling_a_stripe_flush_as_a_full_stripe_write(cach
         == (0, K + M, 1), n
     assert s.read(OBJ, 0, len(data)) == bytes(data)
     check_parity(d)
+
+
+def test_an_overwrite_of_a_stripe_whose_pages_and_parity_are_cached_reads_nothing(cached):
+    d, s, c = cached
+    data = _fill(s)
+    for n in range(3):
+        piece = os.urandom(4096)
+        c.write(OBJ, 5 * STRIPE + 2 * C + 8192, piece)
+        got = counted(s, lambda: c.flush(P))
+        data[5 * STRIPE + 2 * C + 8192:5 * STRIPE + 2 * C + 12288] = piece
+        # the first flush reads the old data page and 2 parity pages; it
+        # keeps what it wrote, so the next ones read nothing
+        assert (got["shard_reads"], got["shard_writes"]) == ((3, 3) if n == 0 else (0, 3)), got
+    assert got["page_hits"] == 3
+    # a read of the page: 0 shard reads
+    back = []
+    got = counted(s, lambda: back.append(c.read(OBJ, 5 * STRIPE + 2 * C + 8192, 4096)))
+    assert back[0] == piece and got["shard_reads"] == 0 and got["page_hits"] == 1, got
+    assert _on_disk(d, 0, len(data)) == bytes(data)
+    check_parity(d)
+
+
+def test_a_stripe_written_whole_is_kept_whole_and_any_page_of_it_overwrites_with_0_reads(cached):
+    d, s, c = cached
+    data = _fill(s)
+    new = os.urandom(STRIPE)
+    for off in range(0, STRIPE, 4096):
+        c.write(OBJ, 7 * STRIPE + off, new[off:off + 4096])
+    got = counted(s, lambda: c.flush(P))
+    assert (got["shard_reads"], got["shard_writes"]) == (0, K + M), got
+    data[7 * STRIPE:8 * STRIPE] = new
+    for off in (100, C + 4096, 3 * C + C - 4096):
+        piece = os.urandom(4096)
+        c.write(OBJ, 7 * STRIPE + off, piece)
+        data[7 * STRIPE + off:7 * STRIPE + off + 4096] = piece
+        got = counted(s, lambda: c.flush(P))
+        # (4 KiB straddling two pages: one 2-page write per shard)
+        assert (got["shard_reads"], got["shard_writes"]) == (0, 3), (off, got)
+        assert got["page_hits"] == 3, got
+    assert c.read(OBJ, 0, len(data)) == bytes(data)
+    check_parity(d)
+
+
+def test_kept_pages_are_not_trusted_after_another_process_writes_the_object(cached):
+    d, s, c = cached
+    data = _fill(s)
+    at = 9 * STRIPE + C
+    c.write(OBJ, at, b"a" * 4096)
+    c.flush(P)
+    assert counted(s, lambda: c.read(OBJ, at, 4096))["shard_reads"] == 0
+    other = ObjectStore(d)
+    try:
+        other.write(OBJ, at, b"b" * 4096)
+    finally:
+        other.close()
+    got = []
+    n = counted(s, lambda: got.append(c.read(OBJ, at, 4096)))
+    assert got[0] == b"b" * 4096 and n["page_hits"] == 0 and n["shard_reads"] == 1, n
+    # an overwrite plans on what is on disk: the old page and parity read again
+    c.write(OBJ, at + 4096, b"c" * 4096)
+    c.write(OBJ, at, b"d" * 4096)
+    c.flush(P)
+    data[at:at + 8192] = b"d" * 4096 + b"c" * 4096
+    assert c.read(OBJ, 0, len(data)) == bytes(data)
+    check_parity(d)
+
+
+def test_kept_pages_stay_within_what_dirty_bytes_leave_of_the_capacity(make_store):
+    d, s = make_store(k=K, m=M, chunk_size=C, write_mode="delta")
+    c = StripeCache(s, 1 << 20, max_age=3600)
+    try:
+        c.set_writeback(P, True)
+        for o in range(3):
+            s.write(P + str(o), 0, os.urandom(4 << 20))
+        rng = random.Random(4)
+        peak = 0
+        for _ in range(150):            # 150 x (1 data + 2 parity pages) kept: 1.8 MiB
+            c.write(P + str(rng.randrange(3)), rng.randrange(1024) * 4096, os.urandom(4096))
+            c.flush(P)
+            peak = max(peak, s.states.page_bytes())
+        assert (1 << 20) - 12288 < peak <= 1 << 20
+        assert s.counters.snapshot()["page_cache_bytes"] == s.states.page_bytes()
+        # dirty bytes take the room back, down to an eighth of the capacity
+        for n in range(200):
+            c.write(P + "0", n * 4096, os.urandom(4096))
+        c.write(P + "1", 0, os.urandom(4096))
+        c.flush(P)
+        assert s.states.page_bytes() <= 1 << 20
+    finally:
+        c.close()
 
 
 def test_a_read_of_cached_bytes_is_0_shard_reads_and_a_partial_one_overlays(cached):
