@@ -65,10 +65,12 @@ data and parity alike, under the same validity as its checksum tables:
 event              kept pages
 =================  ====================================================
 this process       the whole pages it wrote are kept (runs up to
-applies a write    MAX_KEPT_RUN: longer ones are streams); pages it cut,
-                   punched, truncated or unlinked are forgotten (follow)
-a verified read    the pages read are kept, if the counter has not moved
-                   since before the read (keep_pages)
+applies a write    MAX_KEPT_RUN, 64 KiB: longer ones are streams);
+                   pages it cut, punched, truncated or unlinked are
+                   forgotten (follow)
+a verified read    the pages read (runs up to MAX_KEPT_READ, 16 KiB) are
+                   kept, if the counter has not moved since before the
+                   read (keep_pages)
 stale, dropped     gone with the state
 over the budget    the least recently used states' pages go first
                    (``page_budget()``: none kept while it is None)
@@ -104,7 +106,8 @@ from . import shardfile as sf
 from .locks import SLOTS
 
 SEQ_FILE = "seq"
-MAX_KEPT_RUN = 64 * sf.PAGE     # longer runs of pages written or read are not kept
+MAX_KEPT_RUN = 16 * sf.PAGE     # longer runs written are not kept (a stripe's chunk: 64 KiB)
+MAX_KEPT_READ = 4 * sf.PAGE     # longer runs read are not kept (streams, not read-modify-write)
 _SEQ_BYTES = SLOTS * 4
 
 
@@ -284,6 +287,8 @@ class StateCache:
         """Keep shard i's pages from p0 (``buf``: whole pages, verified),
         read with the counter at ``seq`` before and after, if it has still
         not moved."""
+        if len(buf) > MAX_KEPT_READ:
+            return
         with self._lock:
             if self.seq.get(st.slot) == seq == st.seq and not st.dead:
                 self.set_pages(st, i, p0, buf)

@@ -40,7 +40,10 @@ from it (a hit: no shard read). Both maps are referenced before the store
 read: a flush finishing meanwhile cannot leave the read with the store's
 older bytes and no extent to correct them.
 
-Bounds: dirty plus flushing bytes never exceed the capacity. A write that
+Bounds: dirty plus flushing bytes never exceed the capacity, and flushes
+under way hold at most ``fly_limit`` (an eighth of it) of them at once
+(each holds its transaction in memory beside them; one always goes). A
+write that
 does not fit waits (backpressure) while the flusher writes the oldest
 objects out; ``try_write`` instead says no, so the FUSE layer can run the
 write in a worker thread. A write larger than a quarter of the cache is
@@ -81,7 +84,7 @@ from .errors import EcfsError, Fenced, NotFound, StoreError
 log = logging.getLogger("ecfs.cache")
 
 MAX_AGE = 5.0          # seconds dirty data may wait for the flusher
-FLUSH_THREADS = 4      # enough to share fdatasyncs; each holds a transaction in memory
+FLUSH_THREADS = 4      # enough to share fdatasyncs (their bytes in flight are bounded)
 
 
 @dataclass
@@ -112,6 +115,8 @@ class StripeCache:
         self._wb: frozenset[str] = frozenset()   # name prefixes written back
         self._bytes = 0                    # dirty + flushing bytes
         self._waiting = 0                  # writers waiting for room
+        self._flying = 0                   # bytes of flushes under way
+        self.fly_limit = max(capacity // 8, 1 << 20)
         self._stall: EcfsError | None = None   # a flush pass freed nothing and failed
         self._closed = False
         states = getattr(store, "states", None)
@@ -383,6 +388,13 @@ class StripeCache:
             e.since = 0.0
             todo = _runs(e.flushing)
             hint = e.hint
+            # a flush holds its transaction in memory (the stripes' window,
+            # parity, the joined runs: about 1.5x its bytes beyond the cache's
+            # own): bytes in flight are bounded, one flush always goes
+            nbytes = sum(len(d) for _, d in todo)
+            while self._flying and self._flying + nbytes > self.fly_limit:
+                self._cv.wait()
+            self._flying += nbytes
         err: EcfsError | None = None
         try:
             # one transaction for the extents of disjoint page rows
@@ -393,6 +405,7 @@ class StripeCache:
             log.exception("flush of %s failed", name)
             err = StoreError(f"flush of {name}: {type(x).__name__}: {x}")
         with self._cv:
+            self._flying -= nbytes
             self.lower.counters.add_many((("cache_flushes", 1),
                                           ("cache_flush_extents", len(todo))))
             if err is None:

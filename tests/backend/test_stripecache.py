@@ -370,6 +370,40 @@ def test_a_full_cache_pushes_back_and_writers_wait_for_the_flusher(make_store):
         c.close()
 
 
+def test_flushes_under_way_hold_at_most_the_flight_limit(make_store):
+    d, s = make_store(k=K, m=M, chunk_size=C)
+    gate, lock = threading.Event(), threading.Lock()
+    inside = []
+
+    def guard():                    # under the commit of each flush: hold it there
+        with lock:
+            inside.append(c._flying)
+        gate.wait(30)
+
+    s.add_guard(P, guard)
+    c = StripeCache(s, 8 << 20, max_age=3600)
+    c.fly_limit = 1 << 20
+    c.set_writeback(P, True)
+    try:
+        datas = [os.urandom(512 << 10) for _ in range(4)]
+        for n, data in enumerate(datas):
+            c.write(P + str(n), 0, data)
+        t = threading.Thread(target=c.flush, args=(P,))
+        t.start()
+        wait_for(lambda: len(inside) == 2, what="two flushes in their commit")
+        # the other two wait for room in flight (beside the idle flusher)
+        wait_for(lambda: len(c._cv._waiters) >= 3, what="two flushes wait")
+        assert c._flying == 1 << 20 and len(inside) == 2
+        gate.set()
+        t.join(30)
+        assert not t.is_alive() and c._flying == 0
+        assert max(inside) <= 1 << 20
+        assert [s.read(P + str(n), 0, 512 << 10) for n in range(4)] == datas
+    finally:
+        gate.set()
+        c.close()
+
+
 def test_dirty_bytes_older_than_max_age_leave_by_themselves(make_store):
     d, s = make_store(k=K, m=M, chunk_size=C)
     c = StripeCache(s, 1 << 20, max_age=0.2)
