@@ -40,6 +40,7 @@ FLAG_DELTA_GF8_TABLE = 1 << 1   # the plugin is byte-wise GF(2^8): table deltas 
 
 SUPPORTED_PLUGINS = ("isa_l_rs_vand", "liberasurecode_rs_vand", "isa_l_rs_cauchy")
 PAGE = 4096
+ENCODE_SLICE = 256 << 10    # bytes of each row per plugin call in encode_into
 
 
 def _keep_freed_heap() -> None:
@@ -59,6 +60,12 @@ def _keep_freed_heap() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-1, 128 * 1024 * 1024)  # M_TRIM_THRESHOLD
         libc.mallopt(-3, 32 * 1024 * 1024)   # M_MMAP_THRESHOLD
+        # One arena for every thread: each flush thread's own arena kept its
+        # high water (a flush's transaction, the plugin's buffers) apart from
+        # the others', ~30 MiB of a mount's peak RSS with four of them
+        # (docs/benchmarks.md, "Peak RSS"); Python holds the GIL around
+        # nearly every malloc anyway, so they never contended for arenas.
+        libc.mallopt(-8, 1)                  # M_ARENA_MAX
     except OSError:
         pass
 
@@ -110,6 +117,19 @@ class Codec:
         frags = self._drv.encode(b"".join(data) if len(data) > 1 else bytes(data[0]))
         hdr = self._hdr
         return [memoryview(f)[hdr:hdr + length] for f in frags[self.k:]]
+
+    def encode_into(self, data: list, parity: list) -> None:
+        """Encode K data rows into the M ``parity`` rows (numpy views of
+        one length), ENCODE_SLICE bytes of each row per plugin call: the
+        plugin's own copies of a call (joined input, aligned buffers, K+M
+        fragments) are several times the input, and a flush of a whole
+        object in one call was ~17 MiB of transient heap per flush thread."""
+        length = len(data[0])
+        for a in range(0, length, ENCODE_SLICE):
+            b = min(length, a + ENCODE_SLICE)
+            par = self.encode([d[a:b] for d in data])
+            for j in range(self.m):
+                parity[j][a:b] = np.frombuffer(par[j], dtype=np.uint8)
 
     def minimum_to_decode(self, want: Iterable[int], available: Iterable[int]) -> list[int]:
         """Which chunks to read to get ``want``: the wanted ones if all are

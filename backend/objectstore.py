@@ -1446,9 +1446,8 @@ class ObjectStore:
                 for j in range(self.m):
                     np.bitwise_xor(win.bufs[self.k + j, a:b], pd[j], out=win.bufs[self.k + j, a:b])
             else:
-                par = self.codec.encode([win.bufs[i, a:b] for i in range(self.k)])
-                for j in range(self.m):
-                    win.bufs[self.k + j, a:b] = np.frombuffer(par[j], dtype=np.uint8)
+                self.codec.encode_into([win.bufs[i, a:b] for i in range(self.k)],
+                                       [win.bufs[self.k + j, a:b] for j in range(self.m)])
             self.counters.add(f"writes_{'reconstruct' if mode in ('reconstruct', 'degraded') else mode}")
             for i in range(self.k):
                 if mode == "full":
@@ -1461,15 +1460,25 @@ class ObjectStore:
                 writes[j].append((r0, r1))
 
         shard_ops: dict[int, list[FileOp]] = {}
+        runs_of = {}
         for j in range(self.width):
             lim = -(-new_ext[j] // PAGE)
-            runs = [(p0, min(p1, lim)) for p0, p1 in _merge(writes[j]) if min(p1, lim) > p0]
+            runs_of[j] = [(p0, min(p1, lim)) for p0, p1 in _merge(writes[j]) if min(p1, lim) > p0]
+        # The ops keep what they write alive until the commit, and a flush
+        # builds the ops of many extents before it: a few pages out of a
+        # stripe's window are copied out, not kept as views of all of it
+        # (a 4 KiB extent's window is a whole stripe, 384 KiB in 4+2).
+        compact = 4 * PAGE * sum(p1 - p0 for r in runs_of.values() for p0, p1 in r) \
+            < win.bufs.nbytes
+        for j, runs in runs_of.items():
             if not runs:
                 continue
             rd, rm = sf.rel_paths(obj.name, j)
             jops = shard_ops[j] = []
             for p0, p1 in runs:
                 buf = win.pages(j, p0, p1)
+                if compact:
+                    buf = buf.copy()
                 crcs = sf.page_crcs(buf)
                 stop = min(p1 * PAGE, new_ext[j])
                 jops += _page_ops(obj.loc[j], rd, p0, buf, crcs, stop)
@@ -1658,9 +1667,8 @@ class ObjectStore:
         if nstripes:
             win = _Window(self.width, self.k, C, 0, nstripes - 1)
             self._overlay(win, memoryview(content[:stored]), 0, 0)
-            par = self.codec.encode([win.bufs[i] for i in range(self.k)])
-            for j in range(self.m):
-                win.bufs[self.k + j] = np.frombuffer(par[j], dtype=np.uint8)
+            self.codec.encode_into([win.bufs[i] for i in range(self.k)],
+                                   [win.bufs[self.k + j] for j in range(self.m)])
             data_ext = self._extents(stored, C)
             for j in range(self.width):
                 n = data_ext[j]

@@ -325,19 +325,24 @@ class StateCache:
     def page_bytes(self) -> int:
         return self._pages
 
-    def _trim_pages(self, keep: ObjState) -> None:
+    def trim_pages(self) -> None:
+        """Back within the budget (it shrank: dirty bytes grew above)."""
+        with self._lock:
+            self._trim_pages(None)
+
+    def _trim_pages(self, keep: ObjState | None) -> None:
         """Within the budget: the pages of the least recently used states
         go first, then the oldest of ``keep``'s own."""
         budget = self.page_budget() if self.page_budget is not None else 0
         if self._pages <= budget:
             return
-        for st in list(self._d.values()):
+        for st in self._d.values():
             if self._pages <= budget:
                 return
             if st is not keep and st.pages:
                 self._pages -= len(st.pages) * sf.PAGE
                 st.pages = {}
-        while self._pages > budget and keep.pages:
+        while keep is not None and self._pages > budget and keep.pages:
             del keep.pages[next(iter(keep.pages))]
             self._pages -= sf.PAGE
 

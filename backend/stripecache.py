@@ -119,12 +119,12 @@ class StripeCache:
         self.fly_limit = max(capacity // 8, 1 << 20)
         self._stall: EcfsError | None = None   # a flush pass freed nothing and failed
         self._closed = False
-        states = getattr(store, "states", None)
-        if states is not None:
+        self._states = getattr(store, "states", None)
+        if self._states is not None:
             # clean pages (data and parity, kept by the store's object
             # states) use what dirty bytes leave of the capacity, at least
             # an eighth of it: a flush's own pages stay for the next one
-            states.page_budget = lambda: max(capacity // 8, capacity - self._bytes)
+            self._states.page_budget = self._page_budget
         self._pool = ThreadPoolExecutor(FLUSH_THREADS, thread_name_prefix="ecfs-flush")
         self._flusher = threading.Thread(target=self._flush_loop, name="ecfs-flusher",
                                          daemon=True)
@@ -202,10 +202,15 @@ class StripeCache:
         if not e.dirty:
             e.since = time.monotonic()
         self._bytes += _insert(e.dirty, offset, data)
+        if self._states is not None and self._states.page_bytes() > self._page_budget():
+            self._states.trim_pages()       # dirty bytes take their room back
         if self._bytes > self.capacity // 2:
             self._cv.notify_all()           # the flusher: time to write out
         self.lower.counters.add_many((("cache_writes", 1), ("cache_write_bytes", len(data))))
         self.lower.counters.set("cache_dirty_bytes", self._bytes)
+
+    def _page_budget(self) -> int:
+        return max(self.capacity // 8, self.capacity - self._bytes)
 
     def _through(self, name: str) -> None:
         """Before a store operation on ``name`` that bypasses the cache:
