@@ -74,6 +74,7 @@ from .pool import MAX_OBJECT_SIZE, load_pool
 _log = logging.getLogger("ecfs.store")
 PAGE = sf.PAGE
 JOURNAL_LIMIT = 64 << 20      # checkpoint when the journal grows past this
+_DELTA_GROUP_PAGES = 64       # pages a _delta_batch reads and encodes at a time
 MAX_NAME = 250
 
 
@@ -1383,6 +1384,8 @@ class ObjectStore:
     def _write_batch(self, obj: _Obj, batch) -> None:
         """Ranges of disjoint page rows of an existing object (locked whole),
         planned against what is on the OSDs now, committed together."""
+        if self._delta_batch(obj, batch):
+            return
         C = obj.info.chunk_size
         end = max(off + len(d) for off, d in batch)
         size = max(obj.info.object_size, end)
@@ -1398,6 +1401,101 @@ class ObjectStore:
             return self._shard_txn(cur, shard_ops) + hops, hdr
 
         self._commit(obj, build)
+
+    def _delta_batch(self, obj: _Obj, batch) -> bool:
+        """The common flush, as arrays over all its extents at once: each
+        range an overwrite inside one chunk of existing data, every shard
+        current, parity by delta (what _stripe_ops would choose for each,
+        with the same reads and writes, but without a stripe window, a
+        plan and an encode per range). False, with nothing written: not
+        such a batch, or a read needs decoding or healing (the general
+        path does that)."""
+        info, k, m = obj.info, self.k, self.m
+        if self.write_mode not in ("delta", "auto") or not self.codec.flags & FLAG_PARITY_DELTA:
+            return False
+        if not all(self._is_usable(obj, j) and self.osdmap.writable(obj.loc[j])
+                   for j in range(self.width)):
+            return False
+        C, size = info.chunk_size, info.object_size
+        KC = k * C
+        plan = []       # (data, shard, first page, pages, byte offset in the shard)
+        for off, d in batch:
+            n = len(d)
+            s, r = divmod(off, KC)
+            i, c = divmod(r, C)
+            if off + n > size or c + n > C:
+                return False        # growth, or across chunks: the general path
+            lo = s * C + c
+            q0 = lo // PAGE
+            npg = -(-(lo + n) // PAGE) - q0
+            if self.write_mode == "auto" and m + 1 > k - 1:
+                # auto would reconstruct where that reads fewer pages
+                whole = max(0, (lo + n) // PAGE - -(-lo // PAGE))
+                if (k - 1) * npg + (npg - whole) < (m + 1) * npg:
+                    return False
+            plan.append((d, i, q0, npg, lo))
+        ext = self._extents(size, C)
+        shard_ops: dict[int, list[FileOp]] = {}
+        group: list = []
+        pages = 0
+        for e in plan:
+            group.append(e)
+            pages += e[3]
+            if pages >= _DELTA_GROUP_PAGES or e is plan[-1]:
+                if not self._delta_group(obj, group, pages, ext, shard_ops):
+                    return False
+                group, pages = [], 0
+        self.counters.add("writes_delta", len(plan))
+        touched = set(shard_ops)
+        end = max(off + len(d) for off, d in batch)
+
+        def build(cur: _Obj):
+            hops, hdr = self._header_ops(cur, C, max(cur.info.object_size, end),
+                                         self._next_version(cur), touched)
+            return self._shard_txn(cur, shard_ops) + hops, hdr
+
+        self._commit(obj, build)
+        return True
+
+    def _delta_group(self, obj: _Obj, group, pages: int, ext: list[int],
+                     shard_ops: dict[int, list[FileOp]]) -> bool:
+        """Read, delta-encode and build the ops of some ranges of a
+        _delta_batch (their pages side by side in a few arrays)."""
+        k, m = self.k, self.m
+        buf = np.empty((1 + m, pages * PAGE), dtype=np.uint8)   # old data, then parity
+        at = []
+        t = 0
+        for d, i, q0, npg, lo in group:
+            a, b = t * PAGE, (t + npg) * PAGE
+            for row, j in ((0, i), *((1 + x, k + x) for x in range(m))):
+                bad = self._read_pages(obj, j, q0, q0 + npg, buf[row, a:b], "write")
+                if bad is None or bad.any():
+                    return False
+            at.append(t)
+            t += npg
+        new = buf[0].copy()
+        spread = np.zeros((k, pages * PAGE), dtype=np.uint8)   # each change in its shard's row
+        for (d, i, q0, npg, lo), t in zip(group, at):
+            x = t * PAGE + lo - q0 * PAGE
+            new[x:x + len(d)] = np.frombuffer(d, dtype=np.uint8)
+            a, b = t * PAGE, (t + npg) * PAGE
+            np.bitwise_xor(buf[0, a:b], new[a:b], out=spread[i, a:b])
+        pd = np.empty((m, pages * PAGE), dtype=np.uint8)
+        self.codec.encode_into(list(spread), list(pd))      # the parity deltas
+        par = buf[1:]
+        np.bitwise_xor(par, pd, out=par)
+        rows = [(new, sf.page_crcs(new, pages))] + [(par[x], sf.page_crcs(par[x], pages))
+                                                     for x in range(m)]
+        for (d, i, q0, npg, lo), t in zip(group, at):
+            for j, (src, crcs) in zip((i, *range(k, k + m)), rows):
+                cr = crcs[t:t + npg]
+                rd, rm = sf.rel_paths(obj.name, j)
+                ops = shard_ops.setdefault(j, [])
+                ops += _page_ops(obj.loc[j], rd, q0, src[t * PAGE:(t + npg) * PAGE], cr,
+                                 min((q0 + npg) * PAGE, ext[j]))
+                ops.append(FileOp(OP_WRITE, obj.loc[j], rm, sf.crc_offset(q0),
+                                  cr.astype("<u4").tobytes()))
+        return True
 
     def _stripe_ops(self, obj: _Obj, offset: int, data: memoryview, C: int,
                     size: int) -> dict[int, list[FileOp]]:
