@@ -1409,7 +1409,7 @@ class ObjectStore:
         with the same reads and writes, but without a stripe window, a
         plan and an encode per range). False, with nothing written: not
         such a batch, or a read needs decoding or healing (the general
-        path does that)."""
+        path does that, and the reads done here count twice)."""
         info, k, m = obj.info, self.k, self.m
         if self.write_mode not in ("delta", "auto") or not self.codec.flags & FLAG_PARITY_DELTA:
             return False
@@ -1418,6 +1418,12 @@ class ObjectStore:
             return False
         C, size = info.chunk_size, info.object_size
         KC = k * C
+        ext = self._extents(size, C)
+        lim = [-(-e // PAGE) for e in ext]      # pages below each shard's extent
+
+        def known(j, a, b):
+            return max(0, min(b, lim[j]) - a)
+
         plan = []       # (data, shard, first page, pages, byte offset in the shard)
         for off, d in batch:
             n = len(d)
@@ -1427,14 +1433,19 @@ class ObjectStore:
                 return False        # growth, or across chunks: the general path
             lo = s * C + c
             q0 = lo // PAGE
-            npg = -(-(lo + n) // PAGE) - q0
-            if self.write_mode == "auto" and m + 1 > k - 1:
-                # auto would reconstruct where that reads fewer pages
-                whole = max(0, (lo + n) // PAGE - -(-lo // PAGE))
-                if (k - 1) * npg + (npg - whole) < (m + 1) * npg:
+            q1 = -(-(lo + n) // PAGE)
+            if self.write_mode == "auto":
+                # auto reconstructs where that reads fewer pages, counted as
+                # _plan_stripe does: pages below the old extents only (a
+                # last, partial stripe has fewer of them)
+                nd = known(i, q0, q1) + sum(known(j, q0, q1) for j in range(k, k + m))
+                f0, f1 = -(-lo // PAGE), (lo + n) // PAGE       # pages written whole
+                spans = [(q0, q1)] if f1 <= f0 else [(q0, f0), (f1, q1)]
+                nr = sum(known(x, q0, q1) for x in range(k) if x != i) + \
+                    sum(known(i, a, b) for a, b in spans if b > a)
+                if nr < nd:
                     return False
-            plan.append((d, i, q0, npg, lo))
-        ext = self._extents(size, C)
+            plan.append((d, i, q0, q1 - q0, lo))
         shard_ops: dict[int, list[FileOp]] = {}
         group: list = []
         pages = 0

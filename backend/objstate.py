@@ -58,7 +58,7 @@ and placement first, so no state kept since holds them.)
 
 Kept pages
 ----------
-A state may also keep shard pages (``pages``: (shard, page) -> 4 KiB),
+A state may also keep shard pages (``pages``: shard -> page -> 4 KiB),
 data and parity alike, under the same validity as its checksum tables:
 
 =================  ====================================================
@@ -68,9 +68,10 @@ this process       the whole pages it wrote are kept (runs up to
 applies a write    MAX_KEPT_RUN, 64 KiB: longer ones are streams);
                    pages it cut, punched, truncated or unlinked are
                    forgotten (follow)
-a verified read    the pages read (runs up to MAX_KEPT_READ, 16 KiB) are
-                   kept, if the counter has not moved since before the
-                   read (keep_pages)
+a verified read    the pages a read through the kept fds verified (runs
+                   of a shard up to MAX_KEPT_READ, 16 KiB) are kept, if
+                   the counter has not moved since before the read
+                   (keep_pages); reads that go the long way keep none
 stale, dropped     gone with the state
 over the budget    the least recently used states' pages go first
                    (``page_budget()``: none kept while it is None)
@@ -168,7 +169,8 @@ class ObjState:
     fds: dict[int, int] = field(default_factory=dict)     # shard -> data file fd
     mfds: dict[int, int] = field(default_factory=dict)    # shard -> sidecar fd
     crcs: dict[int, np.ndarray] = field(default_factory=dict)   # shard -> checksum table
-    pages: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (shard, page) -> bytes
+    pages: dict[int, dict[int, bytes]] = field(default_factory=dict)  # shard -> page -> bytes
+    npages: int = 0          # pages kept in ``pages``
     retired: list[int] = field(default_factory=list)   # fds of unlinked files, to close
     pins: int = 0            # users of its fds now: they are closed when it drops to 0
     dead: bool = False       # dropped from the cache
@@ -271,12 +273,14 @@ class StateCache:
     def get_pages(self, st: ObjState, i: int, p0: int, p1: int, out: np.ndarray) -> bool:
         """Copy shard i's pages [p0, p1) into ``out`` if all are kept (the
         caller pins ``st`` and judges validity as for its fds: a page is
-        kept only while the state is). No lock: a kept page is replaced,
-        never changed, and only under the commit counter's odd phase."""
-        pages = st.pages
-        if not pages:
+        kept only while the state is). No lock: pages are added, replaced
+        and dropped whole, and a reader's bytes are right for the counter
+        value it checks (a page put in under an unchanged counter holds
+        what the file holds)."""
+        sp = st.pages.get(i)
+        if not sp:
             return False
-        got = [pages.get((i, p)) for p in range(p0, p1)]
+        got = [sp.get(p) for p in range(p0, p1)]
         if None in got:
             return False
         for n, page in enumerate(got):
@@ -296,31 +300,42 @@ class StateCache:
     def set_pages(self, st: ObjState, i: int, p0: int, buf) -> None:
         """(under the lock: keep_pages, or follow's change) Shard i's pages
         from p0 now hold ``buf`` (whole pages)."""
+        n = len(buf) // sf.PAGE
         if self.page_budget is None or len(buf) > MAX_KEPT_RUN:
             # (a long run is a stream: keeping it would push out the small
             # writes' pages, the ones a later overwrite reads)
-            self.drop_pages(st, i, p0, p0 + len(buf) // sf.PAGE)
+            self.drop_pages(st, i, p0, p0 + n)
             return
         mv = memoryview(buf).cast("B")
-        pages, grown = st.pages, 0
-        for n in range(len(mv) // sf.PAGE):
-            key = (i, p0 + n)
-            grown -= sf.PAGE if key in pages else 0
-            pages[key] = bytes(mv[n * sf.PAGE:(n + 1) * sf.PAGE])
-            grown += sf.PAGE
+        sp = st.pages.setdefault(i, {})
+        before = len(sp)
+        for x in range(n):
+            sp[p0 + x] = bytes(mv[x * sf.PAGE:(x + 1) * sf.PAGE])
+        self._count(st, len(sp) - before)
         if not st.dead:
-            self._pages += grown
             self._trim_pages(st)
 
     def drop_pages(self, st: ObjState, i: int, p0: int = 0, p1: int | None = None) -> None:
         """(under the lock) Forget shard i's kept pages in [p0, p1)."""
-        if not st.pages:
+        sp = st.pages.get(i)
+        if not sp:
             return
-        keys = [k for k in st.pages if k[0] == i and k[1] >= p0 and (p1 is None or k[1] < p1)]
-        for k in keys:
-            del st.pages[k]
-        if not st.dead:
-            self._pages -= len(keys) * sf.PAGE
+        before = len(sp)
+        if p1 is not None and p1 - p0 <= len(sp):
+            for p in range(p0, p1):
+                sp.pop(p, None)
+        else:
+            for p in [p for p in sp if p >= p0 and (p1 is None or p < p1)]:
+                del sp[p]
+        self._count(st, len(sp) - before)
+
+    def clear_pages(self) -> None:
+        """Keep no pages (the stripe cache that set the budget closed)."""
+        with self._lock:
+            self.page_budget = None
+            for st in self._d.values():
+                self._count(st, -st.npages)
+                st.pages = {}
 
     def page_bytes(self) -> int:
         return self._pages
@@ -329,6 +344,11 @@ class StateCache:
         """Back within the budget (it shrank: dirty bytes grew above)."""
         with self._lock:
             self._trim_pages(None)
+
+    def _count(self, st: ObjState, n: int) -> None:
+        st.npages += n
+        if not st.dead:
+            self._pages += n * sf.PAGE
 
     def _trim_pages(self, keep: ObjState | None) -> None:
         """Within the budget: the pages of the least recently used states
@@ -339,12 +359,13 @@ class StateCache:
         for st in self._d.values():
             if self._pages <= budget:
                 return
-            if st is not keep and st.pages:
-                self._pages -= len(st.pages) * sf.PAGE
+            if st is not keep and st.npages:
+                self._count(st, -st.npages)
                 st.pages = {}
-        while keep is not None and self._pages > budget and keep.pages:
-            del keep.pages[next(iter(keep.pages))]
-            self._pages -= sf.PAGE
+        while keep is not None and self._pages > budget and keep.npages:
+            sp = next(sp for sp in keep.pages.values() if sp)
+            del sp[next(iter(sp))]
+            self._count(keep, -1)
 
     def drop(self, name: str) -> None:
         with self._lock:
@@ -392,8 +413,8 @@ class StateCache:
         del self._d[st.name]
         st.dead = True
         self._fds -= len(st.fds) + len(st.mfds)
-        self._pages -= len(st.pages) * sf.PAGE
-        st.pages = {}
+        self._pages -= st.npages * sf.PAGE
+        st.pages, st.npages = {}, 0
         if not st.pins:
             self._close(st)
 

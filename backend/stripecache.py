@@ -41,9 +41,9 @@ read: a flush finishing meanwhile cannot leave the read with the store's
 older bytes and no extent to correct them.
 
 Bounds: dirty plus flushing bytes never exceed the capacity, and flushes
-under way hold at most ``fly_limit`` (an eighth of it) of them at once
-(each holds its transaction in memory beside them; one always goes). A
-write that
+under way hold at most ``fly_limit`` (an eighth of it, at least 1 MiB) of
+them at once (each holds its transaction in memory beside them; one
+always goes, however large). A write that
 does not fit waits (backpressure) while the flusher writes the oldest
 objects out; ``try_write`` instead says no, so the FUSE layer can run the
 write in a worker thread. A write larger than a quarter of the cache is
@@ -62,7 +62,8 @@ leaves a stripe whose parity disagrees with its data.
 
 Clean pages (data and parity) are kept by the store below, in its object
 states (backend/objstate.py, "Kept pages"), within what the dirty bytes
-leave of the capacity (at least an eighth of it): an overwrite of a page
+leave of the capacity (at least an eighth of it; the budget is the last
+cache's opened over the store, and goes with it at close): an overwrite of a page
 whose old data and parity are kept flushes with 0 shard reads, and a read
 of kept pages reads no shard.
 
@@ -409,6 +410,11 @@ class StripeCache:
         except Exception as x:          # a defect: keep the bytes, say so
             log.exception("flush of %s failed", name)
             err = StoreError(f"flush of {name}: {type(x).__name__}: {x}")
+        except BaseException:
+            with self._cv:
+                self._flying -= nbytes
+                self._cv.notify_all()
+            raise
         with self._cv:
             self._flying -= nbytes
             self.lower.counters.add_many((("cache_flushes", 1),
@@ -486,6 +492,8 @@ class StripeCache:
                 self._cv.notify_all()
             self._flusher.join()
             self._pool.shutdown()
+            if self._states is not None and self._states.page_budget == self._page_budget:
+                self._states.clear_pages()      # no cache in front: no pages kept
             self.lower.counters.set("cache_dirty_bytes", 0)
             if close_lower:
                 self.lower.close()
