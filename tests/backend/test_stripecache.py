@@ -38,6 +38,14 @@ def _on_disk(d, offset, length):
         fresh.close()
 
 
+def _write_stripe(c, n):
+    """Stripe n of OBJ written whole in sequential 4 KiB writes; its bytes."""
+    new = os.urandom(STRIPE)
+    for off in range(0, STRIPE, 4096):
+        c.write(OBJ, n * STRIPE + off, new[off:off + 4096])
+    return new
+
+
 def _fill(s, n=4 << 20):
     data = bytearray(os.urandom(n))
     s.write(OBJ, 0, bytes(data))
@@ -120,9 +128,7 @@ def test_write_extents_refuses_overlaps_and_writes_new_objects(cached):
 def test_sequential_4k_writes_filling_a_stripe_flush_as_a_full_stripe_write(cached):
     d, s, c = cached
     data = _fill(s)
-    new = os.urandom(STRIPE)
-    for off in range(0, STRIPE, 4096):
-        c.write(OBJ, STRIPE + off, new[off:off + 4096])
+    new = _write_stripe(c, 1)
     n = counted(s, lambda: c.flush())
     data[STRIPE:2 * STRIPE] = new
     # K+M shard writes per stripe, 0 reads
@@ -155,9 +161,7 @@ def test_an_overwrite_of_a_stripe_whose_pages_and_parity_are_cached_reads_nothin
 def test_a_stripe_written_whole_is_kept_whole_and_any_page_of_it_overwrites_with_0_reads(cached):
     d, s, c = cached
     data = _fill(s)
-    new = os.urandom(STRIPE)
-    for off in range(0, STRIPE, 4096):
-        c.write(OBJ, 7 * STRIPE + off, new[off:off + 4096])
+    new = _write_stripe(c, 7)
     got = counted(s, lambda: c.flush(P))
     assert (got["shard_reads"], got["shard_writes"]) == (0, K + M), got
     data[7 * STRIPE:8 * STRIPE] = new
