@@ -28,10 +28,6 @@ close, the flusher (dirty for 5 s, or the cache half full), a hand-over
 or maintenance op writes them out. After ``lock rm`` broke our lock the
 cached bytes are dropped and the next fsync or close fails with EIO.
 
-A write past an image's end grows the image a step ahead of it and the
-file shows where the writes end; the next fsync, flush or last close sets
-the image to that size (``_grow``, ``_settle_size``).
-
 Kernel caching: entries and attributes are cached for ``ATTR_TIMEOUT``
 seconds; file pages are not kept across opens (``keep_cache`` off),
 since other processes may change an image. An open image's file is
@@ -69,7 +65,6 @@ ROOT = pyfuse3.ROOT_INODE
 SNAPROOT = ROOT + 1
 SNAPDIR = ".snap"
 ATTR_TIMEOUT = 1.0
-GROW_STEP = 64 << 20        # a write past an image's end grows it this far ahead (_grow)
 
 
 class _Invalidator:
@@ -148,11 +143,6 @@ class EcfsFS(pyfuse3.Operations):
         self._images: dict[tuple, list] = {}     # key -> [Image, open count]
         self._lock = threading.Lock()
         self._grow_lock = threading.Lock()
-        # image key -> (the file's size, the image size grown ahead to): a
-        # write past the end grows the image a step at a time (GROW_STEP),
-        # and the file shows where the writes end; the next fsync or close
-        # sets the image to that size
-        self._ends: dict[tuple, tuple[int, int]] = {}
         self._invalidator = _Invalidator()
 
     # ------------------------------------------------------------ plumbing
@@ -246,7 +236,7 @@ class EcfsFS(pyfuse3.Operations):
         ent = self._images.get(key)
         if ent is not None:
             img = ent[0]
-            hdr, size = img.header, self._shown_size(key, img)
+            hdr, size = img.header, img.size()
         else:
             if hdr is None:
                 hdr = load_header(self.store, key[1])     # NotFound once removed
@@ -351,9 +341,7 @@ class EcfsFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EROFS)
             if attr.st_size > MAX_IMAGE_SIZE:
                 raise pyfuse3.FUSEError(errno.EFBIG)
-            with self._grow_lock:
-                self._ends.pop(key, None)
-                self._with_image(key, lambda img: img.resize(attr.st_size, allow_shrink=True))
+            self._with_image(key, lambda img: img.resize(attr.st_size, allow_shrink=True))
         return self._getattr(inode)
 
     def _with_image(self, key, fn):
@@ -423,9 +411,7 @@ class EcfsFS(pyfuse3.Operations):
                 # only surface later, as EIO
                 img.acquire_lock(exclusive=self.exclusive)
             if flags & os.O_TRUNC and writable:
-                with self._grow_lock:
-                    self._ends.pop(key, None)
-                    img.resize(0)
+                img.resize(0)
         except BaseException:
             self._drop(key)
             raise
@@ -475,57 +461,28 @@ class EcfsFS(pyfuse3.Operations):
         h = self._handles[fh]
         if not h.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        ahead = self._ends.get(h.key)
-        if ahead is None or off + len(buf) <= ahead[0]:
-            # (a write past the file's end moves it: a worker, under the lock)
-            n = self._fast(h.image.try_write, buf, off)       # into the stripe cache
-            if n is not None:
-                h.wrote = True
-                return n
+        n = self._fast(h.image.try_write, buf, off)       # into the stripe cache
+        if n is not None:
+            h.wrote = True
+            return n
         return await self._run(self._write, h, off, buf)
 
     def _write(self, h: Handle, off: int, buf: bytes) -> int:
         img = h.image
         h.wrote = True
-        self._grow(h.key, img, off + len(buf))
+        self._grow(img, off + len(buf))
         return img.write(buf, off)
 
-    def _shown_size(self, key: tuple, img: Image) -> int:
-        """The file's size: where the writes end while the image is grown
-        ahead of them, else the image's."""
-        size = img.size()
-        ahead = self._ends.get(key)
-        if ahead is None or ahead[1] != size:
-            return size         # (resized since, by a request this mount ran)
-        return ahead[0]
-
-    def _grow(self, key: tuple, img: Image, end: int) -> None:
-        """A write past the end grows the file (never shrinks it: two
-        growing writes may race). The image grows a step ahead of it
-        (GROW_STEP, or an eighth of its size), so a copy into the mount
-        pays a resize, a header write and a broadcast per step, not per
-        request; the next fsync or close sets the image to the file's
-        size (_settle_size)."""
-        if end <= self._shown_size(key, img):
+    def _grow(self, img: Image, end: int) -> None:
+        """A write past the end grows the image (never shrinks it: two
+        growing writes may race)."""
+        if end <= img.size():
             return
         if end > MAX_IMAGE_SIZE:
             raise pyfuse3.FUSEError(errno.EFBIG)
         with self._grow_lock:
-            size = img.size()
-            if end <= self._shown_size(key, img):
-                return
-            if end > size:
-                step = max(GROW_STEP, size // 8)
-                size = min(MAX_IMAGE_SIZE, -(-end // step) * step)
-                img.resize(size, allow_shrink=False)
-            self._ends[key] = (end, size)
-
-    def _settle_size(self, key: tuple, img: Image) -> None:
-        """The image grown ahead of its writes is set to the file's size."""
-        with self._grow_lock:
-            ahead = self._ends.pop(key, None)
-            if ahead is not None and ahead[1] == img.size() and ahead[0] < ahead[1]:
-                img.resize(ahead[0], allow_shrink=True)
+            if end > img.size():
+                img.resize(end, allow_shrink=False)
 
     async def fallocate(self, fh, mode, off, length):
         h = self._handles[fh]
@@ -540,7 +497,7 @@ class EcfsFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         h.wrote = True
         if not mode & FALLOC_FL_KEEP_SIZE:
-            self._grow(h.key, img, off + length)
+            self._grow(img, off + length)
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             img.discard(off, length)
 
@@ -557,7 +514,6 @@ class EcfsFS(pyfuse3.Operations):
         """close(2) and fsync(2): the image's cached writes are durable,
         or EIO (as a kernel block device says a write-back failed)."""
         try:
-            self._settle_size(h.key, h.image)
             h.image.flush()
         except Fenced as e:
             log.warning("%s", e)
@@ -570,7 +526,6 @@ class EcfsFS(pyfuse3.Operations):
     def _release(self, h: Handle) -> None:
         try:
             if h.writable:
-                self._settle_size(h.key, h.image)
                 h.image.flush()
         finally:
             # even when the flush failed: else the image is never closed and

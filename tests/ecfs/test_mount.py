@@ -6,10 +6,7 @@ import subprocess
 
 import pytest
 
-from backend.objectstore import ObjectStore
 from ecfs import mounts
-from rbdlike import directory
-from rbdlike.image import load_header
 
 from .mountutil import force_unmount, mount_pid, mounted, need_root, wait_for
 from .util import assert_user_error, ecfs, ecfs_json
@@ -236,43 +233,6 @@ def test_reopening_for_write_never_meets_its_own_closing_lock(store, tmp_path):
             finally:
                 os.close(fd)
         assert (mnt / "o").read_bytes()[:4] == (149).to_bytes(4, "little")
-
-
-def _header_size(store, name):
-    """The image's size as its header says, read in this process."""
-    with ObjectStore(str(store), readonly=True) as s:
-        return load_header(s, directory.lookup(s, name), name).size
-
-
-def test_a_copy_into_the_mount_grows_the_image_a_step_at_a_time(store, tmp_path):
-    mnt = tmp_path / "mnt"
-    data = os.urandom(3 * MiB + 5)
-    with mounted(store, mnt):
-        fd = os.open(mnt / "c", os.O_CREAT | os.O_WRONLY)
-        try:
-            for off in range(0, len(data), 128 << 10):
-                os.pwrite(fd, data[off:off + (128 << 10)], off)
-            # the file shows where the writes end; the image is a step ahead
-            # (read here: a child's exec would close our fd in it, a FUSE
-            # flush, which sets the size as a close does)
-            assert os.fstat(fd).st_size == len(data)
-            assert os.stat(mnt / "c").st_size == len(data)
-            assert _header_size(store, "c") == 64 * MiB
-            os.fsync(fd)            # sets the image to the file's size
-            assert _header_size(store, "c") == len(data)
-            os.pwrite(fd, b"more", len(data))
-        finally:
-            os.close(fd)            # and so does the close
-        assert ecfs_json(store, "rbd", "info", "c")["size"] == len(data) + 4
-        assert (mnt / "c").read_bytes() == data + b"more"
-        # an explicit truncate past where the writes end is the image's size
-        with open(mnt / "c", "r+b") as f:
-            f.seek(10 * MiB)
-            f.write(b"x")
-            f.truncate(20 * MiB)
-            assert ecfs_json(store, "rbd", "info", "c")["size"] == 20 * MiB
-        assert os.stat(mnt / "c").st_size == 20 * MiB
-    assert ecfs_json(store, "rbd", "info", "c")["size"] == 20 * MiB
 
 
 def test_zeros_that_grow_an_image_are_not_stored(store, tmp_path):
