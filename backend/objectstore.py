@@ -1086,13 +1086,8 @@ class ObjectStore:
         except OSError:         # EAGAIN (not in memory), or an error the long way reports
             return False
         if p1 - p0 == 1:
-            good = (_crc32c(out) ^ sf.ZERO_PAGE_CRC) == stored[0]
-        else:
-            good = bool((sf.page_crcs(out, p1 - p0) == stored).all())
-        if good and self.states.page_budget is not None:
-            self.states.keep_pages(st, i, p0, out, seq)
-            self.counters.set("page_cache_bytes", self.states.page_bytes())
-        return good
+            return (_crc32c(out) ^ sf.ZERO_PAGE_CRC) == stored[0]
+        return bool((sf.page_crcs(out, p1 - p0) == stored).all())
 
     def _load_crcs(self, st: ObjState, i: int, seq: int, lockless: bool) -> np.ndarray | None:
         """Shard i's whole checksum table (as far as its extent goes), read

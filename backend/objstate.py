@@ -68,10 +68,9 @@ this process       the whole pages it wrote are kept (runs up to
 applies a write    MAX_KEPT_RUN, 64 KiB: longer ones are streams);
                    pages it cut, punched, truncated or unlinked are
                    forgotten (follow)
-a verified read    the pages a read through the kept fds verified (runs
-                   of a shard up to MAX_KEPT_READ, 16 KiB) are kept, if
-                   the counter has not moved since before the read
-                   (keep_pages); reads that go the long way keep none
+a read             keeps nothing: what an overwrite's plan needs is what
+                   the last write of the row wrote (random reads over an
+                   image much larger than the cache would rarely hit)
 stale, dropped     gone with the state
 over the budget    the least recently used states' pages go first
                    (``page_budget()``: none kept while it is None)
@@ -108,7 +107,6 @@ from .locks import SLOTS
 
 SEQ_FILE = "seq"
 MAX_KEPT_RUN = 16 * sf.PAGE     # longer runs written are not kept (a stripe's chunk: 64 KiB)
-MAX_KEPT_READ = 4 * sf.PAGE     # longer runs read are not kept (streams, not read-modify-write)
 _SEQ_BYTES = SLOTS * 4
 
 
@@ -287,19 +285,9 @@ class StateCache:
             out[n * sf.PAGE:(n + 1) * sf.PAGE] = np.frombuffer(page, dtype=np.uint8)
         return True
 
-    def keep_pages(self, st: ObjState, i: int, p0: int, buf, seq: int) -> None:
-        """Keep shard i's pages from p0 (``buf``: whole pages, verified),
-        read with the counter at ``seq`` before and after, if it has still
-        not moved."""
-        if len(buf) > MAX_KEPT_READ:
-            return
-        with self._lock:
-            if self.seq.get(st.slot) == seq == st.seq and not st.dead:
-                self.set_pages(st, i, p0, buf)
-
     def set_pages(self, st: ObjState, i: int, p0: int, buf) -> None:
-        """(under the lock: keep_pages, or follow's change) Shard i's pages
-        from p0 now hold ``buf`` (whole pages)."""
+        """(under the lock: follow's change) Shard i's pages from p0 now
+        hold ``buf`` (whole pages)."""
         n = len(buf) // sf.PAGE
         if self.page_budget is None or len(buf) > MAX_KEPT_RUN:
             # (a long run is a stream: keeping it would push out the small
