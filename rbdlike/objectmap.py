@@ -104,6 +104,8 @@ class ObjectMap:
 
     def resize(self, num_objects: int) -> None:
         n = len(self.states)
+        if num_objects == n:
+            return          # (a growth within the last object: nothing to write)
         if num_objects > n:
             self.states = np.concatenate([self.states, np.zeros(num_objects - n, np.uint8)])
         else:
