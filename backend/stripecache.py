@@ -62,10 +62,10 @@ leaves a stripe whose parity disagrees with its data.
 
 Clean pages (data and parity) are kept by the store below, in its object
 states (backend/objstate.py, "Kept pages"), within what the dirty bytes
-leave of the capacity (at least an eighth of it; the budget is the last
-cache's opened over the store, and goes with it at close): an overwrite of a page
-whose old data and parity are kept flushes with 0 shard reads, and a read
-of kept pages reads no shard.
+leave of the capacity (at least an eighth of it; the budget is that of
+the last cache opened over the store, and goes with it at close): an
+overwrite of a page whose old data and parity are kept flushes with 0
+shard reads, and a read of kept pages reads no shard.
 
 Not yet here (issue 11): one journal record per flush batch of many
 objects, and readahead.
