@@ -934,9 +934,13 @@ class ObjectStore:
         return (lo, hi) if hi > lo else (0, 0)
 
     def _extents(self, size: int, C: int) -> list[int]:
-        """Byte extent of every shard for an object of ``size`` bytes."""
+        """Byte extent of every shard for an object of ``size`` bytes: a
+        data shard's bytes of the object, and for parity the longest data
+        shard's rounded up to a page (a plugin of 16-bit words,
+        liberasurecode's rs_vand, puts parity in the byte after an odd
+        end: cut there, the parity would decode that end wrong)."""
         ext = [self._shard_extent(0, size, i, self.k, C)[1] for i in range(self.k)]
-        return ext + [max(ext) if ext else 0] * self.m
+        return ext + [-(-max(ext) // PAGE) * PAGE if ext else 0] * self.m
 
     # ------------------------------------------------------------- read path
     def _read_range(self, obj: _Obj, offset: int, end: int, kind: str) -> bytes:

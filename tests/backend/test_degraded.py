@@ -233,3 +233,17 @@ def test_writes_stop_below_min_size_and_nothing_written_is_lost(make_store):
     with pytest.raises(DataUnavailable, match="min_size"):
         s.remove("o")
     assert s.read("o", 0, 40 << 10) == new + old[4096:]
+
+
+@pytest.mark.parametrize("plugin", ["liberasurecode_rs_vand", "isa_l_rs_vand"])
+def test_an_odd_end_decodes_from_parity_with_16_bit_words(make_store, plugin):
+    # liberasurecode's rs_vand works in 16-bit words: the parity of a shard
+    # ending at an odd byte has a byte past that end, which must be stored
+    k, m, C = 3, 3, 8192
+    d, s = make_store(k=k, m=m, chunk_size=C, plugin=plugin, write_mode="delta")
+    data = os.urandom(k * C * 3 + C // 3 + 17)       # shard 0 ends at an odd byte
+    s.write("o", 0, data)
+    check_parity(d)
+    for i in range(k):                               # only parity left to decode from
+        s.osdmap.mark_down(osd_of(d, "o", i), "test")
+    assert s.read("o", 0, len(data)) == data
