@@ -80,8 +80,9 @@ So a later overwrite of a page whose old data and parity pages are kept
 plans with 0 shard reads (parity delta from the kept pages), and a read of
 kept pages is 0 shard reads. The budget is set by the stripe cache in
 front (backend/stripecache.py): what its dirty bytes leave of its
-capacity. A kept page is trusted as read: bytes flipped on disk under it
-are found by the next read from disk or a scrub, not by a read it serves.
+capacity. A kept page is trusted as written: bytes flipped on disk under
+it are found by the next read from disk or a scrub, not by a read it
+serves.
 
 What the counter cannot see is a shard file changed by hand, outside ecfs.
 Bytes flipped or lost still fail their page checksum on every read (kept
@@ -271,10 +272,10 @@ class StateCache:
     def get_pages(self, st: ObjState, i: int, p0: int, p1: int, out: np.ndarray) -> bool:
         """Copy shard i's pages [p0, p1) into ``out`` if all are kept (the
         caller pins ``st`` and judges validity as for its fds: a page is
-        kept only while the state is). No lock: pages are added, replaced
-        and dropped whole, and a reader's bytes are right for the counter
-        value it checks (a page put in under an unchanged counter holds
-        what the file holds)."""
+        kept only while the state is). No lock: pages are put in and
+        replaced only by follow(), while the counter is odd, and dropped
+        whole at any time; a lock-free reader that finds the counter
+        unchanged after it read them read the pages of that counter."""
         sp = st.pages.get(i)
         if not sp:
             return False
