@@ -1392,6 +1392,12 @@ class ObjectStore:
         for off, d in batch:
             for j, jops in self._stripe_ops(obj, off, d, C, size).items():
                 shard_ops.setdefault(j, []).extend(jops)
+        self._commit_batch(obj, C, end, shard_ops)
+
+    def _commit_batch(self, obj: _Obj, C: int, end: int,
+                      shard_ops: dict[int, list[FileOp]]) -> None:
+        """Commit a batch's page ops with the headers of the shards they
+        touch, built on the object as it is at commit (size at least ``end``)."""
         touched = set(shard_ops)
 
         def build(cur: _Obj):
@@ -1446,28 +1452,21 @@ class ObjectStore:
                     return False
             plan.append((d, i, q0, q1 - q0, lo))
         shard_ops: dict[int, list[FileOp]] = {}
+        paths = [sf.rel_paths(obj.name, j) for j in range(self.width)]
         group: list = []
         pages = 0
         for e in plan:
             group.append(e)
             pages += e[3]
             if pages >= _DELTA_GROUP_PAGES or e is plan[-1]:
-                if not self._delta_group(obj, group, pages, ext, shard_ops):
+                if not self._delta_group(obj, group, pages, ext, paths, shard_ops):
                     return False
                 group, pages = [], 0
         self.counters.add("writes_delta", len(plan))
-        touched = set(shard_ops)
-        end = max(off + len(d) for off, d in batch)
-
-        def build(cur: _Obj):
-            hops, hdr = self._header_ops(cur, C, max(cur.info.object_size, end),
-                                         self._next_version(cur), touched)
-            return self._shard_txn(cur, shard_ops) + hops, hdr
-
-        self._commit(obj, build)
+        self._commit_batch(obj, C, max(off + len(d) for off, d in batch), shard_ops)
         return True
 
-    def _delta_group(self, obj: _Obj, group, pages: int, ext: list[int],
+    def _delta_group(self, obj: _Obj, group, pages: int, ext: list[int], paths: list,
                      shard_ops: dict[int, list[FileOp]]) -> bool:
         """Read, delta-encode and build the ops of some ranges of a
         _delta_batch (their pages side by side in a few arrays)."""
@@ -1498,13 +1497,9 @@ class ObjectStore:
                                                      for x in range(m)]
         for (d, i, q0, npg, lo), t in zip(group, at):
             for j, (src, crcs) in zip((i, *range(k, k + m)), rows):
-                cr = crcs[t:t + npg]
-                rd, rm = sf.rel_paths(obj.name, j)
-                ops = shard_ops.setdefault(j, [])
-                ops += _page_ops(obj.loc[j], rd, q0, src[t * PAGE:(t + npg) * PAGE], cr,
-                                 min((q0 + npg) * PAGE, ext[j]))
-                ops.append(FileOp(OP_WRITE, obj.loc[j], rm, sf.crc_offset(q0),
-                                  cr.astype("<u4").tobytes()))
+                shard_ops.setdefault(j, []).extend(_page_ops(
+                    obj.loc[j], paths[j], q0, src[t * PAGE:(t + npg) * PAGE],
+                    crcs[t:t + npg], min((q0 + npg) * PAGE, ext[j])))
         return True
 
     def _stripe_ops(self, obj: _Obj, offset: int, data: memoryview, C: int,
@@ -1581,17 +1576,14 @@ class ObjectStore:
         for j, runs in runs_of.items():
             if not runs:
                 continue
-            rd, rm = sf.rel_paths(obj.name, j)
+            paths = sf.rel_paths(obj.name, j)
             jops = shard_ops[j] = []
             for p0, p1 in runs:
                 buf = win.pages(j, p0, p1)
                 if compact:
                     buf = buf.copy()
-                crcs = sf.page_crcs(buf)
-                stop = min(p1 * PAGE, new_ext[j])
-                jops += _page_ops(obj.loc[j], rd, p0, buf, crcs, stop)
-                jops.append(FileOp(OP_WRITE, obj.loc[j], rm, sf.crc_offset(p0),
-                                   crcs.astype("<u4").tobytes()))
+                jops += _page_ops(obj.loc[j], paths, p0, buf, sf.page_crcs(buf),
+                                  min(p1 * PAGE, new_ext[j]))
         return shard_ops
 
     def _drop_leftovers(self, obj: _Obj, j: int) -> list[FileOp]:
@@ -2338,10 +2330,12 @@ def _shard_relpath(p: str) -> bool:
     return len(parts) == 3 and parts[0] == "objects" and ".." not in parts and "" not in parts
 
 
-def _page_ops(osd: int, path: str, p0: int, buf: np.ndarray, crcs: np.ndarray,
+def _page_ops(osd: int, paths: tuple[str, str], p0: int, buf: np.ndarray, crcs: np.ndarray,
               stop: int) -> list[FileOp]:
-    """Write pages p0.. of a shard (bytes up to ``stop``): runs of all-zero
+    """Write pages p0.. of a shard (bytes up to ``stop``) and their
+    checksums (``paths``: its data file and sidecar): runs of all-zero
     pages (stored crc 0) become holes, the others one pwrite per run."""
+    path, meta = paths
     zero = crcs == 0
     edges = np.flatnonzero(np.diff(zero.astype(np.int8))) + 1
     bounds = [0, *edges.tolist(), len(zero)]
@@ -2356,6 +2350,7 @@ def _page_ops(osd: int, path: str, p0: int, buf: np.ndarray, crcs: np.ndarray,
             # a view of the window, not a copy: nothing changes the window
             # once its ops are built, and the ops keep it alive
             ops.append(FileOp(OP_WRITE, osd, path, lo, memoryview(buf[a * PAGE:hi - p0 * PAGE])))
+    ops.append(FileOp(OP_WRITE, osd, meta, sf.crc_offset(p0), crcs.astype("<u4").tobytes()))
     return ops
 
 
