@@ -75,6 +75,7 @@ _log = logging.getLogger("ecfs.store")
 PAGE = sf.PAGE
 JOURNAL_LIMIT = 64 << 20      # checkpoint when the journal grows past this
 _DELTA_GROUP_PAGES = 64       # pages a _delta_batch reads and encodes at a time
+_JOIN_CRC_ENTRIES = 4096      # a batch's checksum writes to a shard join across at most this
 MAX_NAME = 250
 
 
@@ -1463,8 +1464,43 @@ class ObjectStore:
                     return False
                 group, pages = [], 0
         self.counters.add("writes_delta", len(plan))
+        self._join_crc_ops(obj, shard_ops, paths)
         self._commit_batch(obj, C, max(off + len(d) for off, d in batch), shard_ops)
         return True
+
+    def _join_crc_ops(self, obj: _Obj, shard_ops: dict[int, list[FileOp]], paths: list) -> None:
+        """One checksum write per shard for a batch instead of one per
+        range: the entries between its ranges are taken from the kept
+        table (valid: the object is locked whole and its state pinned
+        current, so the table is what the sidecar holds). Each small
+        pwrite was a syscall, a journal op and a GIL round trip; a shard's
+        whole table is about 1 KiB per MiB of shard. Shards without a
+        kept table, or whose ranges are far apart, keep their ops."""
+        if self.states is None:
+            return
+        st = self.states.pin(obj.name, obj.gen)
+        if st is None:
+            return
+        try:
+            base = sf.crc_offset(0)
+            for j, ops in shard_ops.items():
+                meta = paths[j][1]
+                crc = [op for op in ops if op.path == meta]
+                table = st.crcs.get(j)
+                if len(crc) < 2 or table is None:
+                    continue
+                a = (min(op.offset for op in crc) - base) // 4
+                b = (max(op.offset + len(op.data) for op in crc) - base) // 4
+                if b > len(table) or b - a > _JOIN_CRC_ENTRIES:
+                    continue
+                joined = table[a:b].astype("<u4")       # a copy
+                for op in crc:
+                    at = (op.offset - base) // 4
+                    joined[at - a:at - a + len(op.data) // 4] = np.frombuffer(op.data, "<u4")
+                shard_ops[j] = [op for op in ops if op.path != meta] + [
+                    FileOp(OP_WRITE, obj.loc[j], meta, base + 4 * a, joined.tobytes())]
+        finally:
+            self.states.unpin(st)
 
     def _delta_group(self, obj: _Obj, group, pages: int, ext: list[int], paths: list,
                      shard_ops: dict[int, list[FileOp]]) -> bool:
