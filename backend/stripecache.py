@@ -85,7 +85,11 @@ from .errors import EcfsError, Fenced, NotFound, StoreError
 log = logging.getLogger("ecfs.cache")
 
 MAX_AGE = 5.0          # seconds dirty data may wait for the flusher
-FLUSH_THREADS = 4      # enough to share fdatasyncs (their bytes in flight are bounded)
+# Two: one encodes and writes while the other waits for its fdatasync.
+# More only fight over the GIL: through the mount, 4K random writes past
+# the cache ran at 3,050 IOPS with 4, 3,350 with 3, 3,500 with 2 and
+# 3,650 with 1 (1M writes: 185, 195, 205, 163 MB/s); docs/design.md.
+FLUSH_THREADS = 2
 
 
 @dataclass

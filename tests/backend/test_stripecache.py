@@ -9,7 +9,7 @@ import pytest
 
 from backend.errors import Fenced, NoSpace
 from backend.objectstore import ObjectStore
-from backend.stripecache import StripeCache
+from backend.stripecache import FLUSH_THREADS, StripeCache
 
 from ..waiting import wait_for
 from .util import check_parity, counted
@@ -386,7 +386,9 @@ def test_flushes_under_way_hold_at_most_the_flight_limit(make_store):
 
     s.add_guard(P, guard)
     c = StripeCache(s, 8 << 20, max_age=3600)
-    c.fly_limit = 1 << 20
+    assert FLUSH_THREADS >= 2
+    held = FLUSH_THREADS - 1                # flushes the flight limit lets in at once
+    c.fly_limit = held * (512 << 10)
     c.set_writeback(P, True)
     try:
         datas = [os.urandom(512 << 10) for _ in range(4)]
@@ -394,14 +396,14 @@ def test_flushes_under_way_hold_at_most_the_flight_limit(make_store):
             c.write(P + str(n), 0, data)
         t = threading.Thread(target=c.flush, args=(P,))
         t.start()
-        wait_for(lambda: len(inside) == 2, what="two flushes in their commit")
-        # the other two wait for room in flight (beside the idle flusher)
-        wait_for(lambda: len(c._cv._waiters) >= 3, what="two flushes wait")
-        assert c._flying == 1 << 20 and len(inside) == 2
+        wait_for(lambda: len(inside) == held, what="flushes in their commit")
+        # the last flush thread waits for room in flight (beside the idle flusher)
+        wait_for(lambda: len(c._cv._waiters) >= 2, what="a flush waits")
+        assert c._flying == held * (512 << 10) and len(inside) == held
         gate.set()
         t.join(30)
         assert not t.is_alive() and c._flying == 0
-        assert max(inside) <= 1 << 20
+        assert max(inside) <= held * (512 << 10)
         assert [s.read(P + str(n), 0, 512 << 10) for n in range(4)] == datas
     finally:
         gate.set()
