@@ -46,6 +46,7 @@ NAMES = (
     "cache_flushes", "cache_flush_extents", "cache_dirty_bytes",
     "fast_reads", "state_loads", "stale_healed",
     "page_hits", "page_cache_bytes",
+    "journal_seals",
 )
 # Levels, not counts: set by their process, and not carried into total.ctr
 # when it ends (a dead process holds no dirty bytes).

@@ -1,7 +1,7 @@
 """The store's redo journal: what makes a multi-shard write atomic.
 
 One append-only file, ``STORE/journal.log``, shared by every process that
-writes the store. A write (a transaction) is made of file operations on
+writes the store (and sealed segments of it waiting to be dropped, below). A write (a transaction) is made of file operations on
 shard files (pwrite, truncate, unlink); before any of them touches a shard
 file, all of them are appended to the journal as one record and the record
 is made durable (fdatasync, shared by concurrent writers: group commit).
@@ -12,7 +12,7 @@ short). Records hold whole page images, so replay is idempotent.
 
 Record format (docs/formats.md, "Journal")::
 
-    file header  "ECFSJRNL" u8 format (2)  7x pad                  (16 bytes)
+    file header  "ECFSJRNL" u8 format (3)  7x pad                  (16 bytes)
     record       "JREC" u32 payload_len u32 crc32c(payload) u32 object_slot
                  payload: u64 version, u16 name_len, name, u16 n_ops, then per op
                    u8 type (1 write, 2 truncate, 3 unlink, 4 punch) u16 osd
@@ -23,15 +23,37 @@ version its shard headers say once applied; a removal counts as one more
 version): replay compares it with the shards' headers so it never writes an
 older page image over a newer one (objectstore). Format 1 had no version;
 a format-1 journal is still read (its records replay unconditionally, as
-format 1 did) and is rewritten as format 2 by the next checkpoint.
+format 1 did) and is rewritten in this format by the next checkpoint.
+Format 3 has format 2's records and adds sealed segments: an ecfs that
+knows only format 2 would not read them, so it refuses the store
+("newer than this ecfs knows") rather than replay half a journal.
 
 A torn or corrupt record (normally the tail; in the middle when a process
 died while appending and others appended after it, or when the file was
 damaged) is skipped; ``damaged`` counts the skipped spans that valid
 records follow, which a torn tail never is.
 
-The journal is emptied by a checkpoint (``objectstore``): with no write in
-flight, sync the OSD file systems, then truncate it to its header.
+Segments (format 3). The journal is emptied by a checkpoint
+(``objectstore``), in one of two ways:
+
+* seal (the routine one, when the journal outgrows its limit): under the
+  exclusive gate, with no transaction between append and apply anywhere,
+  ``journal.log`` is renamed to a sealed segment ``journal.log.SEQ`` and
+  a new empty ``journal.log`` takes its place (microseconds: writers wait
+  for a rename, not a sync). Every record of a sealed segment is applied;
+  what is left is to make the OSD file systems durable (syncfs), done with
+  no gate held while writers append to the new segment, and then to
+  unlink the segment. A process notices the rename before its next append
+  (the path names another inode) and reopens.
+* reset (at open after a crash, before an OSD set switch, at close): with
+  no write in flight, sync the OSD file systems, then unlink every sealed
+  segment and truncate ``journal.log`` to its header.
+
+Sealed segments are read before ``journal.log``, oldest (lowest SEQ)
+first: replay sees records in the order they were appended. SEQ is a
+nanosecond time made larger than every segment's present, so a name is
+never used twice (a settler unlinks only the segments it listed before
+its sync began).
 
 Failure: an fdatasync that fails makes the journal *failed* for the rest
 of this process's use of it. Every waiter whose record the failed call
@@ -46,6 +68,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -54,7 +77,7 @@ import crc32c as _crc32c
 from .errors import StoreError
 
 MAGIC = b"ECFSJRNL"
-FORMAT = 2
+FORMAT = 3
 _FILE_HDR = struct.Struct("<8sB7x")
 _REC = struct.Struct("<4sIII")
 _OP = struct.Struct("<BHHQI")
@@ -131,12 +154,9 @@ def decode_payload(slot: int, payload: memoryview, fmt: int = FORMAT) -> Record:
 class Journal:
     def __init__(self, path: str, readonly: bool = False):
         self.path = path
-        flags = os.O_RDONLY if readonly else (os.O_RDWR | os.O_CREAT | os.O_APPEND)
-        self.fd = os.open(path, flags, 0o600)
-        if not readonly and os.fstat(self.fd).st_size == 0:
-            os.write(self.fd, _FILE_HDR.pack(MAGIC, FORMAT))
-            os.fsync(self.fd)
-        self.format = self._check_header()
+        self.readonly = readonly
+        self._fd_lock = threading.Lock()
+        self._open()
         if not readonly and self.format < FORMAT and os.fstat(self.fd).st_size <= _FILE_HDR.size:
             # an older ecfs's empty journal: start it over in this format
             # (O_APPEND: truncate first, then the write lands at 0)
@@ -151,22 +171,37 @@ class Journal:
         self._syncing = False
         self._failed: OSError | None = None   # the fdatasync error, once one failed
 
-    def _check_header(self) -> int:
-        hdr = os.pread(self.fd, _FILE_HDR.size, 0)
-        if len(hdr) < _FILE_HDR.size:
-            return FORMAT
-        magic, fmt = _FILE_HDR.unpack(hdr)
-        if magic != MAGIC:
-            raise ValueError("journal: bad magic")
-        if fmt > FORMAT:
-            raise ValueError(f"journal format {fmt} is newer than this ecfs knows")
-        if fmt < 1:
-            raise ValueError(f"journal: unknown format {fmt}")
-        return fmt
+    def _open(self) -> None:
+        """Open ``journal.log`` (the active segment; created if missing)."""
+        flags = os.O_RDONLY if self.readonly else (os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        fd = os.open(self.path, flags, 0o600)
+        try:
+            st = os.fstat(fd)
+            if not self.readonly and st.st_size == 0:
+                os.write(fd, _FILE_HDR.pack(MAGIC, FORMAT))
+                os.fsync(fd)
+            fmt = _check_header(fd, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, self._ino, self.format = fd, (st.st_dev, st.st_ino), fmt
+
+    def _current_fd(self) -> int:
+        """The fd of the active segment, reopened if another process
+        sealed it since (the caller holds the commit gate shared, so no
+        seal happens until it is done with the fd)."""
+        with self._fd_lock:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) != self._ino:
+                old = self.fd
+                self._open()
+                os.close(old)
+            return self.fd
 
     def append(self, rec: Record) -> tuple[int, int]:
         """Append a record; returns (ticket for wait_durable, bytes written)."""
         self._check_failed()
+        fd = self._current_fd()
         if self.format != FORMAT:
             raise StoreError(f"journal {self.path} is format {self.format} with records "
                              f"still in it: open the store alone once to replay it")
@@ -175,9 +210,9 @@ class Journal:
         # One write call with O_APPEND: the kernel places it whole at the
         # end, even with other processes appending.
         if len(parts) <= _IOV_MAX:
-            n = os.writev(self.fd, parts)
+            n = os.writev(fd, parts)
         else:
-            n = os.write(self.fd, b"".join(parts))
+            n = os.write(fd, b"".join(parts))
         if n != size:
             raise OSError("journal: short write")
         with self._cond:
@@ -223,20 +258,60 @@ class Journal:
                              f"reopen the store")
 
     def size(self) -> int:
+        """Bytes in journal.log (the active segment) as this process last
+        opened it."""
         return os.fstat(self.fd).st_size
 
-    def records(self) -> Iterator[Record]:
-        """Every valid record, in order.
+    def sealed(self) -> list[str]:
+        """The sealed segments, oldest first. (A segment that is a hard
+        link of journal.log is a seal cut short by a crash: the same
+        records, not a segment of its own.)"""
+        d, base = os.path.split(self.path)
+        segs = []
+        for f in os.listdir(d or "."):
+            tail = f[len(base) + 1:]
+            if f.startswith(base + ".") and tail.isdigit():
+                segs.append((int(tail), os.path.join(d, f)))
+        try:
+            active = os.stat(self.path)
+        except FileNotFoundError:
+            active = None
+        out = []
+        for _, p in sorted(segs):
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue        # dropped by another process meanwhile
+            if active is None or (st.st_dev, st.st_ino) != (active.st_dev, active.st_ino):
+                out.append(p)
+        return out
+
+    def records(self, segments: list[str] | None = None) -> Iterator[Record]:
+        """Every valid record, in order: of the sealed segments (or of
+        ``segments`` only), then of journal.log (not with ``segments``).
 
         A torn record is normally the tail, but a process killed in the
         middle of its append leaves one that other processes then append
         after: past a torn or corrupt record, the next valid record is
         found by scanning for its magic (its crc rules out chance matches)."""
-        with open(self.path, "rb") as f:
-            raw = f.read()
+        self.damaged = 0
+        files = self.sealed() + [self.path] if segments is None else segments
+        for p in files:
+            try:
+                with open(p, "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                if p == self.path:
+                    raise
+                continue        # a segment another process dropped after listing
+            yield from self._scan(raw, p)
+
+    def _scan(self, raw: bytes, path: str) -> Iterator[Record]:
+        if len(raw) < _FILE_HDR.size:
+            return
+        fmt = _header_format(raw[:_FILE_HDR.size], path)
         data = memoryview(raw)
         pos = _FILE_HDR.size
-        self.damaged = 0
         skipped = False
         while pos + _REC.size <= len(data):
             magic, plen, crc, slot = _REC.unpack_from(data, pos)
@@ -250,19 +325,89 @@ class Journal:
             if skipped:
                 self.damaged += 1
                 skipped = False
-            yield decode_payload(slot, body, self.format)
+            yield decode_payload(slot, body, fmt)
             pos += _REC.size + plen
 
-    def reset(self) -> None:
-        """Drop every record (caller guarantees they are applied and synced)."""
+    def seal(self) -> str:
+        """Rename journal.log to a sealed segment and start a new, empty
+        one in its place (the caller holds the checkpoint gate exclusive:
+        every record in it is applied). journal.log never goes missing:
+        the segment's name is linked first, then the new file renamed over
+        journal.log. Returns the segment's path."""
         self._check_failed()
+        d = os.path.dirname(self.path) or "."
+        last = max([int(p.rsplit(".", 1)[1]) for p in self.sealed()], default=0)
+        seg = f"{self.path}.{max(time.time_ns(), last + 1):020d}"
+        tmp = self.path + ".new"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, _FILE_HDR.pack(MAGIC, FORMAT))
+            os.fsync(fd)
+            os.link(self.path, seg)
+            os.rename(tmp, self.path)
+            _fsync_dir(d)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._fd_lock:
+            old, self.fd, self.format = self.fd, fd, FORMAT
+            st = os.fstat(fd)
+            self._ino = (st.st_dev, st.st_ino)
+        os.close(old)
+        return seg
+
+    def drop(self, segments: list[str]) -> None:
+        """Unlink sealed segments whose records are durable on the OSDs."""
+        for p in segments:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        if segments:
+            _fsync_dir(os.path.dirname(self.path) or ".")
+
+    def reset(self) -> None:
+        """Drop every record, sealed segments too (caller guarantees they
+        are applied and synced, with no transaction between append and
+        apply anywhere)."""
+        self._check_failed()
+        fd = self._current_fd()
         if self.format != FORMAT:
-            os.ftruncate(self.fd, 0)
-            os.write(self.fd, _FILE_HDR.pack(MAGIC, FORMAT))
+            os.ftruncate(fd, 0)
+            os.write(fd, _FILE_HDR.pack(MAGIC, FORMAT))
             self.format = FORMAT
         else:
-            os.ftruncate(self.fd, _FILE_HDR.size)
-        os.fsync(self.fd)
+            os.ftruncate(fd, _FILE_HDR.size)
+        os.fsync(fd)
+        d, base = os.path.split(self.path)
+        self.drop([os.path.join(d, f) for f in os.listdir(d or ".")
+                   if f.startswith(base + ".") and f[len(base) + 1:].isdigit()])
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _header_format(hdr: bytes, path: str) -> int:
+    magic, fmt = _FILE_HDR.unpack(hdr)
+    if magic != MAGIC:
+        raise ValueError(f"journal {path}: bad magic")
+    if fmt > FORMAT:
+        raise ValueError(f"journal {path}: format {fmt} is newer than this ecfs knows")
+    if fmt < 1:
+        raise ValueError(f"journal {path}: unknown format {fmt}")
+    return fmt
+
+
+def _check_header(fd: int, path: str) -> int:
+    hdr = os.pread(fd, _FILE_HDR.size, 0)
+    if len(hdr) < _FILE_HDR.size:
+        return FORMAT
+    return _header_format(hdr, path)
+
+
+def _fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -73,7 +73,8 @@ from .pool import MAX_OBJECT_SIZE, load_pool
 
 _log = logging.getLogger("ecfs.store")
 PAGE = sf.PAGE
-JOURNAL_LIMIT = 64 << 20      # checkpoint when the journal grows past this
+JOURNAL_LIMIT = 64 << 20      # seal the journal when it grows past this (rotate)
+MAX_SEALED = 4                # sealed segments left by failures: then checkpoint, gated
 _DELTA_GROUP_PAGES = 64       # pages a _delta_batch reads and encodes at a time
 _JOIN_CRC_ENTRIES = 4096      # a batch's checksum writes to a shard join across at most this
 MAX_NAME = 250
@@ -213,6 +214,7 @@ class ObjectStore:
                                    os.O_RDWR | os.O_CREAT, 0o600)
         self._tls = threading.local()           # .depth: _locked nesting of this thread
         self._ckpt_due = False
+        self._rotating = threading.Lock()
         self._unsettled: dict[int, str] = {}    # OSDs whose syncfs failed, not yet settled
         # One directory fd per OSD, opened now and kept: syncfs reports the
         # writeback errors seen since *its file* was opened, so an fd opened
@@ -477,6 +479,71 @@ class ObjectStore:
             self._reapply(recs, set(failed))
             retried = True
 
+    def rotate(self) -> None:
+        """The routine checkpoint: seal the journal (backend/journal.py,
+        "Segments"), then make the sealed records durable on the OSDs and
+        drop them, with no gate held. Writers wait only for the seal (a
+        rename under the exclusive gate); the syncfs runs while they go on
+        appending to the new segment.
+
+        Only a clean sync drops a segment. Anything else (a syncfs that
+        fails, an OSD unreachable, failures not yet settled, too many
+        segments left by earlier failures) goes the gated way,
+        ``checkpoint()``, which writes the pages again or marks the OSD
+        down and logs its objects, and raises when it cannot."""
+        if self.readonly:
+            return
+        if not self._rotating.acquire(blocking=False):
+            return          # another thread of this process is at it
+        try:
+            self._rotate()
+        finally:
+            self._rotating.release()
+
+    def _rotate(self) -> None:
+        if self.journal.failed or self._unsettled or \
+                len(self.journal.sealed()) >= MAX_SEALED:
+            self.checkpoint()
+            return
+        while True:
+            for slot in self.locks.inflight_slots():
+                self._replay_slot(slot)
+            with self.locks.checkpoint_gate():
+                if self.locks.inflight_slots():
+                    continue        # a writer died since the scan: replay it too
+                if self.journal.size() > JOURNAL_LIMIT:     # else another process sealed it
+                    self.journal.seal()
+                    self.counters.add("journal_seals")
+                break
+        self._crashpoint()
+        self._settle_sealed()
+
+    def _settle_sealed(self) -> None:
+        """Sync the OSD file systems and drop the sealed segments listed
+        before the sync began (their records were all applied before they
+        were sealed, so the sync covers them)."""
+        segs = self.journal.sealed()
+        if not segs:
+            return
+        recs: list[Record] = []
+
+        def records() -> list[Record]:
+            if not recs:
+                recs.extend(self.journal.records(segs))
+            return recs
+
+        failed = self._syncfs_groups(self.osdmap.paths, lambda: _osds_of(records()))
+        if failed:
+            self._unsettled.update(failed)
+            self.checkpoint()
+            return
+        # an OSD down now may have dropped what the records wrote to it
+        # before it went: its objects are logged, so its return rebuilds them
+        self._settle_unsynced(records, {})
+        self._crashpoint()
+        self.journal.drop(segs)
+        self.counters.add("fsyncs")
+
     def close(self) -> None:
         if self._closed:
             return
@@ -532,7 +599,7 @@ class ObjectStore:
                            f"has it open)") from None
             fcntl.flock(self._clients_fd, fcntl.LOCK_SH)
             return
-        if self.journal.size() > 16:
+        if self.journal.size() > 16 or self.journal.sealed():
             self._replay_records(list(self.journal.records()), whole_journal=True)
             self.checkpoint()
         if not alone:
@@ -702,10 +769,10 @@ class ObjectStore:
         if depth == 0 and self._stale and not getattr(self._tls, "healing", False):
             self._heal_stale()
         if depth == 0 and self._ckpt_due:
-            # the journal outgrew its limit: checkpoint now that this thread
-            # holds no stripe (a checkpoint takes a dead writer's slot whole)
+            # the journal outgrew its limit: seal it now that this thread
+            # holds no stripe (a seal replays a dead writer's slot whole)
             self._ckpt_due = False
-            self.checkpoint()
+            self.rotate()
 
     def _heal_stale(self) -> None:
         """Rebuild the stale shards on up OSDs that writes found and had to

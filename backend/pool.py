@@ -4,7 +4,8 @@ The store directory holds::
 
     pool.json      this config (JSON, integer format_version)
     osdmap.json    OSD states set by the admin (down/up)
-    journal.log    the redo journal (backend.journal)
+    journal.log    the redo journal (backend.journal; sealed segments
+                   journal.log.SEQ wait beside it until they are synced)
     locks, inflight, ckpt.lock, clients.lock   coordination (backend.locks)
     counters/      I/O counters (backend.counters)
     osd.N/         OSD directories, unless placed elsewhere with --osd-dir
@@ -236,7 +237,8 @@ def _check_layout(store: str, paths: list[str]) -> None:
             raise InvalidArgument(f"OSD directory {p} is the store directory itself")
         if _inside(rstore, rp):
             raise InvalidArgument(f"the store directory {store} is inside OSD directory {p}")
-        if _inside(rp, rstore) and os.path.relpath(rp, rstore).split(os.sep)[0] in STORE_ENTRIES:
+        top = os.path.relpath(rp, rstore).split(os.sep)[0] if _inside(rp, rstore) else None
+        if top is not None and (top in STORE_ENTRIES or top.startswith("journal.log.")):
             raise InvalidArgument(f"OSD directory {p} takes a name the store uses for itself")
     for i in range(len(real)):
         for j in range(len(real)):

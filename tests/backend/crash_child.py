@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from backend import objectstore
 from backend.objectstore import ObjectStore
 from backend.stripecache import StripeCache
 
@@ -28,6 +29,7 @@ def gen(seed: int, k: int, max_size: int) -> IOGen:
 
 
 FLUSH_EVERY = 4
+JOURNAL_LIMIT = 96 << 10
 
 
 def main() -> None:
@@ -44,6 +46,9 @@ def main() -> None:
             trace.append(f"{f.f_code.co_name}:{f.f_lineno}")
             orig(self)
         ObjectStore._crashpoint = traced
+    # a small journal: it is sealed, synced and dropped many times a run,
+    # so crash points inside the routine checkpoint are among those chosen
+    objectstore.JOURNAL_LIMIT = JOURNAL_LIMIT
     s = ObjectStore(store)
     s._rng.seed(int(seed))      # write_mode "mixed": the same choices every run
     if cached:

@@ -142,7 +142,10 @@ def test_crash_points(tmp_path, profile):
     points = _choose(phases, count, random.Random(seed))
     assert len(points) == count
     assert {phases[n - 1] for n in points} >= {"before-append", "before-fsync", "before-apply",
-                                              "apply-first", "apply-mid", "apply-last"}
+                                              "apply-first", "apply-mid", "apply-last",
+                                              # the routine checkpoint: after the seal,
+                                              # after the sync, before the drop
+                                              "_rotate", "_settle_sealed"}
     with ThreadPoolExecutor(max_workers=2) as ex:
         outcomes = list(ex.map(lambda n: _one(str(tmp_path), profile, n), points))
     # both outcomes happen: crashes before the record is durable roll back,

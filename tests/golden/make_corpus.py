@@ -3,6 +3,7 @@ inputs, packed as one tar.gz with a manifest of what it must read back.
 
     python -m tests.golden.make_corpus tests/golden/store-v1.tar.gz
     python -m tests.golden.make_corpus --removed-osd tests/golden/store-v2-removed-osd.tar.gz
+    python -m tests.golden.make_corpus --sealed tests/golden/store-v3-journal-segments.tar.gz
 
 Every later version must read the committed corpora back unchanged
 (tests/golden/test_golden.py), as Ceph's erasure-code non-regression
@@ -17,7 +18,8 @@ a clone with its own writes; and a journal that still holds a record
 (the copy is taken while the store is open, after a write).
 ``--removed-osd``: 8 OSDs, and osd.3 removed (``ecfs osd rm``) after the
 plain objects are written: pool.json format 2, placement with a removed
-OSD."""
+OSD. ``--sealed``: the journal (format 3) also has a sealed segment
+holding the record of one more object."""
 from __future__ import annotations
 
 import hashlib
@@ -48,7 +50,7 @@ def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def build(d: str, snapshot_to: str, removed_osd: bool = False) -> dict:
+def build(d: str, snapshot_to: str, removed_osd: bool = False, sealed: bool = False) -> dict:
     create_store(d, k=4, m=2, chunk_size="auto", write_mode="auto",
                  osds=8 if removed_osd else None)
     objs: dict[str, bytes] = {}
@@ -105,6 +107,12 @@ def build(d: str, snapshot_to: str, removed_osd: bool = False) -> dict:
     s.close()
 
     s = ObjectStore(d)
+    if sealed:
+        objs["sealed"] = content(41, 9_000)
+        s.write("sealed", 0, objs["sealed"])
+        with s.locks.checkpoint_gate():
+            s.journal.seal()
+        assert len(s.journal.sealed()) == 1
     objs["journaled"] = content(40, 12_000)
     s.write("journaled", 0, objs["journaled"])
     assert s.journal.size() > 16, "the record must still be in the journal"
@@ -116,9 +124,9 @@ def build(d: str, snapshot_to: str, removed_osd: bool = False) -> dict:
             "image_sizes": {n: len(b) for n, b in images.items()}}
 
 
-def main(out: str, removed_osd: bool = False) -> None:
+def main(out: str, removed_osd: bool = False, sealed: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        made = build(os.path.join(tmp, "made"), os.path.join(tmp, "store"), removed_osd)
+        made = build(os.path.join(tmp, "made"), os.path.join(tmp, "store"), removed_osd, sealed)
         with open(os.path.join(tmp, "store", "golden.json"), "w") as f:
             json.dump({"made_by": "ecfs " + _version(), **made}, f, indent=1, sort_keys=True)
         with tarfile.open(out, "w:gz") as t:
@@ -132,4 +140,4 @@ def _version() -> str:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(args[-1], removed_osd="--removed-osd" in args)
+    main(args[-1], removed_osd="--removed-osd" in args, sealed="--sealed" in args)

@@ -38,8 +38,12 @@ def test_a_corpus_store_reads_back(corpus, tmp_path):
         t.extractall(tmp_path)      # our own archive (no filter= before Python 3.11.4)
     d = tmp_path / "store"
     want = json.loads((d / "golden.json").read_text())
+    segments = sorted(f for f in os.listdir(d) if f.startswith("journal.log."))
     s = ObjectStore(str(d))         # replays the journal the copy kept
     try:
+        # alone, it replayed and emptied the journal, sealed segments too
+        assert s.journal.sealed() == [] and s.journal.size() == 16, segments
+        assert not any(f.startswith("journal.log.") for f in os.listdir(d))
         for name, digest in want["objects"].items():
             got = s.read(name, 0, want["sizes"][name] + 4096)
             assert len(got) == want["sizes"][name] and _sha(got) == digest, name
