@@ -258,9 +258,9 @@ class Journal:
                              f"reopen the store")
 
     def size(self) -> int:
-        """Bytes in journal.log (the active segment) as this process last
-        opened it."""
-        return os.fstat(self.fd).st_size
+        """Bytes in journal.log, the active segment (this process's fd may
+        still be on one another process sealed since)."""
+        return os.stat(self.path).st_size
 
     def sealed(self) -> list[str]:
         """The sealed segments, oldest first. (A segment that is a hard

@@ -505,6 +505,7 @@ class ObjectStore:
                 len(self.journal.sealed()) >= MAX_SEALED:
             self.checkpoint()
             return
+        sealed = False
         while True:
             for slot in self.locks.inflight_slots():
                 self._replay_slot(slot)
@@ -514,8 +515,10 @@ class ObjectStore:
                 if self.journal.size() > JOURNAL_LIMIT:     # else another process sealed it
                     self.journal.seal()
                     self.counters.add("journal_seals")
+                    sealed = True
                 break
-        self._crashpoint()
+        if sealed:
+            self._crashpoint()
         self._settle_sealed()
 
     def _settle_sealed(self) -> None:
