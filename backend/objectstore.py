@@ -1210,31 +1210,39 @@ class ObjectStore:
                 return None
             C = info.chunk_size
             KC = self.k * C
-            pieces = []
+            s0, r0 = divmod(offset, KC)
+            s1, r1 = divmod(end - 1, KC)
+            i0, i1 = r0 // C, r1 // C
+            out = bytearray(end - offset)
+            view = np.frombuffer(out, dtype=np.uint8)
             reads = rbytes = hits = 0
-            pos = offset
-            while pos < end:
-                s, r = divmod(pos, KC)
-                i, c = divmod(r, C)
-                n = min(C - c, end - pos)
+            for i in range(self.k):
+                # shard i's bytes of the range are one run of its file
+                # (the tail of a chunk, whole chunks, the head of one):
+                # one read each, however many stripes the range spans
+                first = s0 if i >= i0 else s0 + 1
+                last = s1 if i <= i1 else s1 - 1
+                if first > last:
+                    continue
                 if not usable.get(i):
                     return None
+                a = first * C + (r0 - i * C if (first, i) == (s0, i0) else 0)
+                b = last * C + (r1 + 1 - i * C if (last, i) == (s1, i1) else C)
                 if info.vector[i] == 0:
-                    pieces.append(np.zeros(n, dtype=np.uint8))
+                    continue            # never written: zeros (out starts zeroed)
+                p0, p1 = a // PAGE, -(-b // PAGE)
+                buf = np.empty((p1 - p0) * PAGE, dtype=np.uint8)
+                if self.states.get_pages(st, i, p0, p1, buf):
+                    hits += 1
+                elif self._read_pinned(st, i, p0, p1, buf, lockless=True):
+                    reads += 1
+                    rbytes += len(buf)
                 else:
-                    lo = s * C + c
-                    p0, p1 = lo // PAGE, -(-(lo + n) // PAGE)
-                    buf = np.empty((p1 - p0) * PAGE, dtype=np.uint8)
-                    if self.states.get_pages(st, i, p0, p1, buf):
-                        hits += 1
-                    elif self._read_pinned(st, i, p0, p1, buf, lockless=True):
-                        reads += 1
-                        rbytes += len(buf)
-                    else:
-                        return None
-                    a = lo - p0 * PAGE
-                    pieces.append(buf[a:a + n])
-                pos += n
+                    return None
+                for t in range(first, last + 1):
+                    x, y = max(a, t * C), min(b, (t + 1) * C)      # in the shard file
+                    at = t * KC + i * C + x - t * C - offset          # in the range
+                    view[at:at + y - x] = buf[x - p0 * PAGE:y - p0 * PAGE]
             if self.seq.get(st.slot) != seq:
                 return None             # a shard file changed meanwhile
         finally:
@@ -1243,7 +1251,7 @@ class ObjectStore:
                                 ("fast_reads", 1), ("page_hits", hits),
                                 ("read_shard_reads", reads), ("shard_reads", reads),
                                 ("shard_read_bytes", rbytes)))
-        return pieces[0].tobytes() if len(pieces) == 1 else np.concatenate(pieces).tobytes()
+        return bytes(out)
 
     def _recover(self, obj: _Obj, win: _Window, i: int, p0: int, p1: int,
                  bad: np.ndarray | None, kind: str) -> None:

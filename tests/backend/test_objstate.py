@@ -44,6 +44,24 @@ def test_a_read_across_shards_is_one_read_per_shard(make_store):
     assert (c["shard_reads"], c["meta_reads"]) == (4, 0)
 
 
+def test_a_read_over_many_stripes_is_still_one_read_per_shard(make_store):
+    d, s, data = _store(make_store)
+    s.read("o", 0, 16 * C)          # every data shard's table kept
+    got = {}
+    # 3000 .. 11 stripes on: the tail of a chunk of shard 0, whole chunks,
+    # the head of one: each shard's part is one run of its file
+    c = counted(s, lambda: got.update(b=s.try_read("o", 3000, 40 * C + 5)))
+    assert got["b"] == data[3000:3000 + 40 * C + 5]
+    assert (c["shard_reads"], c["meta_reads"], c["fast_reads"]) == (4, 0, 1)
+    assert c["shard_read_bytes"] == 41 * C      # the 41 chunks it touches, whole pages
+    rng = __import__("random").Random(5)
+    for _ in range(200):
+        off = rng.randrange(len(data))
+        n = rng.choice((1, 100, C, 3 * C + 7, 17 * C, rng.randrange(1, 60 * C)))
+        b = s.try_read("o", off, n)
+        assert b == data[off:off + n], (off, n)
+
+
 def test_own_writes_keep_the_state_valid(make_store):
     d, s, data = _store(make_store)
     s.read("o", 0, 16 * C)            # every data shard's checksum table kept
