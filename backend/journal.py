@@ -25,43 +25,12 @@ older page image over a newer one (objectstore). Format 1 had no version;
 a format-1 journal is still read (its records replay unconditionally, as
 format 1 did) and is rewritten in this format by the next checkpoint.
 Format 3 has format 2's records and adds sealed segments: an ecfs that
-knows only format 2 would not read them, so it refuses the store
-("newer than this ecfs knows") rather than replay half a journal.
-
-A torn or corrupt record (normally the tail; in the middle when a process
-died while appending and others appended after it, or when the file was
-damaged) is skipped; ``damaged`` counts the skipped spans that valid
-records follow, which a torn tail never is.
-
-Segments (format 3). The journal is emptied by a checkpoint
-(``objectstore``), in one of two ways:
-
-* seal (the routine one, when the journal outgrows its limit): under the
-  exclusive gate, with no transaction between append and apply anywhere,
-  ``journal.log`` is renamed to a sealed segment ``journal.log.SEQ`` and
-  a new empty ``journal.log`` takes its place (microseconds: writers wait
-  for a rename, not a sync). Every record of a sealed segment is applied;
-  what is left is to make the OSD file systems durable (syncfs), done with
-  no gate held while writers append to the new segment, and then to
-  unlink the segment. A process notices the rename before its next append
-  (the path names another inode) and reopens.
-* reset (at open after a crash, before an OSD set switch, at close): with
-  no write in flight, sync the OSD file systems, then unlink every sealed
-  segment and truncate ``journal.log`` to its header.
-
-Sealed segments are read before ``journal.log``, oldest (lowest SEQ)
-first: replay sees records in the order they were appended. SEQ is a
-nanosecond time made larger than every segment's present, so a name is
-never used twice (a settler unlinks only the segments it listed before
-its sync began).
-
-Failure: an fdatasync that fails makes the journal *failed* for the rest
-of this process's use of it. Every waiter whose record the failed call
-covered gets the error, and so does every later append and wait: after a
-writeback error the kernel may have dropped the dirty pages, and a later
-fdatasync that succeeds says nothing about them (the "fsyncgate" lesson),
-so nothing appended here can be called durable until the store is
-reopened and the journal is read back from disk.
+knows only format 2 would not read them, so it refuses a format-3 journal
+("newer than this ecfs knows") rather than replay half of one. An older
+journal is renewed as format 3 only by a process alone with the store
+(``upgrade``): an older ecfs still running would go on appending to a
+file a seal renames. Until then it is written as it is (format 2 has the
+same records) and emptied the gated way, never sealed.
 """
 from __future__ import annotations
 
@@ -157,13 +126,6 @@ class Journal:
         self.readonly = readonly
         self._fd_lock = threading.Lock()
         self._open()
-        if not readonly and self.format < FORMAT and os.fstat(self.fd).st_size <= _FILE_HDR.size:
-            # an older ecfs's empty journal: start it over in this format
-            # (O_APPEND: truncate first, then the write lands at 0)
-            os.ftruncate(self.fd, 0)
-            os.write(self.fd, _FILE_HDR.pack(MAGIC, FORMAT))
-            os.fsync(self.fd)
-            self.format = FORMAT
         self.damaged = 0       # corrupt spans skipped by the last records() scan
         self._cond = threading.Condition()
         self._appended = 0     # records appended by this process
@@ -186,6 +148,18 @@ class Journal:
             raise
         self.fd, self._ino, self.format = fd, (st.st_dev, st.st_ino), fmt
 
+    def upgrade(self) -> None:
+        """An older ecfs's empty journal starts over in this format. Only
+        for a process alone with the store: an older ecfs still running
+        would go on appending to a file that a seal renames (it does not
+        know segments), so a journal in an older format is never sealed."""
+        if self.format < FORMAT and os.fstat(self.fd).st_size <= _FILE_HDR.size:
+            # (O_APPEND: truncate first, then the write lands at 0)
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, _FILE_HDR.pack(MAGIC, FORMAT))
+            os.fsync(self.fd)
+            self.format = FORMAT
+
     def _current_fd(self) -> int:
         """The fd of the active segment, reopened if another process
         sealed it since (the caller holds the commit gate shared, so no
@@ -202,9 +176,10 @@ class Journal:
         """Append a record; returns (ticket for wait_durable, bytes written)."""
         self._check_failed()
         fd = self._current_fd()
-        if self.format != FORMAT:
-            raise StoreError(f"journal {self.path} is format {self.format} with records "
-                             f"still in it: open the store alone once to replay it")
+        if self.format < 2:
+            raise StoreError(f"journal {self.path} is format {self.format}, older than this "
+                             f"ecfs writes: open the store alone once (no other ecfs using "
+                             f"it) to replay and renew it")
         parts = record_parts(rec)
         size = sum(len(p) for p in parts)
         # One write call with O_APPEND: the kernel places it whole at the
@@ -266,18 +241,12 @@ class Journal:
         """The sealed segments, oldest first. (A segment that is a hard
         link of journal.log is a seal cut short by a crash: the same
         records, not a segment of its own.)"""
-        d, base = os.path.split(self.path)
-        segs = []
-        for f in os.listdir(d or "."):
-            tail = f[len(base) + 1:]
-            if f.startswith(base + ".") and tail.isdigit():
-                segs.append((int(tail), os.path.join(d, f)))
         try:
             active = os.stat(self.path)
         except FileNotFoundError:
             active = None
         out = []
-        for _, p in sorted(segs):
+        for p in self._segment_files():
             try:
                 st = os.stat(p)
             except FileNotFoundError:
@@ -285,6 +254,16 @@ class Journal:
             if active is None or (st.st_dev, st.st_ino) != (active.st_dev, active.st_ino):
                 out.append(p)
         return out
+
+    def _segment_files(self) -> list[str]:
+        """Paths named journal.log.SEQ, lowest SEQ first."""
+        d, base = os.path.split(self.path)
+        segs = []
+        for f in os.listdir(d or "."):
+            tail = f[len(base) + 1:]
+            if f.startswith(base + ".") and tail.isdigit():
+                segs.append((int(tail), os.path.join(d, f)))
+        return [p for _, p in sorted(segs)]
 
     def records(self, segments: list[str] | None = None) -> Iterator[Record]:
         """Every valid record, in order: of the sealed segments (or of
@@ -296,15 +275,26 @@ class Journal:
         found by scanning for its magic (its crc rules out chance matches)."""
         self.damaged = 0
         files = self.sealed() + [self.path] if segments is None else segments
-        for p in files:
-            try:
-                with open(p, "rb") as f:
-                    raw = f.read()
-            except FileNotFoundError:
-                if p == self.path:
-                    raise
-                continue        # a segment another process dropped after listing
-            yield from self._scan(raw, p)
+        # Opened newest first, and none older than one found gone: a
+        # settle in another process drops segments oldest first, so what
+        # is read is always a suffix of the journal (records of an old
+        # segment without those of a newer one could bring back an object
+        # the newer removed). An open file stays readable when dropped.
+        opened = []
+        try:
+            for p in reversed(files):
+                try:
+                    opened.append((p, open(p, "rb")))
+                except FileNotFoundError:
+                    if p == self.path:
+                        raise
+                    break
+            for p, f in reversed(opened):
+                raw = f.read()
+                yield from self._scan(raw, p)
+        finally:
+            for _, f in opened:
+                f.close()
 
     def _scan(self, raw: bytes, path: str) -> Iterator[Record]:
         if len(raw) < _FILE_HDR.size:
@@ -335,8 +325,16 @@ class Journal:
         the segment's name is linked first, then the new file renamed over
         journal.log. Returns the segment's path."""
         self._check_failed()
+        if self.format != FORMAT:
+            raise StoreError(f"journal {self.path} is format {self.format}: not sealed")
         d = os.path.dirname(self.path) or "."
-        last = max([int(p.rsplit(".", 1)[1]) for p in self.sealed()], default=0)
+        active = os.stat(self.path)
+        last = 0
+        for p in self._segment_files():
+            last = max(last, int(p.rsplit(".", 1)[1]))
+            st = os.stat(p)
+            if (st.st_dev, st.st_ino) == (active.st_dev, active.st_ino):
+                os.unlink(p)        # a seal cut short: one name of journal.log is enough
         seg = f"{self.path}.{max(time.time_ns(), last + 1):020d}"
         tmp = self.path + ".new"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
@@ -344,8 +342,9 @@ class Journal:
             os.write(fd, _FILE_HDR.pack(MAGIC, FORMAT))
             os.fsync(fd)
             os.link(self.path, seg)
+            _fsync_dir(d)           # the segment's name, before journal.log moves off it
             os.rename(tmp, self.path)
-            _fsync_dir(d)
+            _fsync_dir(d)           # before any record in the new file is called durable
         except BaseException:
             os.close(fd)
             raise
@@ -371,17 +370,13 @@ class Journal:
         are applied and synced, with no transaction between append and
         apply anywhere)."""
         self._check_failed()
+        # the sealed segments go first, oldest first, journal.log last: a
+        # crash in between leaves newer records without older ones (their
+        # replay ends where the journal did), never the reverse
+        self.drop(self._segment_files())
         fd = self._current_fd()
-        if self.format != FORMAT:
-            os.ftruncate(fd, 0)
-            os.write(fd, _FILE_HDR.pack(MAGIC, FORMAT))
-            self.format = FORMAT
-        else:
-            os.ftruncate(fd, _FILE_HDR.size)
+        os.ftruncate(fd, _FILE_HDR.size)      # (its format stays: see upgrade)
         os.fsync(fd)
-        d, base = os.path.split(self.path)
-        self.drop([os.path.join(d, f) for f in os.listdir(d or ".")
-                   if f.startswith(base + ".") and f[len(base) + 1:].isdigit()])
 
     def close(self) -> None:
         os.close(self.fd)

@@ -63,6 +63,7 @@ from .counters import Counters
 from .errors import (Busy, DataUnavailable, EcfsError, InvalidArgument, NoSpace, NotFound,
                      ReadOnly, StoreError, TooBig)
 from .faults import Faults
+from .journal import FORMAT as JOURNAL_FORMAT
 from .journal import OP_PUNCH, OP_TRUNCATE, OP_UNLINK, OP_WRITE, PUNCH_LEN, FileOp, Journal, Record
 from .locks import ALL_STRIPES, StoreLocks, slot_of
 from .missed import MissedLog
@@ -188,6 +189,9 @@ class ObjectStore:
         self._crash_lock = threading.Lock()
         self._dirty = False
         self._closed = False
+        self._bg: threading.Thread | None = None     # a background rotate()
+        self._bg_lock = threading.Lock()
+        self._bg_retry_at = 0.0
         self._chunk_hint: dict[str, int] = {}   # lock hint only; checked once locked
         self._recovering: set[int] = set()      # down OSDs this process is rebuilding
         self._stale: set[str] = set()           # objects with a stale shard on an up OSD
@@ -215,6 +219,7 @@ class ObjectStore:
         self._tls = threading.local()           # .depth: _locked nesting of this thread
         self._ckpt_due = False
         self._rotating = threading.Lock()
+        self.background_checkpoints = False     # rotate() in a thread (the stripe cache)
         self._unsettled: dict[int, str] = {}    # OSDs whose syncfs failed, not yet settled
         # One directory fd per OSD, opened now and kept: syncfs reports the
         # writeback errors seen since *its file* was opened, so an fd opened
@@ -501,8 +506,8 @@ class ObjectStore:
             self._rotating.release()
 
     def _rotate(self) -> None:
-        if self.journal.failed or self._unsettled or \
-                len(self.journal.sealed()) >= MAX_SEALED:
+        if self.journal.failed or self._unsettled or self.journal.format < JOURNAL_FORMAT \
+                or len(self.journal.sealed()) >= MAX_SEALED:
             self.checkpoint()
             return
         sealed = False
@@ -521,6 +526,27 @@ class ObjectStore:
             self._crashpoint()
         self._settle_sealed()
 
+    def _rotate_soon(self) -> None:
+        """rotate() in a thread of its own (``background_checkpoints``: the
+        stripe cache's flush threads, which hold their flush's bytes in
+        flight and its object busy, never wait for an OSD sync)."""
+        with self._bg_lock:
+            if self._closed or (self._bg is not None and self._bg.is_alive()) or \
+                    time.monotonic() < self._bg_retry_at:
+                return
+            self._bg = threading.Thread(target=self._rotate_bg, name="ecfs-journal",
+                                        daemon=True)
+            self._bg.start()
+
+    def _rotate_bg(self) -> None:
+        try:
+            self.rotate()
+        except Exception as e:
+            # the journal is kept (it holds what the OSDs may lack): a
+            # commit past the limit tries again, after a pause
+            _log.error("checkpoint: %s", e)
+            self._bg_retry_at = time.monotonic() + 5.0
+
     def _settle_sealed(self) -> None:
         """Sync the OSD file systems and drop the sealed segments listed
         before the sync began (their records were all applied before they
@@ -536,21 +562,26 @@ class ObjectStore:
             return recs
 
         failed = self._syncfs_groups(self.osdmap.paths, lambda: _osds_of(records()))
-        if failed:
+        self.osdmap.maybe_refresh()
+        if failed or not all(self.osdmap.writable(i) for i in self.osdmap.paths):
+            # a sync failed, or an OSD is down (it may have lost what the
+            # records wrote to it before it went: its objects must be
+            # logged, under the gate, where no 'osd up' runs meanwhile)
             self._unsettled.update(failed)
             self.checkpoint()
             return
-        # an OSD down now may have dropped what the records wrote to it
-        # before it went: its objects are logged, so its return rebuilds them
-        self._settle_unsynced(records, {})
         self._crashpoint()
         self.journal.drop(segs)
         self.counters.add("fsyncs")
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._bg_lock:
+            if self._closed:
+                return
+            self._closed = True
+            bg = self._bg
+        if bg is not None:
+            bg.join()
         if self.readonly:
             return
         try:
@@ -605,6 +636,7 @@ class ObjectStore:
         if self.journal.size() > 16 or self.journal.sealed():
             self._replay_records(list(self.journal.records()), whole_journal=True)
             self.checkpoint()
+        self.journal.upgrade()      # alone: no older ecfs has the journal open
         if not alone:
             fcntl.flock(self._clients_fd, fcntl.LOCK_SH)
 
@@ -775,7 +807,10 @@ class ObjectStore:
             # the journal outgrew its limit: seal it now that this thread
             # holds no stripe (a seal replays a dead writer's slot whole)
             self._ckpt_due = False
-            self.rotate()
+            if self.background_checkpoints:
+                self._rotate_soon()
+            else:
+                self.rotate()
 
     def _heal_stale(self) -> None:
         """Rebuild the stale shards on up OSDs that writes found and had to
@@ -1178,6 +1213,11 @@ class ObjectStore:
         buf = bytearray(4 * pages)
         got = os.preadv(fd, [buf], sf.crc_offset(0), os.RWF_NOWAIT if lockless else 0)
         self.counters.add("meta_reads")
+        if lockless and got < len(buf) and got < os.fstat(fd).st_size - sf.crc_offset(0):
+            # RWF_NOWAIT stops where the page cache does: the rest is not
+            # zero, only not in memory. (A kept table is trusted as what
+            # the sidecar holds: _join_crc_ops writes its entries back.)
+            return None
         table = np.zeros(pages, dtype=np.uint32)
         table[:got // 4] = np.frombuffer(buf, dtype="<u4", count=got // 4)
         self.states.keep_crcs(st, i, table, seq)

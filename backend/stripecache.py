@@ -112,6 +112,9 @@ class StripeCache:
         if capacity <= 0:
             raise ValueError("capacity must be positive (0 means no cache: use the store)")
         self.lower = store
+        # the flush threads hold their flush's bytes in flight: a journal
+        # checkpoint (an OSD sync) runs in a thread of its own
+        store.background_checkpoints = True
         self.capacity = capacity
         self.max_age = max_age
         self.through = capacity // 4       # larger writes are written through

@@ -229,3 +229,186 @@ def test_a_crash_after_seals_replays_the_segments_in_order(tmp_path):
     finally:
         s.close()
     check_parity(d)
+
+
+def test_reset_drops_the_sealed_segments_before_it_empties_journal_log(tmp_path, monkeypatch):
+    """A crash inside reset must leave newer records without older ones,
+    never an old segment whose newer records are gone (its replay would
+    bring back what they removed)."""
+    j = Journal(str(tmp_path / "journal.log"))
+    j.append(_rec(1))
+    j.seal()
+    j.append(_rec(2))
+
+    def cut(self, segments):
+        raise OSError(5, "killed here")
+
+    monkeypatch.setattr(Journal, "drop", cut)
+    with pytest.raises(OSError):
+        j.reset()
+    assert _names(j.records()) == ["obj1", "obj2"], "journal.log was emptied first"
+    monkeypatch.undo()
+    j.reset()
+    assert j.sealed() == [] and list(j.records()) == []
+    j.close()
+
+
+def test_a_reader_sees_a_suffix_of_the_journal_while_another_process_drops(tmp_path,
+                                                                           monkeypatch):
+    j = Journal(str(tmp_path / "journal.log"))
+    j.append(_rec(1))
+    s1 = j.seal()
+    j.append(_rec(2))
+    s2 = j.seal()
+    j.append(_rec(3))
+    # segments dropped (oldest first) while the reader scans the first:
+    # it opened them all before reading, so it reads all of them
+    other = Journal(j.path)
+    scan = Journal._scan
+    dropped = []
+
+    def scanning(self, raw, path):
+        if not dropped:
+            dropped.append(path)
+            other.drop([s1, s2])
+        return scan(self, raw, path)
+
+    monkeypatch.setattr(Journal, "_scan", scanning)
+    assert _names(j.records()) == ["obj1", "obj2", "obj3"]
+    monkeypatch.undo()
+    # listed, then the newer one dropped before it is opened: the older
+    # is not read either (its records without the newer ones' are wrong)
+    j2 = Journal(j.path)
+    j2.append(_rec(4))
+    s3 = j2.seal()
+    j2.append(_rec(5))
+    s4 = j2.seal()
+    monkeypatch.setattr(Journal, "sealed", lambda self: [s3, s4])
+    os.unlink(s4)
+    assert _names(j2.records()) == []
+    for x in (j, other, j2):
+        x.close()
+
+
+def test_a_checksum_table_cut_short_by_a_lockless_read_is_not_kept(make_store):
+    """try_read reads a checksum table with RWF_NOWAIT, which stops where
+    the page cache does: such a table is not kept (a batched flush writes
+    a kept table's entries back, so zeros there would be written over the
+    real checksums)."""
+    d, s = make_store(k=4, m=2, chunk_size=4096)
+    KC, N = 4 * 4096, 2048          # 2048 pages a shard: tables of two pages
+    data = bytearray(os.urandom(N * KC))
+    s.write_full("img", bytes(data))
+    s.read("img", 0, KC)
+    extra = os.urandom(KC)
+    s.write("img", N * KC, extra)   # the kept tables are forgotten, the fds kept
+    data += extra
+    obj = s._load("img")
+    from backend import shardfile as sf
+    for j in range(4):
+        meta = os.path.join(s.osdmap.paths[obj.loc[j]], sf.rel_paths("img", j)[1])
+        fd = os.open(meta, os.O_RDONLY)
+        try:        # only the tables' first page stays in the page cache
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            os.pread(fd, 8192, 0)
+        finally:
+            os.close(fd)
+    s.try_read("img", 5 * KC, KC)
+    st = s.states.pin("img", s.osdmap.generation)
+    try:
+        for j, t in st.crcs.items():
+            assert t.all(), f"shard {j}: a kept table has zeros over written pages"
+    finally:
+        s.states.unpin(st)
+    batch = []
+    for j in range(3):
+        for stripe in (5 + j, 1500 + j):
+            off = stripe * KC + j * 4096
+            b = os.urandom(4096)
+            batch.append((off, b))
+            data[off:off + 4096] = b
+    s.write_extents("img", batch)
+    s.close()
+    check_parity(d)
+    s2 = ObjectStore(d)
+    try:
+        assert s2.read("img", 0, len(data)) == bytes(data)
+    finally:
+        s2.close()
+
+
+def test_a_seal_removes_the_link_a_cut_short_seal_left(tmp_path):
+    path = str(tmp_path / "journal.log")
+    j = Journal(path)
+    j.append(_rec(1))
+    os.link(path, path + ".%020d" % 5)      # a seal cut short
+    seg = j.seal()
+    j.append(_rec(2))
+    assert j.sealed() == [seg] and sorted(os.listdir(tmp_path)) == sorted(
+        ["journal.log", os.path.basename(seg)])
+    assert _names(j.records()) == ["obj1", "obj2"]
+    j.close()
+
+
+def test_a_journal_of_an_older_format_is_renewed_only_by_a_process_alone(tmp_path):
+    """An older ecfs still running would append to a file a seal renames:
+    a format-2 journal is kept as it is (and never sealed) while another
+    process has the store open, and renewed by one alone with it."""
+    d = str(tmp_path / "store")
+    create_store(d, k=K, m=M, chunk_size=4096)
+    jp = os.path.join(d, "journal.log")
+    with open(jp, "wb") as f:
+        f.write(_FILE_HDR.pack(MAGIC, 2))
+    first = ObjectStore(d)              # alone at open: renews it
+    assert first.journal.format == FORMAT
+    with open(jp, "r+b") as f:          # as if an older ecfs had made it, and runs
+        f.write(_FILE_HDR.pack(MAGIC, 2))
+    second = ObjectStore(d)             # not alone: keeps format 2
+    try:
+        assert second.journal.format == 2
+        second.write_full("o", os.urandom(8192))
+        second.rotate()                 # no seal of a format-2 journal: the gated way
+        assert second.journal.sealed() == [] and second.counters.snapshot()["journal_seals"] == 0
+        with open(jp, "rb") as f:
+            assert _FILE_HDR.unpack(f.read(16))[1] == 2
+    finally:
+        second.close()
+        first.close()
+
+
+def test_under_the_stripe_cache_the_checkpoint_runs_beside_the_flushes(make_store, monkeypatch):
+    """A flush thread never waits for an OSD sync: under the stripe cache
+    the routine checkpoint runs in a thread of its own."""
+    from backend.stripecache import StripeCache
+    d, s = make_store(k=K, m=M, chunk_size=4096)
+    monkeypatch.setattr(objectstore, "JOURNAL_LIMIT", 64 << 10)
+    real = objectstore.syncfs
+    where = []
+
+    def watching(fd):
+        import threading
+        where.append(threading.current_thread().name)
+        real(fd)
+
+    monkeypatch.setattr(objectstore, "syncfs", watching)
+    c = StripeCache(s, 4 << 20, max_age=3600)
+    c.set_writeback("o", True)
+    data = {f"o{i}": os.urandom(100 << 10) for i in range(6)}
+    try:
+        for n, b in data.items():
+            c.write(n, 0, b)
+            c.flush("o")
+        from tests.waiting import wait_for
+        wait_for(lambda: s.counters.snapshot()["journal_seals"] >= 1 and
+                 (s._bg is None or not s._bg.is_alive()), what="a background seal")
+        assert where and set(where) == {"ecfs-journal"}, where
+    finally:
+        monkeypatch.setattr(objectstore, "syncfs", real)
+        c.close()
+    s2 = ObjectStore(d)
+    try:
+        assert {n: s2.read(n, 0, 1 << 20) for n in data} == data
+    finally:
+        s2.close()
