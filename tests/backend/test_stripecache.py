@@ -341,6 +341,30 @@ def test_an_operation_behind_cached_bytes_that_cannot_be_flushed_is_refused(cach
     assert s.read(OBJ, 0, 4096) == b"A" * 4096
 
 
+def test_past_the_high_mark_the_oldest_objects_leave_until_the_low_mark(make_store):
+    """Not every object at once: a working set under the high mark stays
+    cached, and the youngest objects go on gathering extents."""
+    d, s = make_store(k=K, m=M, chunk_size=C)
+    c = StripeCache(s, 1 << 20, max_age=3600)
+    c.set_writeback(P, True)
+    piece = 112 << 10
+    try:
+        for n in range(8):          # 896 KiB: past 3/4 at the 7th
+            assert c.try_write(P + str(n), 0, bytes([n + 1]) * piece)
+        wait_for(lambda: s.counters.snapshot()["cache_flushes"] >= 3 and
+                 not any(e.busy for e in list(c._objs.values())) and not c._flying,
+                 what="the flusher's pass")
+        left = c.dirty_bytes()
+        assert (1 << 20) // 2 - piece < left <= (1 << 20) * 3 // 4, left
+        assert all(s.exists(P + str(n)) for n in range(3))      # the oldest went
+        assert not s.exists(P + "7")                             # the youngest stays
+        c.flush()
+        assert [s.read(P + str(n), 0, piece) for n in range(8)] == \
+            [bytes([n + 1]) * piece for n in range(8)]
+    finally:
+        c.close()
+
+
 def test_a_full_cache_pushes_back_and_writers_wait_for_the_flusher(make_store):
     d, s = make_store(k=K, m=M, chunk_size=C)
     gate = threading.Event()
