@@ -1,7 +1,8 @@
 """The store's redo journal: what makes a multi-shard write atomic.
 
 One append-only file, ``STORE/journal.log``, shared by every process that
-writes the store (and sealed segments of it waiting to be dropped, below). A write (a transaction) is made of file operations on
+writes the store (and sealed segments of it waiting to be dropped: see
+"Segments" below). A write (a transaction) is made of file operations on
 shard files (pwrite, truncate, unlink); before any of them touches a shard
 file, all of them are appended to the journal as one record and the record
 is made durable (fdatasync, shared by concurrent writers: group commit).
@@ -31,6 +32,48 @@ journal is renewed as format 3 only by a process alone with the store
 (``upgrade``): an older ecfs still running would go on appending to a
 file a seal renames. Until then it is written as it is (format 2 has the
 same records) and emptied the gated way, never sealed.
+
+A torn or corrupt record (normally the tail; in the middle when a process
+died while appending and others appended after it, or when the file was
+damaged) is skipped; ``damaged`` counts the skipped spans that valid
+records follow, which a torn tail never is.
+
+Segments (format 3). The journal is emptied by a checkpoint
+(``objectstore``), in one of two ways:
+
+* seal (the routine one, when the journal outgrows its limit): under the
+  exclusive gate, with no transaction between append and apply anywhere,
+  ``journal.log`` is linked to a sealed segment ``journal.log.SEQ`` and a
+  new empty file renamed over it (a create, a link, a rename and their
+  fsyncs: about a millisecond here, where the gated sync it replaces took
+  40-80 ms). Every record of a sealed segment is applied; what is left is
+  to make the OSD file systems durable (syncfs), done with no gate held
+  while writers append to the new segment, and then to unlink the
+  segment. A process notices the seal before its next append (the path
+  names another inode) and reopens.
+* reset (at open after a crash, before an OSD set switch, at close, and
+  whenever a seal's sync is not clean): with no write in flight, sync the
+  OSD file systems, then unlink every sealed segment, oldest first, and
+  only then truncate ``journal.log`` to its header.
+
+Sealed segments are read before ``journal.log``, oldest (lowest SEQ)
+first: replay sees records in the order they were appended. SEQ is a
+nanosecond time made larger than every segment's present, so a name is
+never used twice (a settler unlinks only the segments it listed before
+its sync began). A reader opens them newest first and none older than
+one already gone, so drops by another process's settle (oldest first)
+leave it a suffix of the journal. A seal or a reset meanwhile would not:
+every reader of the whole journal holds the exclusive gate, is alone
+with the store, or replays a slot whose in-flight marker is set, which
+holds off every seal and reset until the replay clears it.
+
+Failure: an fdatasync that fails makes the journal *failed* for the rest
+of this process's use of it. Every waiter whose record the failed call
+covered gets the error, and so does every later append and wait: after a
+writeback error the kernel may have dropped the dirty pages, and a later
+fdatasync that succeeds says nothing about them (the "fsyncgate" lesson),
+so nothing appended here can be called durable until the store is
+reopened and the journal is read back from disk.
 """
 from __future__ import annotations
 
@@ -332,7 +375,10 @@ class Journal:
         last = 0
         for p in self._segment_files():
             last = max(last, int(p.rsplit(".", 1)[1]))
-            st = os.stat(p)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue            # dropped by another process's settle meanwhile
             if (st.st_dev, st.st_ino) == (active.st_dev, active.st_ino):
                 os.unlink(p)        # a seal cut short: one name of journal.log is enough
         seg = f"{self.path}.{max(time.time_ns(), last + 1):020d}"

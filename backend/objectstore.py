@@ -526,17 +526,21 @@ class ObjectStore:
             self._crashpoint()
         self._settle_sealed()
 
-    def _rotate_soon(self) -> None:
+    def _rotate_soon(self) -> bool:
         """rotate() in a thread of its own (``background_checkpoints``: the
         stripe cache's flush threads, which hold their flush's bytes in
-        flight and its object busy, never wait for an OSD sync)."""
+        flight and its object busy, never wait for an OSD sync). False if
+        one is under way, or failed less than 5 s ago."""
         with self._bg_lock:
-            if self._closed or (self._bg is not None and self._bg.is_alive()) or \
+            if self._closed:
+                return True
+            if (self._bg is not None and self._bg.is_alive()) or \
                     time.monotonic() < self._bg_retry_at:
-                return
+                return False
             self._bg = threading.Thread(target=self._rotate_bg, name="ecfs-journal",
                                         daemon=True)
             self._bg.start()
+            return True
 
     def _rotate_bg(self) -> None:
         try:
@@ -808,7 +812,8 @@ class ObjectStore:
             # holds no stripe (a seal replays a dead writer's slot whole)
             self._ckpt_due = False
             if self.background_checkpoints:
-                self._rotate_soon()
+                if not self._rotate_soon():
+                    self._ckpt_due = True       # one is under way, or pausing: later
             else:
                 self.rotate()
 

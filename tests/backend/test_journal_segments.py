@@ -412,3 +412,28 @@ def test_under_the_stripe_cache_the_checkpoint_runs_beside_the_flushes(make_stor
         assert {n: s2.read(n, 0, 1 << 20) for n in data} == data
     finally:
         s2.close()
+
+
+def test_with_an_osd_down_a_sealed_segment_is_settled_the_gated_way(make_store, monkeypatch):
+    """An OSD down may have lost what the records wrote to it before it
+    went: the settle goes the gated way (which logs its objects as missed,
+    where no 'osd up' runs meanwhile), and the journal ends empty."""
+    d, s = make_store(k=K, m=M, chunk_size=4096)
+    monkeypatch.setattr(objectstore, "JOURNAL_LIMIT", 64 << 10)
+    gated = []
+    real = objectstore.syncfs
+
+    def watching(fd):
+        gated.append(not _gate_free(d))
+        real(fd)
+
+    s.write_full("a", os.urandom(20 << 10))
+    s.osdmap.mark_down(5, "test")
+    monkeypatch.setattr(objectstore, "syncfs", watching)
+    s.write_full("b", os.urandom(100 << 10))        # past the limit: sealed, then settled
+    assert s.counters.snapshot()["journal_seals"] == 1
+    assert any(gated), "the settle with an OSD down did not take the gate"
+    assert s.journal.sealed() == [] and s.journal.size() == _FILE_HDR.size
+    assert {"a", "b"} <= set(s.missed.read(5)[0])
+    monkeypatch.setattr(objectstore, "syncfs", real)
+    s.close()
