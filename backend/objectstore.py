@@ -1232,7 +1232,8 @@ class ObjectStore:
         """``read``, if it can be done now without waiting or locking: the
         object's kept state is valid (backend/objstate.py), every shard
         the range lies on is usable, and its pages are in memory and
-        verify. None: call ``read``, which may block, decode and heal.
+        verify; NotFound for an object the state knows absent. None: call
+        ``read``, which may block, decode and heal.
 
         No lock is taken: the slot's commit counter, the same before and
         after, says no shard file changed in between (a sequence lock)."""
@@ -1249,6 +1250,11 @@ class ObjectStore:
             seq = st.seq
             info, usable = st.info, st.usable
             if info is None:
+                # known absent (an info shard on a current OSD says so), as
+                # read() would raise; else unknown or unavailable: read() says
+                absent = bool(st.absent)
+                if absent and self.seq.get(st.slot) == seq:
+                    raise NotFound(f"object {name!r} does not exist")
                 return None
             end = min(offset + length, info.object_size)
             if offset >= end:

@@ -348,7 +348,12 @@ class StripeCache:
                 return None         # partly cached: read merges
         finally:
             self._cv.release()
-        got = self.lower.try_read(name, offset, length)
+        try:
+            got = self.lower.try_read(name, offset, length)
+        except NotFound:
+            if e is not None:
+                return None         # absent below, bytes cached elsewhere in it: read merges
+            raise
         if got is not None and e is not None:
             self.lower.counters.add("cache_misses")
         return got

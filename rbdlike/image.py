@@ -236,7 +236,11 @@ class Image(MaintenanceOps):
         m = self._valid_map()
         if m is not None and objno < len(m.states) and m.states[objno] == NONEXISTENT:
             return None if h.parent is not None else bytes(length)
-        got = self.store.try_read(data_object(self.id, objno), off, length)
+        try:
+            got = self.store.try_read(data_object(self.id, objno), off, length)
+        except NotFound:
+            # never written (or removed): zeros, unless a parent shows through
+            return None if h.parent is not None else bytes(length)
         if got is not None and len(got) < length:
             got += bytes(length - len(got))     # past the object's end: zeros, as read
         return got

@@ -6,6 +6,9 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from backend.errors import NotFound
 from backend.objectstore import ObjectStore
 from backend.objstate import StateCache
 
@@ -60,6 +63,22 @@ def test_a_read_over_many_stripes_is_still_one_read_per_shard(make_store):
         n = rng.choice((1, 100, C, 3 * C + 7, 17 * C, rng.randrange(1, 60 * C)))
         b = s.try_read("o", off, n)
         assert b == data[off:off + n], (off, n)
+
+
+def test_a_known_absent_object_is_absent_without_a_lock_until_someone_writes_it(make_store):
+    d, s, data = _store(make_store)
+    with pytest.raises(NotFound):
+        s.read("nothere", 0, C)         # the state is kept: its info shards say absent
+    c = counted(s, lambda: pytest.raises(NotFound, s.try_read, "nothere", 0, C))
+    assert (c["state_loads"], c["shard_reads"], c["meta_reads"]) == (0, 0, 0)
+    other = ObjectStore(d)
+    try:
+        new = os.urandom(C)
+        other.write("nothere", 0, new)
+    finally:
+        other.close()
+    assert s.try_read("nothere", 0, C) is None      # the commit counter moved
+    assert s.read("nothere", 0, C) == new
 
 
 def test_own_writes_keep_the_state_valid(make_store):
