@@ -87,6 +87,7 @@ from typing import Iterator
 import crc32c as _crc32c
 
 from .errors import StoreError
+from .missed import fsync_dir as _fsync_dir
 
 MAGIC = b"ECFSJRNL"
 FORMAT = 3
@@ -444,11 +445,3 @@ def _check_header(fd: int, path: str) -> int:
     if len(hdr) < _FILE_HDR.size:
         return FORMAT
     return _header_format(hdr, path)
-
-
-def _fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -57,7 +57,7 @@ class MissedLog:
                 fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 cur = self._open[osd] = (fd, set())
                 if created:
-                    _fsync_dir(self.dir)
+                    fsync_dir(self.dir)
             fd, names = cur
             os.write(fd, name.encode("utf-8") + b"\0")
             os.fdatasync(fd)
@@ -115,7 +115,7 @@ class MissedLog:
             cur = self._open.pop(osd, None)
             if cur is not None:
                 os.close(cur[0])
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -127,7 +127,8 @@ def _same_file(fd: int, path: str) -> bool:
     return (st.st_dev, st.st_ino) == (fs.st_dev, fs.st_ino)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries durable (names created, renamed, unlinked)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -443,11 +443,7 @@ class ObjectStore:
         self._unsettled.update(self._syncfs_groups(self.osdmap.paths, set))
         retried = False
         while True:
-            for slot in self.locks.inflight_slots():
-                self._replay_slot(slot)
-            with self.locks.checkpoint_gate():
-                if self.locks.inflight_slots():
-                    continue        # a writer died since the scan: replay it too
+            with self._quiet_gate():
                 recs: list[Record] = []
 
                 def records() -> list[Record]:
@@ -484,6 +480,22 @@ class ObjectStore:
             self._reapply(recs, set(failed))
             retried = True
 
+    @contextmanager
+    def _quiet_gate(self):
+        """The checkpoint gate held exclusive with no transaction of any
+        process between append and apply. A dead writer's slots are
+        replayed first, each under all of its locks (never under the gate
+        alone: readers and planning writers of that slot would see it half
+        rewritten)."""
+        while True:
+            for slot in self.locks.inflight_slots():
+                self._replay_slot(slot)
+            with self.locks.checkpoint_gate():
+                if self.locks.inflight_slots():
+                    continue        # a writer died since the scan: replay it too
+                yield
+                return
+
     def rotate(self) -> None:
         """The routine checkpoint: seal the journal (backend/journal.py,
         "Segments"), then make the sealed records durable on the OSDs and
@@ -511,17 +523,11 @@ class ObjectStore:
             self.checkpoint()
             return
         sealed = False
-        while True:
-            for slot in self.locks.inflight_slots():
-                self._replay_slot(slot)
-            with self.locks.checkpoint_gate():
-                if self.locks.inflight_slots():
-                    continue        # a writer died since the scan: replay it too
-                if self.journal.size() > JOURNAL_LIMIT:     # else another process sealed it
-                    self.journal.seal()
-                    self.counters.add("journal_seals")
-                    sealed = True
-                break
+        with self._quiet_gate():
+            if self.journal.size() > JOURNAL_LIMIT:     # else another process sealed it
+                self.journal.seal()
+                self.counters.add("journal_seals")
+                sealed = True
         if sealed:
             self._crashpoint()
         self._settle_sealed()

@@ -30,13 +30,19 @@ def _names(recs):
     return [r.name for r in recs]
 
 
-def test_sealed_segments_are_read_first_then_dropped(tmp_path):
+def _two_sealed(tmp_path):
+    """A journal of obj1 and obj2 in two sealed segments, obj3 in journal.log."""
     j = Journal(str(tmp_path / "journal.log"))
     j.append(_rec(1))
     seg1 = j.seal()
     j.append(_rec(2))
     seg2 = j.seal()
     j.append(_rec(3))
+    return j, seg1, seg2
+
+
+def test_sealed_segments_are_read_first_then_dropped(tmp_path):
+    j, seg1, seg2 = _two_sealed(tmp_path)
     assert j.sealed() == [seg1, seg2] and seg1 < seg2
     assert _names(j.records()) == ["obj1", "obj2", "obj3"]
     assert _names(j.records([seg2])) == ["obj2"]
@@ -83,6 +89,15 @@ def test_a_journal_of_a_newer_format_is_refused(tmp_path):
     assert FORMAT == 3
 
 
+def _reads_back(d, data):
+    """A fresh open of the store reads every object as ``data`` has it."""
+    s = ObjectStore(d)
+    try:
+        assert {n: s.read(n, 0, 1 << 20) for n in data} == data
+    finally:
+        s.close()
+
+
 def _gate_free(store):
     """Whether a writer could take the checkpoint gate now."""
     fd = os.open(os.path.join(store, "ckpt.lock"), os.O_RDWR)
@@ -117,11 +132,7 @@ def test_the_routine_checkpoint_syncs_with_no_gate_held(make_store, monkeypatch)
     assert s.journal.size() <= (256 << 10) + (200 << 10)
     monkeypatch.setattr(objectstore, "syncfs", real)
     s.close()
-    s2 = ObjectStore(d)
-    try:
-        assert {n: s2.read(n, 0, 1 << 20) for n in data} == data
-    finally:
-        s2.close()
+    _reads_back(d, data)
     check_parity(d)
 
 
@@ -255,12 +266,7 @@ def test_reset_drops_the_sealed_segments_before_it_empties_journal_log(tmp_path,
 
 def test_a_reader_sees_a_suffix_of_the_journal_while_another_process_drops(tmp_path,
                                                                            monkeypatch):
-    j = Journal(str(tmp_path / "journal.log"))
-    j.append(_rec(1))
-    s1 = j.seal()
-    j.append(_rec(2))
-    s2 = j.seal()
-    j.append(_rec(3))
+    j, s1, s2 = _two_sealed(tmp_path)
     # segments dropped (oldest first) while the reader scans the first:
     # it opened them all before reading, so it reads all of them
     other = Journal(j.path)
@@ -407,11 +413,7 @@ def test_under_the_stripe_cache_the_checkpoint_runs_beside_the_flushes(make_stor
     finally:
         monkeypatch.setattr(objectstore, "syncfs", real)
         c.close()
-    s2 = ObjectStore(d)
-    try:
-        assert {n: s2.read(n, 0, 1 << 20) for n in data} == data
-    finally:
-        s2.close()
+    _reads_back(d, data)
 
 
 def test_with_an_osd_down_a_sealed_segment_is_settled_the_gated_way(make_store, monkeypatch):

@@ -17,6 +17,20 @@ from .util import counted, osd_of, osd_paths, shard_paths
 C = 4096          # chunk: 4 KiB, so a 16 KiB stripe spans all four data shards
 
 
+def _written_elsewhere(s, d, name):
+    """Another opener of the store writes page 0 of ``name``: the kept
+    state of ``s`` goes stale (its slot's commit counter moved)."""
+    other = ObjectStore(d)
+    try:
+        new = os.urandom(C)
+        other.write(name, 0, new)
+    finally:
+        other.close()
+    assert s.try_read(name, 0, C) is None
+    assert s.read(name, 0, C) == new
+    return new
+
+
 def _store(make_store):
     d, s = make_store(k=4, m=2, chunk_size=C)
     data = os.urandom(256 << 10)
@@ -71,14 +85,7 @@ def test_a_known_absent_object_is_absent_without_a_lock_until_someone_writes_it(
         s.read("nothere", 0, C)         # the state is kept: its info shards say absent
     c = counted(s, lambda: pytest.raises(NotFound, s.try_read, "nothere", 0, C))
     assert (c["state_loads"], c["shard_reads"], c["meta_reads"]) == (0, 0, 0)
-    other = ObjectStore(d)
-    try:
-        new = os.urandom(C)
-        other.write("nothere", 0, new)
-    finally:
-        other.close()
-    assert s.try_read("nothere", 0, C) is None      # the commit counter moved
-    assert s.read("nothere", 0, C) == new
+    _written_elsewhere(s, d, "nothere")
 
 
 def test_own_writes_keep_the_state_valid(make_store):
@@ -98,14 +105,7 @@ def test_another_writer_makes_the_state_stale(make_store):
     d, s, data = _store(make_store)
     s.read("o", 0, C)
     assert s.try_read("o", 0, C) == data[:C]
-    other = ObjectStore(d)
-    try:
-        new = os.urandom(C)
-        other.write("o", 0, new)
-    finally:
-        other.close()
-    assert s.try_read("o", 0, C) is None          # the commit counter moved
-    assert s.read("o", 0, C) == new
+    new = _written_elsewhere(s, d, "o")
     assert s.try_read("o", 0, C) == new
 
 
