@@ -1250,6 +1250,11 @@ class ObjectStore:
         if st is None:
             return None
         try:
+            if self.locks.inflight(st.slot):
+                # a writer between append and apply (or one that died
+                # there: its record is durable, the counter never moved):
+                # read() waits for it, or replays it first
+                return None
             # the counter first: follow() sets the new view, then the new
             # counter, so a view older than the counter read is caught by
             # the check after

@@ -477,7 +477,8 @@ class StripeCache:
                     # low mark (not all of them: a working set under the
                     # high mark then stays cached, and younger objects go
                     # on gathering extents for their flush)
-                    excess = self._bytes - int(self.capacity * FLUSH_LOW)
+                    # (bytes already being flushed leave by themselves)
+                    excess = self._bytes - self._flying - int(self.capacity * FLUSH_LOW)
                     seen = {e.name for e in due}
                     for e in dirty:
                         if excess <= 0:
@@ -499,13 +500,21 @@ class StripeCache:
             with self._cv:
                 failed = next((x for x in errs if x is not None and not isinstance(x, Fenced)),
                               None)
-                # writers waiting for room are told why when nothing moves
-                self._stall = failed if failed is not None and self._bytes >= before else None
+                # objects this pass did not try may flush where these could
+                # not (another OSD set, another disk): the next pass takes
+                # them (a failed object's age starts again: it is the
+                # youngest now), and writers are told of a stall only when
+                # nothing is left to try
+                untried = failed is not None and any(
+                    e.dirty and not e.busy and e.name not in names for e in self._objs.values())
+                stuck = failed is not None and self._bytes >= before and not untried
+                self._stall = failed if stuck else None
                 self._cv.notify_all()
             if failed is not None:
                 log.warning("write-back of %d objects: %s", len(names), failed)
-                with self._cv:
-                    self._cv.wait(1.0)      # do not spin on a full or failed disk
+                if not untried:
+                    with self._cv:
+                        self._cv.wait(1.0)      # do not spin on a full or failed disk
 
     # ----------------------------------------------------------------- close
     def close(self, close_lower: bool = True) -> None:

@@ -14,6 +14,7 @@ from backend.objstate import StateCache
 
 from .util import counted, osd_of, osd_paths, shard_paths
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 C = 4096          # chunk: 4 KiB, so a 16 KiB stripe spans all four data shards
 
 
@@ -86,6 +87,28 @@ def test_a_known_absent_object_is_absent_without_a_lock_until_someone_writes_it(
     c = counted(s, lambda: pytest.raises(NotFound, s.try_read, "nothere", 0, C))
     assert (c["state_loads"], c["shard_reads"], c["meta_reads"]) == (0, 0, 0)
     _written_elsewhere(s, d, "nothere")
+
+
+def test_a_writer_that_died_between_journal_and_apply_is_not_read_around(make_store):
+    """Its record is durable, the commit counter never moved: the kept
+    state looks valid, but the slot's in-flight marker sends the read the
+    long way, which replays the record first."""
+    d, s, data = _store(make_store)
+    with pytest.raises(NotFound):
+        s.read("x", 0, C)
+    s.read("o", 0, 16 * C)
+    child = ("import os, sys\n"
+             "from backend.objectstore import ObjectStore\n"
+             "s = ObjectStore(sys.argv[1])\n"
+             "s._apply = lambda *a, **k: os.kill(os.getpid(), 9)\n"
+             "s.write(sys.argv[2], 0, b'Z' * 4096)\n")
+    for name in ("x", "o"):
+        p = subprocess.run([sys.executable, "-c", child, d, name], cwd=ROOT,
+                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                           timeout=60)
+        assert p.returncode == -9, p.stderr
+        assert s.try_read(name, 0, C) is None
+        assert s.read(name, 0, C) == b"Z" * 4096
 
 
 def test_own_writes_keep_the_state_valid(make_store):

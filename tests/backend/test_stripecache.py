@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from backend.errors import Fenced, NoSpace
+from backend.errors import DataUnavailable, Fenced, NoSpace
 from backend.objectstore import ObjectStore
 from backend.stripecache import FLUSH_THREADS, StripeCache
 
@@ -362,6 +362,35 @@ def test_past_the_high_mark_the_oldest_objects_leave_until_the_low_mark(make_sto
         assert [s.read(P + str(n), 0, piece) for n in range(8)] == \
             [bytes([n + 1]) * piece for n in range(8)]
     finally:
+        c.close()
+
+
+def test_an_object_that_cannot_flush_does_not_stall_writers_while_others_can(make_store):
+    """The oldest object fails its write-back (its OSDs are down): the
+    flusher goes on to the next ones instead of telling a writer waiting
+    for room that the cache is stuck."""
+    d, s = make_store(k=K, m=M, chunk_size=C)
+    real = s.write_extents
+
+    def write_extents(name, todo, **kw):
+        if name == P + "A":
+            raise DataUnavailable(f"object {name!r}: too few OSDs up (injected)")
+        return real(name, todo, **kw)
+
+    s.write_extents = write_extents
+    c = StripeCache(s, 1 << 20, max_age=3600)
+    c.set_writeback(P, True)
+    try:
+        for i in range(3):
+            c.write(P + "A", i * (200 << 10), os.urandom(200 << 10))    # the oldest
+        b = os.urandom(200 << 10)
+        c.write(P + "B", 0, b)                        # past 3/4: the flusher starts
+        wait_for(lambda: s.counters.snapshot()["cache_flushes"] >= 1,
+                 what="the first pass (A, which fails)")
+        c.write(P + "C", 0, os.urandom(250 << 10))   # needs room: B's, not a stall
+        assert s.exists(P + "B") and s.read(P + "B", 0, len(b)) == b
+    finally:
+        s.write_extents = real
         c.close()
 
 
