@@ -184,8 +184,7 @@ class Journal:
         try:
             st = os.fstat(fd)
             if not self.readonly and st.st_size == 0:
-                os.write(fd, _FILE_HDR.pack(MAGIC, FORMAT))
-                os.fsync(fd)
+                _write_header(fd)
             fmt = _check_header(fd, self.path)
         except BaseException:
             os.close(fd)
@@ -200,8 +199,7 @@ class Journal:
         if self.format < FORMAT and os.fstat(self.fd).st_size <= _FILE_HDR.size:
             # (O_APPEND: truncate first, then the write lands at 0)
             os.ftruncate(self.fd, 0)
-            os.write(self.fd, _FILE_HDR.pack(MAGIC, FORMAT))
-            os.fsync(self.fd)
+            _write_header(self.fd)
             self.format = FORMAT
 
     def _current_fd(self) -> int:
@@ -363,8 +361,8 @@ class Journal:
             pos += _REC.size + plen
 
     def seal(self) -> str:
-        """Rename journal.log to a sealed segment and start a new, empty
-        one in its place (the caller holds the checkpoint gate exclusive:
+        """Make journal.log a sealed segment and start a new, empty one in
+        its place (the caller holds the checkpoint gate exclusive:
         every record in it is applied). journal.log never goes missing:
         the segment's name is linked first, then the new file renamed over
         journal.log. Returns the segment's path."""
@@ -386,8 +384,7 @@ class Journal:
         tmp = self.path + ".new"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         try:
-            os.write(fd, _FILE_HDR.pack(MAGIC, FORMAT))
-            os.fsync(fd)
+            _write_header(fd)
             os.link(self.path, seg)
             _fsync_dir(d)           # the segment's name, before journal.log moves off it
             os.rename(tmp, self.path)
@@ -427,6 +424,12 @@ class Journal:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _write_header(fd: int) -> None:
+    """A journal file's header in this format, durable (an empty file)."""
+    os.write(fd, _FILE_HDR.pack(MAGIC, FORMAT))
+    os.fsync(fd)
 
 
 def _header_format(hdr: bytes, path: str) -> int:

@@ -78,6 +78,7 @@ JOURNAL_LIMIT = 64 << 20      # seal the journal when it grows past this (rotate
 MAX_SEALED = 4                # sealed segments left by failures: then checkpoint, gated
 _DELTA_GROUP_PAGES = 64       # pages a _delta_batch reads and encodes at a time
 _JOIN_CRC_ENTRIES = 4096      # a batch's checksum writes to a shard join across at most this
+_NEVER_WRITTEN = object()     # _fast_run: a shard with no data yet (reads as zeros)
 MAX_NAME = 250
 
 
@@ -1259,12 +1260,11 @@ class ObjectStore:
             # counter, so a view older than the counter read is caught by
             # the check after
             seq = st.seq
-            info, usable = st.info, st.usable
+            info = st.info
             if info is None:
                 # known absent (an info shard on a current OSD says so), as
                 # read() would raise; else unknown or unavailable: read() says
-                absent = bool(st.absent)
-                if absent and self.seq.get(st.slot) == seq:
+                if st.absent and self.seq.get(st.slot) == seq:
                     raise NotFound(f"object {name!r} does not exist")
                 return None
             end = min(offset + length, info.object_size)
@@ -1275,75 +1275,69 @@ class ObjectStore:
             s0, r0 = divmod(offset, KC)
             s1, r1 = divmod(end - 1, KC)
             i0, i1 = r0 // C, r1 // C
+            counts = [0, 0, 0]          # kept-page hits, shard reads, their bytes
             if s0 == s1 and i0 == i1:
-                return self._try_read_chunk(st, seq, s0 * C + r0 - i0 * C, end - offset, i0)
-            out = bytearray(end - offset)
-            view = np.frombuffer(out, dtype=np.uint8)
-            reads = rbytes = hits = 0
-            for i in range(self.k):
-                # shard i's bytes of the range are one run of its file
-                # (the tail of a chunk, whole chunks, the head of one):
-                # one read each, however many stripes the range spans
-                first = s0 if i >= i0 else s0 + 1
-                last = s1 if i <= i1 else s1 - 1
-                if first > last:
-                    continue
-                if not usable.get(i):
+                # inside one chunk (most small reads): one copy out of the pages
+                lo = s0 * C + r0 - i0 * C
+                run = self._fast_run(st, i0, lo, lo + end - offset, counts)
+                if run is None:
                     return None
-                a = first * C + (r0 - i * C if (first, i) == (s0, i0) else 0)
-                b = last * C + (r1 + 1 - i * C if (last, i) == (s1, i1) else C)
-                if info.vector[i] == 0:
-                    continue            # never written: zeros (out starts zeroed)
-                p0, p1 = a // PAGE, -(-b // PAGE)
-                buf = np.empty((p1 - p0) * PAGE, dtype=np.uint8)
-                if self.states.get_pages(st, i, p0, p1, buf):
-                    hits += 1
-                elif self._read_pinned(st, i, p0, p1, buf, lockless=True):
-                    reads += 1
-                    rbytes += len(buf)
-                else:
-                    return None
-                for t in range(first, last + 1):
-                    x, y = max(a, t * C), min(b, (t + 1) * C)      # in the shard file
-                    at = t * KC + i * C + x - t * C - offset          # in the range
-                    view[at:at + y - x] = buf[x - p0 * PAGE:y - p0 * PAGE]
+                got = bytes(end - offset) if run is _NEVER_WRITTEN else \
+                    run[0][run[1]:run[1] + end - offset].tobytes()
+            else:
+                out = bytearray(end - offset)
+                view = np.frombuffer(out, dtype=np.uint8)
+                for i in range(self.k):
+                    # shard i's bytes of the range are one run of its file
+                    # (the tail of a chunk, whole chunks, the head of one):
+                    # one read each, however many stripes the range spans
+                    first = s0 if i >= i0 else s0 + 1
+                    last = s1 if i <= i1 else s1 - 1
+                    if first > last:
+                        continue
+                    a = first * C + (r0 - i * C if (first, i) == (s0, i0) else 0)
+                    b = last * C + (r1 + 1 - i * C if (last, i) == (s1, i1) else C)
+                    run = self._fast_run(st, i, a, b, counts)
+                    if run is None:
+                        return None
+                    if run is _NEVER_WRITTEN:
+                        continue            # zeros (out starts zeroed)
+                    buf, skip = run
+                    for t in range(first, last + 1):
+                        x, y = max(a, t * C), min(b, (t + 1) * C)      # in the shard file
+                        at = t * KC + i * C + x - t * C - offset          # in the range
+                        view[at:at + y - x] = buf[x - a + skip:y - a + skip]
+                got = bytes(out)
             if self.seq.get(st.slot) != seq:
                 return None             # a shard file changed meanwhile
         finally:
             self.states.unpin(st)
+        hits, reads, rbytes = counts
         self.counters.add_many((("client_read_ops", 1), ("client_read_bytes", end - offset),
                                 ("fast_reads", 1), ("page_hits", hits),
                                 ("read_shard_reads", reads), ("shard_reads", reads),
                                 ("shard_read_bytes", rbytes)))
-        return bytes(out)
+        return got
 
-    def _try_read_chunk(self, st: ObjState, seq: int, lo: int, n: int, i: int) -> bytes | None:
-        """try_read of bytes [lo, lo+n) of shard i only (a range inside one
-        chunk: most small reads), one copy out of the page buffer."""
-        info = st.info
+    def _fast_run(self, st: ObjState, i: int, lo: int, hi: int, counts: list):
+        """For try_read: shard i's bytes [lo, hi), from its kept pages or
+        its kept file without waiting, verified: (the pages, the offset of
+        ``lo`` in them), _NEVER_WRITTEN, or None (go the long way).
+        ``counts`` gathers hits, reads and bytes read."""
         if not st.usable.get(i):
             return None
-        rbytes = 0
-        if info.vector[i] == 0:
-            got = bytes(n)
-            reads = hits = 0
+        if st.info.vector[i] == 0:
+            return _NEVER_WRITTEN
+        p0, p1 = lo // PAGE, -(-hi // PAGE)
+        buf = np.empty((p1 - p0) * PAGE, dtype=np.uint8)
+        if self.states.get_pages(st, i, p0, p1, buf):
+            counts[0] += 1
+        elif self._read_pinned(st, i, p0, p1, buf, lockless=True):
+            counts[1] += 1
+            counts[2] += len(buf)
         else:
-            p0, p1 = lo // PAGE, -(-(lo + n) // PAGE)
-            buf = np.empty((p1 - p0) * PAGE, dtype=np.uint8)
-            hits = int(self.states.get_pages(st, i, p0, p1, buf))
-            if not hits and not self._read_pinned(st, i, p0, p1, buf, lockless=True):
-                return None
-            reads = 1 - hits
-            rbytes = reads * len(buf)
-            a = lo - p0 * PAGE
-            got = buf[a:a + n].tobytes()
-        if self.seq.get(st.slot) != seq:
-            return None             # a shard file changed meanwhile
-        self.counters.add_many((("client_read_ops", 1), ("client_read_bytes", n),
-                                ("fast_reads", 1), ("page_hits", hits),
-                                ("read_shard_reads", reads), ("shard_reads", reads),
-                                ("shard_read_bytes", rbytes)))
-        return got
+            return None
+        return buf, lo - p0 * PAGE
 
     def _recover(self, obj: _Obj, win: _Window, i: int, p0: int, p1: int,
                  bad: np.ndarray | None, kind: str) -> None:

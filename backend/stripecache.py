@@ -49,12 +49,13 @@ objects out; ``try_write`` instead says no, so the FUSE layer can run the
 write in a worker thread. A write larger than a quarter of the cache is
 written through. The flusher thread writes objects dirty longer than
 ``max_age`` seconds, and, when dirty bytes pass three quarters of the
-cache or a writer waits, the oldest objects until they are under half. An object's extents leave as one store transaction
+cache or a writer waits, the oldest objects until they are under half.
+An object's extents leave as one store transaction
 (``ObjectStore.write_extents``: one journal record, one version bump, each
 header once), split only where two extents share a page row (their plans
-would read each other's parity); objects are
-flushed concurrently (``FLUSH_THREADS``) so their journal records share
-fdatasyncs (group commit).
+would read each other's parity); objects are flushed concurrently
+(``FLUSH_THREADS``) so their journal records share fdatasyncs (group
+commit).
 
 Crash safety is the store's: each flushed extent is one atomic store write,
 so a crash loses at most writes no completed ``flush`` covered, and never

@@ -234,11 +234,13 @@ class Image(MaintenanceOps):
         if off + length > h.object_size:
             return None
         m = self._valid_map()
-        if m is not None and objno < len(m.states) and m.states[objno] == NONEXISTENT:
-            return None if h.parent is not None else bytes(length)
-        try:
-            got = self.store.try_read(data_object(self.id, objno), off, length)
-        except NotFound:
+        absent = m is not None and objno < len(m.states) and m.states[objno] == NONEXISTENT
+        if not absent:
+            try:
+                got = self.store.try_read(data_object(self.id, objno), off, length)
+            except NotFound:
+                absent = True
+        if absent:
             # never written (or removed): zeros, unless a parent shows through
             return None if h.parent is not None else bytes(length)
         if got is not None and len(got) < length:

@@ -23,7 +23,7 @@ from backend.objectstore import ObjectStore
 from backend.pool import create_store
 from backend.recovery import recover_osd
 
-from .util import check_parity, osd_of, osd_paths, shard_paths
+from .util import check_parity, die_before_apply, osd_of, osd_paths, shard_paths
 
 K, M = 4, 2
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -184,16 +184,7 @@ def test_replay_logs_the_ops_of_an_osd_down_at_replay_as_missed(tmp_path):
     s.write_full("obj", os.urandom(64 << 10))
     s.close()
     new = os.urandom(64 << 10)
-    child = (
-        "import os, sys\n"
-        "from backend.objectstore import ObjectStore\n"
-        "s = ObjectStore(sys.argv[1])\n"
-        "s._apply = lambda *a, **k: os.kill(os.getpid(), 9)\n"
-        "s.write('obj', 0, open(sys.argv[2], 'rb').read())\n")
-    (tmp_path / "new").write_bytes(new)
-    p = subprocess.run([sys.executable, "-c", child, d, str(tmp_path / "new")], cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, timeout=60)
-    assert p.returncode == -signal.SIGKILL, p.stderr
+    die_before_apply(d, "obj", 0, new)
     victim = osd_of(d, "obj", 1)
     vdir = osd_paths(d)[victim]
     shutil.move(vdir, vdir + ".late")

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -14,8 +15,10 @@ from backend.journal import (FORMAT, MAGIC, OP_WRITE, _FILE_HDR, FileOp, Journal
                              encode_record)
 from backend.objectstore import ObjectStore
 from backend.pool import create_store
+from backend.stripecache import StripeCache
 
-from .util import check_parity
+from ..waiting import wait_for
+from .util import check_parity, shard_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 K, M = 4, 2
@@ -98,6 +101,19 @@ def _reads_back(d, data):
         s.close()
 
 
+def _watch_syncfs(monkeypatch, what):
+    """Every syncfs of the store records ``what()`` (then syncs) in the
+    list returned, until ``monkeypatch.undo()``."""
+    real, seen = objectstore.syncfs, []
+
+    def watching(fd):
+        seen.append(what())
+        real(fd)
+
+    monkeypatch.setattr(objectstore, "syncfs", watching)
+    return seen
+
+
 def _gate_free(store):
     """Whether a writer could take the checkpoint gate now."""
     fd = os.open(os.path.join(store, "ckpt.lock"), os.O_RDWR)
@@ -114,14 +130,7 @@ def _gate_free(store):
 def test_the_routine_checkpoint_syncs_with_no_gate_held(make_store, monkeypatch):
     d, s = make_store(k=K, m=M, chunk_size=4096)
     monkeypatch.setattr(objectstore, "JOURNAL_LIMIT", 256 << 10)
-    real = objectstore.syncfs
-    gated = []
-
-    def watching(fd):
-        gated.append(not _gate_free(d))
-        real(fd)
-
-    monkeypatch.setattr(objectstore, "syncfs", watching)
+    gated = _watch_syncfs(monkeypatch, lambda: not _gate_free(d))
     data = {f"o{i}": os.urandom(100 << 10) for i in range(12)}
     for n, b in data.items():
         s.write_full(n, b)
@@ -130,7 +139,7 @@ def test_the_routine_checkpoint_syncs_with_no_gate_held(make_store, monkeypatch)
     assert gated and not any(gated), "a syncfs ran under the exclusive gate"
     assert s.journal.sealed() == [], "a synced segment was kept"
     assert s.journal.size() <= (256 << 10) + (200 << 10)
-    monkeypatch.setattr(objectstore, "syncfs", real)
+    monkeypatch.undo()
     s.close()
     _reads_back(d, data)
     check_parity(d)
@@ -163,7 +172,6 @@ def test_a_failed_sync_of_a_sealed_segment_keeps_it_until_the_gated_way_settles_
 
 _CHILD = """
 import os, sys
-from backend import objectstore
 from backend.objectstore import ObjectStore
 s = ObjectStore(sys.argv[1])
 print("ready", flush=True)
@@ -200,11 +208,7 @@ def test_another_writers_record_after_a_seal_is_replayed(tmp_path, monkeypatch):
             p.kill()
             p.wait()
     s.close()                   # replays the dead writer's slot, then checkpoints
-    s2 = ObjectStore(d)
-    try:
-        assert s2.read("x", 0, 1 << 20) == new
-    finally:
-        s2.close()
+    _reads_back(d, {"x": new})
     check_parity(d)
 
 
@@ -309,11 +313,8 @@ def test_a_checksum_table_cut_short_by_a_lockless_read_is_not_kept(make_store):
     extra = os.urandom(KC)
     s.write("img", N * KC, extra)   # the kept tables are forgotten, the fds kept
     data += extra
-    obj = s._load("img")
-    from backend import shardfile as sf
     for j in range(4):
-        meta = os.path.join(s.osdmap.paths[obj.loc[j]], sf.rel_paths("img", j)[1])
-        fd = os.open(meta, os.O_RDONLY)
+        fd = os.open(shard_paths(d, "img", j)[1], os.O_RDONLY)
         try:        # only the tables' first page stays in the page cache
             os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -387,18 +388,9 @@ def test_a_journal_of_an_older_format_is_renewed_only_by_a_process_alone(tmp_pat
 def test_under_the_stripe_cache_the_checkpoint_runs_beside_the_flushes(make_store, monkeypatch):
     """A flush thread never waits for an OSD sync: under the stripe cache
     the routine checkpoint runs in a thread of its own."""
-    from backend.stripecache import StripeCache
     d, s = make_store(k=K, m=M, chunk_size=4096)
     monkeypatch.setattr(objectstore, "JOURNAL_LIMIT", 64 << 10)
-    real = objectstore.syncfs
-    where = []
-
-    def watching(fd):
-        import threading
-        where.append(threading.current_thread().name)
-        real(fd)
-
-    monkeypatch.setattr(objectstore, "syncfs", watching)
+    where = _watch_syncfs(monkeypatch, lambda: threading.current_thread().name)
     c = StripeCache(s, 4 << 20, max_age=3600)
     c.set_writeback("o", True)
     data = {f"o{i}": os.urandom(100 << 10) for i in range(6)}
@@ -406,12 +398,11 @@ def test_under_the_stripe_cache_the_checkpoint_runs_beside_the_flushes(make_stor
         for n, b in data.items():
             c.write(n, 0, b)
             c.flush("o")
-        from tests.waiting import wait_for
         wait_for(lambda: s.counters.snapshot()["journal_seals"] >= 1 and
                  (s._bg is None or not s._bg.is_alive()), what="a background seal")
         assert where and set(where) == {"ecfs-journal"}, where
     finally:
-        monkeypatch.setattr(objectstore, "syncfs", real)
+        monkeypatch.undo()
         c.close()
     _reads_back(d, data)
 
@@ -422,20 +413,13 @@ def test_with_an_osd_down_a_sealed_segment_is_settled_the_gated_way(make_store, 
     where no 'osd up' runs meanwhile), and the journal ends empty."""
     d, s = make_store(k=K, m=M, chunk_size=4096)
     monkeypatch.setattr(objectstore, "JOURNAL_LIMIT", 64 << 10)
-    gated = []
-    real = objectstore.syncfs
-
-    def watching(fd):
-        gated.append(not _gate_free(d))
-        real(fd)
-
     s.write_full("a", os.urandom(20 << 10))
     s.osdmap.mark_down(5, "test")
-    monkeypatch.setattr(objectstore, "syncfs", watching)
+    gated = _watch_syncfs(monkeypatch, lambda: not _gate_free(d))
     s.write_full("b", os.urandom(100 << 10))        # past the limit: sealed, then settled
     assert s.counters.snapshot()["journal_seals"] == 1
     assert any(gated), "the settle with an OSD down did not take the gate"
     assert s.journal.sealed() == [] and s.journal.size() == _FILE_HDR.size
     assert {"a", "b"} <= set(s.missed.read(5)[0])
-    monkeypatch.setattr(objectstore, "syncfs", real)
+    monkeypatch.undo()
     s.close()

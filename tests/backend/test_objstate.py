@@ -2,6 +2,7 @@
 or locks while it is valid, and never a stale or torn byte when another
 writer, an OSD map change or damage by hand moves under it."""
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -12,9 +13,8 @@ from backend.errors import NotFound
 from backend.objectstore import ObjectStore
 from backend.objstate import StateCache
 
-from .util import counted, osd_of, osd_paths, shard_paths
+from .util import counted, die_before_apply, osd_of, osd_paths, shard_paths
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 C = 4096          # chunk: 4 KiB, so a 16 KiB stripe spans all four data shards
 
 
@@ -72,7 +72,7 @@ def test_a_read_over_many_stripes_is_still_one_read_per_shard(make_store):
     assert got["b"] == data[3000:3000 + 40 * C + 5]
     assert (c["shard_reads"], c["meta_reads"], c["fast_reads"]) == (4, 0, 1)
     assert c["shard_read_bytes"] == 41 * C      # the 41 chunks it touches, whole pages
-    rng = __import__("random").Random(5)
+    rng = random.Random(5)
     for _ in range(200):
         off = rng.randrange(len(data))
         n = rng.choice((1, 100, C, 3 * C + 7, 17 * C, rng.randrange(1, 60 * C)))
@@ -97,16 +97,8 @@ def test_a_writer_that_died_between_journal_and_apply_is_not_read_around(make_st
     with pytest.raises(NotFound):
         s.read("x", 0, C)
     s.read("o", 0, 16 * C)
-    child = ("import os, sys\n"
-             "from backend.objectstore import ObjectStore\n"
-             "s = ObjectStore(sys.argv[1])\n"
-             "s._apply = lambda *a, **k: os.kill(os.getpid(), 9)\n"
-             "s.write(sys.argv[2], 0, b'Z' * 4096)\n")
     for name in ("x", "o"):
-        p = subprocess.run([sys.executable, "-c", child, d, name], cwd=ROOT,
-                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
-                           timeout=60)
-        assert p.returncode == -9, p.stderr
+        die_before_apply(d, name, 0, b"Z" * 4096)
         assert s.try_read(name, 0, C) is None
         assert s.read(name, 0, C) == b"Z" * 4096
 

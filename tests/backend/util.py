@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,3 +191,27 @@ def check_parity(store_dir: str, *, allow_stale: bool = False, check_crcs: bool 
                         f"{name}: stripe {s}: shard {i} disagrees with the others"
             rep.stripes += 1
     return rep
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_DIE_BEFORE_APPLY = (
+    "import os, sys\n"
+    "from backend.objectstore import ObjectStore\n"
+    "s = ObjectStore(sys.argv[1])\n"
+    "s._apply = lambda *a, **k: os.kill(os.getpid(), 9)\n"
+    "s.write(sys.argv[2], int(sys.argv[3]), open(sys.argv[4], 'rb').read())\n")
+
+
+def die_before_apply(store_dir: str, name: str, offset: int, data: bytes) -> None:
+    """Another process writes ``data`` at ``offset`` of ``name`` and is
+    SIGKILLed after its journal record is durable, before it applies it."""
+    path = os.path.join(store_dir + ".die-data")
+    with open(path, "wb") as f:
+        f.write(data)
+    try:
+        p = subprocess.run([sys.executable, "-c", _DIE_BEFORE_APPLY, store_dir, name,
+                            str(offset), path], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                           capture_output=True, timeout=60)
+    finally:
+        os.unlink(path)
+    assert p.returncode == -signal.SIGKILL, p.stderr

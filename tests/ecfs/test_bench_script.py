@@ -25,10 +25,9 @@ def bench():
 
 def test_scale_defaults(bench):
     a = bench._parser().parse_args(["scale"])
-    assert a.func is bench.cmd_scale
     assert a.configs == ["4+2-6osd-1g", "4+2-6osd-64g-sparse", "4+2-12osd-1g", "8+3-11osd-1g"]
     assert a.rows == ["4k-randwrite", "4k-randwrite-32m", "4k-randread", "4k-randwrite-fsync"]
-    assert a.seconds == bench.SCALE_SECONDS and a.tmpdir == "/var/tmp" and not a.json
+    assert a.seconds == 20.0 and a.tmpdir == "/var/tmp" and not a.json
     # the whole default run stays within a few minutes on the development VM
     assert 5 * 60 <= bench._scale_duration_s(a.configs, a.rows, a.seconds) <= 8 * 60
 
@@ -38,6 +37,8 @@ def test_scale_configs(bench):
     assert c["4+2-6osd-1g"].init_args == ("--k", "4", "--m", "2", "--osds", "6")
     assert c["4+2-12osd-1g"].init_args == ("--k", "4", "--m", "2", "--osds", "12")
     assert c["8+3-11osd-1g"].init_args == ("--k", "8", "--m", "3", "--osds", "11")
+    assert c["4+2-6osd-64g-sparse"].label == "4+2, 6 OSDs, 64 GiB sparse"
+    assert c["8+3-11osd-1g"].label == "8+3, 11 OSDs, 1 GiB"
     sparse = c["4+2-6osd-64g-sparse"]
     assert sparse.size == 64 << 30 and not sparse.prefill
     assert all(x.prefill and x.size == 1 << 30 for x in c.values() if x is not sparse)
