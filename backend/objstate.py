@@ -58,8 +58,9 @@ and placement first, so no state kept since holds them.)
 
 Kept pages
 ----------
-A state may also keep shard pages (``pages``: shard -> page -> 4 KiB),
-data and parity alike, under the same validity as its checksum tables:
+A state may also keep shard pages (``pages``: shard -> page -> a slot of
+the page pool, backend/pagepool.py, which holds the 4 KiB), data and
+parity alike, under the same validity as its checksum tables:
 
 =================  ====================================================
 event              kept pages
@@ -73,7 +74,7 @@ a read             keeps nothing: what an overwrite's plan needs is what
                    image much larger than the cache would rarely hit)
 stale, dropped     gone with the state
 over the budget    the least recently used states' pages go first
-                   (``page_budget()``: none kept while it is None)
+or the pool full   (``page_budget()``: none kept while it is None)
 =================  ====================================================
 
 So a later overwrite of a page whose old data and parity pages are kept
@@ -105,6 +106,7 @@ import numpy as np
 
 from . import shardfile as sf
 from .locks import SLOTS
+from .pagepool import PagePool
 
 SEQ_FILE = "seq"
 MAX_KEPT_RUN = 16 * sf.PAGE     # longer runs written are not kept (a stripe's chunk: 64 KiB)
@@ -168,7 +170,7 @@ class ObjState:
     fds: dict[int, int] = field(default_factory=dict)     # shard -> data file fd
     mfds: dict[int, int] = field(default_factory=dict)    # shard -> sidecar fd
     crcs: dict[int, np.ndarray] = field(default_factory=dict)   # shard -> checksum table
-    pages: dict[int, dict[int, bytes]] = field(default_factory=dict)  # shard -> page -> bytes
+    pages: dict[int, dict[int, int]] = field(default_factory=dict)  # shard -> page -> pool slot
     npages: int = 0          # pages kept in ``pages``
     retired: list[int] = field(default_factory=list)   # fds of unlinked files, to close
     pins: int = 0            # users of its fds now: they are closed when it drops to 0
@@ -193,6 +195,7 @@ class StateCache:
         self._fds = 0            # fds held by entries in _d
         self._pages = 0          # page bytes held by entries in _d
         self.page_budget: Callable[[], int] | None = None   # None: no pages kept
+        self.pool: PagePool | None = None                    # where kept pages are
         self._gen: int | None = None     # the OSD map generation of the entries
 
     def pin(self, name: str, gen: int) -> ObjState | None:
@@ -269,62 +272,70 @@ class StateCache:
             st.seq = (seq0 + 2) & 0xFFFFFFFF
 
     # ------------------------------------------------------------ pages
+    def keep_pages(self, budget: Callable[[], int] | None, max_bytes: int = 0) -> None:
+        """Keep pages within ``budget()`` bytes, in a pool of ``max_bytes``
+        (backend/pagepool.py); None: keep none (every kept page goes)."""
+        with self._lock:
+            self._drop_all_pages()
+            self.page_budget = budget
+            self.pool = PagePool(max_bytes) if budget is not None else None
+
     def get_pages(self, st: ObjState, i: int, p0: int, p1: int, out: np.ndarray) -> bool:
         """Copy shard i's pages [p0, p1) into ``out`` if all are kept (the
         caller pins ``st`` and judges validity as for its fds: a page is
         kept only while the state is). No lock: pages are put in and
         replaced only by follow(), while the counter is odd, and dropped
         whole at any time; a lock-free reader that finds the counter
-        unchanged after it read them read the pages of that counter."""
+        unchanged after it read them read the pages of that counter. A
+        slot dropped meanwhile (and perhaps given to another page) is
+        caught here: its map entry went first, then its generation moved."""
         sp = st.pages.get(i)
-        if not sp:
+        pool = self.pool
+        if not sp or pool is None:
             return False
-        got = [sp.get(p) for p in range(p0, p1)]
-        if None in got:
+        slots = [sp.get(p) for p in range(p0, p1)]
+        if None in slots:
             return False
-        for n, page in enumerate(got):
-            out[n * sf.PAGE:(n + 1) * sf.PAGE] = np.frombuffer(page, dtype=np.uint8)
-        return True
+        gen = pool.gen[slots]
+        np.take(pool.slab, slots, axis=0, out=out.reshape(len(slots), sf.PAGE))
+        return bool((pool.gen[slots] == gen).all()) and \
+            [sp.get(p) for p in range(p0, p1)] == slots
 
     def set_pages(self, st: ObjState, i: int, p0: int, buf) -> None:
         """(under the lock: follow's change) Shard i's pages from p0 now
         hold ``buf`` (whole pages)."""
         n = len(buf) // sf.PAGE
-        if self.page_budget is None or len(buf) > MAX_KEPT_RUN:
+        pool = self.pool
+        self.drop_pages(st, i, p0, p0 + n)
+        if pool is None or self.page_budget is None or len(buf) > MAX_KEPT_RUN \
+                or self._d.get(st.name) is not st:
             # (a long run is a stream: keeping it would push out the small
-            # writes' pages, the ones a later overwrite reads)
-            self.drop_pages(st, i, p0, p0 + n)
+            # writes' pages, the ones a later overwrite reads; a state not
+            # in the cache could not give its slots back)
             return
-        mv = memoryview(buf).cast("B")
+        if pool.free_count() < n:
+            self._trim_pages(st, pool.nbytes - n * sf.PAGE)
+        slots = pool.alloc(n)
+        pool.slab[slots] = np.frombuffer(buf, dtype=np.uint8, count=n * sf.PAGE).reshape(n, sf.PAGE)
         sp = st.pages.setdefault(i, {})
-        before = len(sp)
-        for x in range(n):
-            sp[p0 + x] = bytes(mv[x * sf.PAGE:(x + 1) * sf.PAGE])
-        self._count(st, len(sp) - before)
-        if not st.dead:
-            self._trim_pages(st)
+        sp.update(zip(range(p0, p0 + n), slots))
+        self._count(st, n)
+        self._trim_pages(st)
 
     def drop_pages(self, st: ObjState, i: int, p0: int = 0, p1: int | None = None) -> None:
         """(under the lock) Forget shard i's kept pages in [p0, p1)."""
         sp = st.pages.get(i)
         if not sp:
             return
-        before = len(sp)
         if p1 is not None and p1 - p0 <= len(sp):
-            for p in range(p0, p1):
-                sp.pop(p, None)
+            slots = [s for s in (sp.pop(p, None) for p in range(p0, p1)) if s is not None]
         else:
-            for p in [p for p in sp if p >= p0 and (p1 is None or p < p1)]:
-                del sp[p]
-        self._count(st, len(sp) - before)
+            slots = [sp.pop(p) for p in [p for p in sp if p >= p0 and (p1 is None or p < p1)]]
+        self._release(st, slots)
 
     def clear_pages(self) -> None:
         """Keep no pages (the stripe cache that set the budget closed)."""
-        with self._lock:
-            self.page_budget = None
-            for st in self._d.values():
-                self._count(st, -st.npages)
-                st.pages = {}
+        self.keep_pages(None)
 
     def page_bytes(self) -> int:
         return self._pages
@@ -336,25 +347,42 @@ class StateCache:
 
     def _count(self, st: ObjState, n: int) -> None:
         st.npages += n
-        if not st.dead:
-            self._pages += n * sf.PAGE
+        self._pages += n * sf.PAGE
 
-    def _trim_pages(self, keep: ObjState | None) -> None:
-        """Within the budget: the pages of the least recently used states
-        go first, then the oldest of ``keep``'s own."""
-        budget = self.page_budget() if self.page_budget is not None else 0
+    def _release(self, st: ObjState, slots: list[int]) -> None:
+        """(under the lock) ``st``'s map no longer names these slots."""
+        if slots:
+            self.pool.release(slots)
+            self._count(st, -len(slots))
+
+    def _drop_state_pages(self, st: ObjState) -> None:
+        """(under the lock) Every page ``st`` keeps goes (its maps are
+        emptied in place: a lock-free reader holding one sees it)."""
+        for sp in st.pages.values():
+            slots = list(sp.values())
+            sp.clear()
+            self._release(st, slots)
+        st.pages = {}
+
+    def _drop_all_pages(self) -> None:
+        for st in self._d.values():
+            self._drop_state_pages(st)
+
+    def _trim_pages(self, keep: ObjState | None, budget: int | None = None) -> None:
+        """Within the budget (or ``budget``): the pages of the least
+        recently used states go first, then the oldest of ``keep``'s own."""
+        if budget is None:
+            budget = self.page_budget() if self.page_budget is not None else 0
         if self._pages <= budget:
             return
         for st in self._d.values():
             if self._pages <= budget:
                 return
             if st is not keep and st.npages:
-                self._count(st, -st.npages)
-                st.pages = {}
+                self._drop_state_pages(st)
         while keep is not None and self._pages > budget and keep.npages:
             sp = next(sp for sp in keep.pages.values() if sp)
-            del sp[next(iter(sp))]
-            self._count(keep, -1)
+            self._release(keep, [sp.pop(next(iter(sp)))])
 
     def drop(self, name: str) -> None:
         with self._lock:
@@ -400,10 +428,9 @@ class StateCache:
 
     def _remove(self, st: ObjState) -> None:
         del self._d[st.name]
+        self._drop_state_pages(st)
         st.dead = True
         self._fds -= len(st.fds) + len(st.mfds)
-        self._pages -= st.npages * sf.PAGE
-        st.pages, st.npages = {}, 0
         if not st.pins:
             self._close(st)
 

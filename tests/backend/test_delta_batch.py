@@ -104,7 +104,7 @@ def test_the_batched_path_writes_and_counts_what_the_general_path_does(make_stor
         d, s = make_store(k=k, m=m, chunk_size=C, write_mode=mode, name=name)
         if name == "general":
             s._delta_batch = lambda obj, batch: False
-        s.states.page_budget = lambda: 1 << 30      # kept pages too (as under a cache)
+        s.states.keep_pages(lambda: 1 << 30, 64 << 20)      # kept pages too (as under a cache)
         stores.append((d, s))
     init = os.urandom(size)
     for d, s in stores:
@@ -130,7 +130,7 @@ def test_the_batched_path_writes_and_counts_what_the_general_path_does(make_stor
 
 def test_a_batch_writes_each_shards_checksums_once(make_store):
     d, s = make_store(k=4, m=2, chunk_size=65536, write_mode="delta")
-    s.states.page_budget = lambda: 1 << 30
+    s.states.keep_pages(lambda: 1 << 30, 64 << 20)
     data = bytearray(os.urandom(4 << 20))
     s.write(OBJ, 0, bytes(data))
     stripe = 4 * 65536
