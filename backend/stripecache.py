@@ -41,8 +41,9 @@ read: a flush finishing meanwhile cannot leave the read with the store's
 older bytes and no extent to correct them.
 
 Bounds: dirty plus flushing bytes, plus room for the transactions of the
-flushes (FLIGHT_COST times ``fly_limit``, at most an eighth of the
-capacity), never exceed the capacity when a write is admitted; flushes under way hold
+flushes (FLIGHT_COST times the bytes flying, at least an eighth of the
+capacity and at most a quarter), never exceed the capacity when a write
+is admitted; flushes under way hold
 at most ``fly_limit`` (an eighth of it, at least 1 MiB) at once (one
 always goes, however large). A write that
 does not fit waits (backpressure) while the flusher writes the oldest
@@ -147,7 +148,7 @@ class StripeCache:
         self._waiting = 0                  # writers waiting for room
         self._flying = 0                   # bytes of flushes under way
         self.fly_limit = max(capacity // 8, 1 << 20)
-        self._headroom = min(capacity // 8, int(self.fly_limit * FLIGHT_COST))
+        self._headroom = capacity // 8     # room kept for flushes' transactions
         self._flushed_since_trim = 0       # bytes flushed since the heap was last given back
         self._stall: EcfsError | None = None   # a flush pass freed nothing and failed
         self._closed = False
@@ -244,10 +245,13 @@ class StripeCache:
 
     def _used(self) -> int:
         """What writes have taken of the capacity: dirty and flushing bytes,
-        and room for the transactions flushes hold beside them (kept for
-        them before they start: a flush started when writes had filled the
-        capacity would add its transaction above it)."""
-        return self._bytes + max(self._headroom, int(self._flying * FLIGHT_COST))
+        and room for the transactions flushes hold beside them (an eighth
+        kept for them before they start: a flush started when writes had
+        filled the capacity would add its transaction above it; more while
+        more is flying, up to a quarter, so a small cache whose one flush
+        is larger than its flight limit still takes writes meanwhile)."""
+        return self._bytes + max(self._headroom,
+                                 min(int(self._flying * FLIGHT_COST), self.capacity // 4))
 
     def _page_budget(self) -> int:
         return min(self.capacity // KEPT_SHARE, max(self.capacity // 8, self.capacity - self._bytes))
@@ -494,6 +498,7 @@ class StripeCache:
 
     def _flush_loop(self) -> None:
         while True:
+            trim = False
             with self._cv:
                 if self._closed:
                     return
@@ -515,12 +520,13 @@ class StripeCache:
                         excess -= _size(e.dirty)
                         if e.name not in seen:
                             due.append(e)
-                if not due:
+                if not due and not self._bytes and \
+                        self._flushed_since_trim >= self.capacity // 4:
+                    self._flushed_since_trim = 0
+                    trim = True             # (not under the lock: about 4 ms)
+                elif not due:
                     oldest = min((e.since for e in self._objs.values() if e.dirty),
                                  default=None)
-                    if not self._bytes and self._flushed_since_trim >= self.capacity // 4:
-                        self._flushed_since_trim = 0
-                        _give_back_heap()
                     wait = self.max_age if oldest is None else \
                         max(0.01, oldest + self.max_age - now)
                     self._cv.wait(min(wait, self.max_age))
@@ -528,6 +534,9 @@ class StripeCache:
                 due.sort(key=lambda e: e.since)
                 names = [e.name for e in due]
                 before = self._bytes
+            if trim:
+                _give_back_heap()
+                continue
             errs = list(self._pool.map(self._flush_one, names))
             with self._cv:
                 failed = next((x for x in errs if x is not None and not isinstance(x, Fenced)),
@@ -599,7 +608,8 @@ _malloc_trim = None
 
 # ------------------------------------------------------------- extent maps
 # A map is a SortedDict offset -> bytearray of disjoint extents, none
-# crossing a BLOCK boundary. A write's bytes over existing extents are
+# crossing a BLOCK boundary (but runs put back after a failed flush,
+# which are written into in place like any other). A write's bytes over existing extents are
 # written into them in place and the rest become extents of their own:
 # extents are never merged or resized, so the heap sees few sizes (4K
 # writes make 4 KiB buffers, streams 64 KiB ones) and reuses what flushes
@@ -700,15 +710,30 @@ def _overlaps(m: SortedDict, a: int, n: int) -> bool:
 
 
 def _within(m: SortedDict, a: int, n: int) -> bytes | None:
-    """The bytes [a, a+n) if one extent holds them all."""
+    """The bytes [a, a+n) if the map's extents hold them all (one extent,
+    or several that touch: extents are never merged, so a read wider than
+    the writes that made them spans several)."""
     i = m.bisect_right(a) - 1
     if i < 0:
         return None
-    k = m.keys()[i]
-    buf = m.values()[i]
-    if k + len(buf) < a + n:
-        return None
-    return bytes(buf[a - k:a - k + n])
+    ks, vs = m.keys(), m.values()
+    k, buf = ks[i], vs[i]
+    if k + len(buf) >= a + n:
+        return bytes(buf[a - k:a - k + n])
+    out = bytearray(n)
+    pos = a
+    while True:
+        if k > pos or k + len(buf) <= pos:
+            return None         # a gap
+        take = min(k + len(buf), a + n) - pos
+        out[pos - a:pos - a + take] = buf[pos - k:pos - k + take]
+        pos += take
+        if pos >= a + n:
+            return bytes(out)
+        i += 1
+        if i == len(ks):
+            return None
+        k, buf = ks[i], vs[i]
 
 
 def _overlay(m: SortedDict, a: int, out: bytearray) -> None:

@@ -95,3 +95,30 @@ def test_a_state_not_in_the_cache_keeps_no_pages(tmp_path):
     states.drop("a")
     _set(states, st, 0, 0, os.urandom(PAGE))
     assert not st.pages.get(0) and states.pool.free_count() == MIN_PAGES
+
+
+def test_a_page_set_again_under_a_lock_free_reader_is_not_taken(tmp_path):
+    """The slot handed back to the same page (last freed, first reused):
+    the map names the same slot, the generation moved."""
+    states = _cache(tmp_path)
+    a = _state(states, "a")
+    old, new = os.urandom(PAGE), os.urandom(PAGE)
+    _set(states, a, 0, 0, old)
+    slot = a.pages[0][0]
+
+    class Hooked(np.ndarray):
+        """Right after the reader took the generations, the page is set again."""
+        armed = False
+
+        def __getitem__(self, idx):
+            got = np.asarray(super().__getitem__(idx)).copy()
+            if Hooked.armed:
+                Hooked.armed = False
+                _set(states, a, 0, 0, new)
+            return got
+
+    states.pool.gen = states.pool.gen.view(Hooked)
+    Hooked.armed = True
+    assert _get(states, a, 0, 0, 1) is None
+    assert a.pages[0][0] == slot                 # the same slot: only its generation tells
+    assert _get(states, a, 0, 0, 1) == new

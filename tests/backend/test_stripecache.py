@@ -564,7 +564,11 @@ def test_extents_are_written_in_place_never_merged_and_flush_joined(cached):
     assert list(dirty) == [0, 4096, 8192] and len(dirty[8192]) == 2048 + 8000 - 8192
     assert dirty[0] is bufs[0] and dirty[4096] is bufs[4096]
     want = a[:2048] + mid
-    assert c.read(OBJ, 0, len(want)) == want
+    got = []
+    n = counted(s, lambda: got.append(c.read(OBJ, 0, len(want))))
+    assert got == [want] and n["shard_reads"] == 0 and n["cache_hits"] == 1   # touching: a hit
+    assert c.try_read(OBJ, 1000, 9000) == want[1000:10000]
+    assert c.read(OBJ, 0, len(want) + 1) == want + _on_disk(d, len(want), 1)  # past them: merged
     n = counted(s, lambda: c.flush(P))
     assert n["client_write_ops"] == 1          # one run
     assert _on_disk(d, 0, len(want)) == want
