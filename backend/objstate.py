@@ -296,9 +296,9 @@ class StateCache:
         slots = [sp.get(p) for p in range(p0, p1)]
         if None in slots:
             return False
-        gen = pool.gen[slots]
-        np.take(pool.slab, slots, axis=0, out=out.reshape(len(slots), sf.PAGE))
-        return bool((pool.gen[slots] == gen).all()) and \
+        gens = [pool.gen[s] for s in slots]
+        pool.copy_out(slots, out)
+        return [pool.gen[s] for s in slots] == gens and \
             [sp.get(p) for p in range(p0, p1)] == slots
 
     def set_pages(self, st: ObjState, i: int, p0: int, buf) -> None:
@@ -316,7 +316,7 @@ class StateCache:
         if pool.free_count() < n:
             self._trim_pages(st, pool.nbytes - n * sf.PAGE)
         slots = pool.alloc(n)
-        pool.slab[slots] = np.frombuffer(buf, dtype=np.uint8, count=n * sf.PAGE).reshape(n, sf.PAGE)
+        pool.put(slots, buf)
         sp = st.pages.setdefault(i, {})
         sp.update(zip(range(p0, p0 + n), slots))
         self._count(st, n)
