@@ -67,6 +67,8 @@ class PagePool:
         """``n`` free slots (the caller made sure there are)."""
         if n > len(self._free):
             raise ValueError(f"page pool: {n} slots asked, {len(self._free)} free")
+        if n <= 0:
+            return []           # (_free[-0:] is all of it)
         got = self._free[-n:]
         del self._free[-n:]
         return got

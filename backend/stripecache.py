@@ -521,7 +521,7 @@ class StripeCache:
                         if e.name not in seen:
                             due.append(e)
                 if not due and not self._bytes and \
-                        self._flushed_since_trim >= self.capacity // 4:
+                        self._flushed_since_trim >= max(1, self.capacity // 4):
                     self._flushed_since_trim = 0
                     trim = True             # (not under the lock: about 4 ms)
                 elif not due:

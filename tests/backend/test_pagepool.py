@@ -122,3 +122,9 @@ def test_a_page_set_again_under_a_lock_free_reader_is_not_taken(tmp_path):
     assert _get(states, a, 0, 0, 1) is None
     assert a.pages[0][0] == slot                 # the same slot: only its generation tells
     assert _get(states, a, 0, 0, 1) == new
+
+
+def test_no_slots_asked_none_given():
+    from backend.pagepool import PagePool
+    pool = PagePool(0)
+    assert pool.alloc(0) == [] and pool.free_count() == MIN_PAGES
