@@ -76,7 +76,6 @@ objects, and readahead.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -85,6 +84,7 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedDict
 
+from .codec import give_back_heap
 from .errors import EcfsError, Fenced, NotFound, StoreError
 
 log = logging.getLogger("ecfs.cache")
@@ -535,7 +535,7 @@ class StripeCache:
                 names = [e.name for e in due]
                 before = self._bytes
             if trim:
-                _give_back_heap()
+                give_back_heap()        # (about 4 ms)
                 continue
             errs = list(self._pool.map(self._flush_one, names))
             with self._cv:
@@ -584,26 +584,6 @@ class StripeCache:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _give_back_heap() -> None:
-    """Return the free memory of the C heap to the system (glibc's
-    malloc_trim; elsewhere nothing). The extents of a stream of writes are
-    64 KiB blocks on the heap: freed by their flush, they stayed the
-    process's (a 1M sequential write left a mount at 155 MiB of RSS, 54
-    MiB of it in use), and every later job's peak started from there. Run
-    by the flusher when the cache has gone clean (about 4 ms)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
 
 
 # ------------------------------------------------------------- extent maps
@@ -693,15 +673,11 @@ def _runs(m: SortedDict) -> SortedDict:
         else:
             out.append([off, [buf], len(buf)])
     runs = SortedDict()
-    for off, bufs, n in out:
+    for off, bufs, _ in out:
         if len(bufs) == 1:
             runs[off] = bufs[0]
             continue
-        run = runs[off] = bytearray(n)
-        at = 0
-        for b in bufs:
-            run[at:at + len(b)] = b
-            at += len(b)
+        runs[off] = bytearray().join(bufs)
     return runs
 
 
@@ -716,24 +692,19 @@ def _within(m: SortedDict, a: int, n: int) -> bytes | None:
     i = m.bisect_right(a) - 1
     if i < 0:
         return None
-    ks, vs = m.keys(), m.values()
-    k, buf = ks[i], vs[i]
+    k, buf = m.keys()[i], m.values()[i]
     if k + len(buf) >= a + n:
         return bytes(buf[a - k:a - k + n])
-    out = bytearray(n)
-    pos = a
-    while True:
-        if k > pos or k + len(buf) <= pos:
+    covered = a
+    for k in _touching(m, a, a + n):
+        if k > covered:
             return None         # a gap
-        take = min(k + len(buf), a + n) - pos
-        out[pos - a:pos - a + take] = buf[pos - k:pos - k + take]
-        pos += take
-        if pos >= a + n:
-            return bytes(out)
-        i += 1
-        if i == len(ks):
-            return None
-        k, buf = ks[i], vs[i]
+        covered = max(covered, k + len(m[k]))
+    if covered < a + n:
+        return None
+    out = bytearray(n)
+    _overlay(m, a, out)
+    return bytes(out)
 
 
 def _overlay(m: SortedDict, a: int, out: bytearray) -> None:

@@ -577,7 +577,7 @@ def test_extents_are_written_in_place_never_merged_and_flush_joined(cached):
 def test_the_flusher_gives_the_heap_back_once_the_cache_is_clean(make_store, monkeypatch):
     import backend.stripecache as sc
     calls = []
-    monkeypatch.setattr(sc, "_give_back_heap", lambda: calls.append(1))
+    monkeypatch.setattr(sc, "give_back_heap", lambda: calls.append(1))
     d, s = make_store(k=K, m=M, chunk_size=C)
     c = StripeCache(s, 1 << 20, max_age=3600)
     c.set_writeback(P, True)
