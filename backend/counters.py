@@ -139,10 +139,15 @@ class Counters:
         with self._lock:
             self._arr[IDX[name]] = value
 
-    def add_many(self, pairs) -> None:
+    def add_many(self, pairs, gauge: tuple[str, int] | None = None) -> None:
+        """Add each (name, n); and set one gauge (name, level), under the
+        same lock."""
         with self._lock:
             for name, n in pairs:
-                self._arr[IDX[name]] += n
+                if n:
+                    self._arr[IDX[name]] += n
+            if gauge is not None:
+                self._arr[IDX[gauge[0]]] = gauge[1]
 
     def mark(self) -> np.ndarray:
         """This process's counts now, to ``rewind`` to."""

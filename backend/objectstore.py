@@ -1192,9 +1192,14 @@ class ObjectStore:
                 table = self._load_crcs(st, i, seq, lockless)
                 if table is None or len(table) < p1:
                     return False
-            stored = table[p0:p1]
-            if not stored.all():
-                return False
+            if p1 - p0 == 1:
+                stored = int(table[p0])     # one page (most reads): no array ops
+                if not stored:
+                    return False
+            else:
+                stored = table[p0:p1]
+                if not stored.all():
+                    return False
             fd = st.fds.get(i) if lockless else self._kept_fd(st, i, False)
             if fd is None:
                 return False
@@ -1208,7 +1213,7 @@ class ObjectStore:
         except OSError:         # EAGAIN (not in memory), or an error the long way reports
             return False
         if p1 - p0 == 1:
-            return (_crc32c(out) ^ sf.ZERO_PAGE_CRC) == stored[0]
+            return (_crc32c(out) ^ sf.ZERO_PAGE_CRC) == stored
         return bool((sf.page_crcs(out, p1 - p0) == stored).all())
 
     def _load_crcs(self, st: ObjState, i: int, seq: int, lockless: bool) -> np.ndarray | None:

@@ -144,6 +144,7 @@ class StripeCache:
         self._cv = threading.Condition()
         self._objs: dict[str, _Entry] = {}
         self._wb: frozenset[str] = frozenset()   # name prefixes written back
+        self._wb_prefixes: tuple[str, ...] = ()
         self._bytes = 0                    # dirty + flushing bytes
         self._waiting = 0                  # writers waiting for room
         self._flying = 0                   # bytes of flushes under way
@@ -174,10 +175,8 @@ class StripeCache:
         with self._cv:
             # replaced, never changed: writers read it without the lock
             self._wb = self._wb | {prefix} if on else self._wb - {prefix}
+            self._wb_prefixes = tuple(self._wb)     # for str.startswith
         return on
-
-    def _writeback(self, name: str) -> bool:
-        return any(name.startswith(p) for p in self._wb)
 
     def dirty_bytes(self) -> int:
         return self._bytes
@@ -187,22 +186,38 @@ class StripeCache:
         """Cache the write if that needs no waiting; False: call ``write``
         (from a thread that may block)."""
         data = memoryview(data).cast("B")
-        if not len(data) or len(data) > self.through or not self._writeback(name):
+        n = len(data)
+        if not n or n > self.through or not name.startswith(self._wb_prefixes):
             return False
         with self._cv:
             if self._closed:
                 return False
             e = self._objs.get(name)
-            grow = _growth(e.dirty, offset, len(data)) if e is not None else len(data)
+            if e is None:
+                keys, grow = [], n
+            else:
+                buf = e.dirty.get(offset)
+                if buf is not None and len(buf) >= n:
+                    # bytes cached at the same offset: rewritten in place
+                    # (extents are disjoint, so no other one overlaps)
+                    if self._used() > self.capacity or self._waiting:
+                        return False
+                    buf[:n] = data
+                    if size_hint:
+                        e.hint = size_hint
+                    self._count_write(n)
+                    return True
+                keys = _touching(e.dirty, offset, offset + n)
+                grow = _growth(e.dirty, keys, offset, n)
             if self._used() + grow > self.capacity or self._waiting:
                 return False
-            self._put(name, e, offset, data, size_hint)
+            self._put(name, e, offset, data, size_hint, keys)
         return True
 
     def write(self, name: str, offset: int, data, *, size_hint: int = 0) -> None:
         data = memoryview(data).cast("B")
-        if not len(data) or len(data) > self.through or not self._writeback(name) \
-                or self._closed:
+        if not len(data) or len(data) > self.through or \
+                not name.startswith(self._wb_prefixes) or self._closed:
             self._through(name)
             self.lower.write(name, offset, data, size_hint=size_hint)
             return
@@ -210,7 +225,11 @@ class StripeCache:
             waited = False
             while True:
                 e = self._objs.get(name)
-                grow = _growth(e.dirty, offset, len(data)) if e is not None else len(data)
+                if e is None:
+                    keys, grow = [], len(data)
+                else:
+                    keys = _touching(e.dirty, offset, offset + len(data))
+                    grow = _growth(e.dirty, keys, offset, len(data))
                 if self._used() + grow <= self.capacity:
                     break
                 if self._stall is not None:
@@ -224,24 +243,30 @@ class StripeCache:
                     self._cv.wait(1.0)
                 finally:
                     self._waiting -= 1
-            self._put(name, e, offset, data, size_hint)
+            self._put(name, e, offset, data, size_hint, keys)
 
     def _put(self, name: str, e: _Entry | None, offset: int, data: memoryview,
-             size_hint: int) -> None:
-        """Add the write to the object's dirty map (under the lock)."""
+             size_hint: int, keys: list[int]) -> None:
+        """Add the write to the object's dirty map (under the lock; ``keys``:
+        the extents it touches, from ``_touching``)."""
         if e is None:
             e = self._objs[name] = _Entry(name)
         if size_hint:
             e.hint = size_hint
         if not e.dirty:
             e.since = time.monotonic()
-        self._bytes += _insert(e.dirty, offset, data)
-        if self._states is not None and self._states.page_bytes() > self._page_budget():
-            self._states.trim_pages()       # dirty bytes take their room back
-        if self._bytes > self.capacity * FLUSH_HIGH:
-            self._cv.notify_all()           # the flusher: time to write out
-        self.lower.counters.add_many((("cache_writes", 1), ("cache_write_bytes", len(data))))
-        self.lower.counters.set("cache_dirty_bytes", self._bytes)
+        grown = _insert(e.dirty, keys, offset, data)
+        if grown:
+            self._bytes += grown
+            if self._states is not None and self._states.page_bytes() > self._page_budget():
+                self._states.trim_pages()   # dirty bytes take their room back
+            if self._bytes > self.capacity * FLUSH_HIGH:
+                self._cv.notify_all()       # the flusher: time to write out
+        self._count_write(len(data))
+
+    def _count_write(self, n: int) -> None:
+        self.lower.counters.add_many((("cache_writes", 1), ("cache_write_bytes", n)),
+                                     ("cache_dirty_bytes", self._bytes))
 
     def _used(self) -> int:
         """What writes have taken of the capacity: dirty and flushing bytes,
@@ -484,7 +509,8 @@ class StripeCache:
                 merged = e.flushing
                 before = _size(merged) + _size(e.dirty)
                 for off, buf in e.dirty.items():
-                    _insert(merged, off, memoryview(buf))
+                    _insert(merged, _touching(merged, off, off + len(buf)), off,
+                            memoryview(buf))
                 self._bytes += _size(merged) - before
                 e.flushing, e.dirty = SortedDict(), merged
                 e.since = e.since or time.monotonic()
@@ -612,32 +638,32 @@ def _end(m: SortedDict) -> int:
 
 def _touching(m: SortedDict, a: int, b: int) -> list[int]:
     """Offsets of the extents overlapping or touching [a, b)."""
-    i = m.bisect_right(a) - 1
-    if i < 0 or m.keys()[i] + len(m.values()[i]) < a:
-        i += 1
     keys = []
-    ks = m.keys()
-    while i < len(ks) and ks[i] <= b:
-        keys.append(ks[i])
-        i += 1
+    for k in m.irange(maximum=a, reverse=True):     # the one starting at or before a
+        if k + len(m[k]) >= a:
+            keys.append(k)
+        break
+    keys.extend(m.irange(a, b, inclusive=(False, True)))
     return keys
 
 
-def _growth(m: SortedDict, a: int, n: int) -> int:
-    """How many bytes the map grows by if [a, a+n) is inserted."""
+def _growth(m: SortedDict, keys: list[int], a: int, n: int) -> int:
+    """How many bytes the map grows by if [a, a+n) is inserted (``keys``:
+    the extents it touches)."""
     covered = 0
-    for k in _touching(m, a, a + n):
+    for k in keys:
         buf = m[k]
         covered += max(0, min(k + len(buf), a + n) - max(k, a))
     return n - covered
 
 
-def _insert(m: SortedDict, a: int, data: memoryview) -> int:
-    """Write ``data`` at ``a`` into the map (newest wins); the growth in bytes."""
+def _insert(m: SortedDict, keys: list[int], a: int, data: memoryview) -> int:
+    """Write ``data`` at ``a`` into the map (newest wins; ``keys``: the
+    extents it touches); the growth in bytes."""
     b = a + len(data)
     grown = 0
     pos = a
-    for k in _touching(m, a, b):
+    for k in keys:
         buf = m[k]
         lo, hi = max(k, a), min(k + len(buf), b)
         if hi <= lo:

@@ -497,7 +497,10 @@ def test_model(make_store, seed, mode):
             name = rng.choice(names)
             op = rng.random()
             if op < 0.55:
-                off = rng.randrange(0, 400_000)
+                # page-aligned offsets half the time: rewrites of an
+                # extent at its own offset take try_write's in-place path
+                off = rng.randrange(0, 400_000) if rng.random() < 0.5 else \
+                    rng.randrange(0, 97) * 4096
                 n = rng.choice([1, 100, 4096, 5000, 70_000])
                 piece = rng.randbytes(n)
                 if rng.random() < 0.5 and c.try_write(name, off, piece):
@@ -546,6 +549,32 @@ def test_model(make_store, seed, mode):
         check_parity(d)
     finally:
         c.close()
+
+
+def test_a_rewrite_at_an_extents_offset_goes_into_it_and_a_longer_one_is_split(cached):
+    """try_write's in-place path (bytes cached at the write's offset, as
+    long as it or longer) writes into that extent and grows nothing; a
+    longer write there takes the general path: the extent's bytes in
+    place, the rest a new extent."""
+    d, s, c = cached
+    data = _fill(s)
+    a = os.urandom(4096)
+    assert c.try_write(OBJ, 8192, a)
+    buf = c._objs[OBJ].dirty[8192]
+    before = c.dirty_bytes()
+    b = os.urandom(1000)
+    n = counted(s, lambda: c.try_write(OBJ, 8192, b))
+    assert c._objs[OBJ].dirty[8192] is buf and c.dirty_bytes() == before
+    assert n["cache_writes"] == 1 and n["cache_write_bytes"] == 1000
+    assert c.read(OBJ, 8192, 4096) == b + a[1000:]
+    longer = os.urandom(6000)
+    assert c.try_write(OBJ, 8192, longer)
+    dirty = c._objs[OBJ].dirty
+    assert list(dirty) == [8192, 12288] and dirty[8192] is buf
+    assert c.dirty_bytes() == before + 6000 - 4096
+    c.flush(P)
+    assert _on_disk(d, 8192, 6000) == longer
+    assert _on_disk(d, 8192 + 6000, 4096) == bytes(data[8192 + 6000:8192 + 6000 + 4096])
 
 
 def test_extents_are_written_in_place_never_merged_and_flush_joined(cached):
