@@ -1172,9 +1172,10 @@ class ObjectStore:
             out[got_n:] = 0
         return sf.page_crcs(out, n) != stored
 
-    def _read_pinned(self, st: ObjState, i: int, p0: int, p1: int, out: np.ndarray,
-                     lockless: bool) -> bool:
-        """Read shard i's pages [p0, p1) into ``out`` through the pinned
+    def _read_pinned(self, st: ObjState, i: int, p0: int, p1: int,
+                     out: np.ndarray | list[np.ndarray], lockless: bool) -> bool:
+        """Read shard i's pages [p0, p1) into ``out`` (one buffer, or a list
+        of whole-page buffers filled in order) through the pinned
         state's kept file and checksum table. True only when every page
         was there in full and verified against a non-zero stored checksum
         (a zero stored is "zero page" or "lost": the long way tells);
@@ -1204,17 +1205,27 @@ class ObjectStore:
             if fd is None:
                 return False
             n = (p1 - p0) * PAGE
-            if os.preadv(fd, [out], p0 * PAGE, os.RWF_NOWAIT if lockless else 0) < n:
+            outs = out if isinstance(out, list) else [out]
+            if os.preadv(fd, outs, p0 * PAGE, os.RWF_NOWAIT if lockless else 0) < n:
                 return False
             if self.faults.armed():
                 path = os.path.join(self.osdmap.paths.get(st.loc[i], ""),
                                     sf.rel_paths(st.name, i)[0])
-                self.faults.on_read(path, p0 * PAGE, out)
+                at = p0 * PAGE
+                for part in outs:
+                    self.faults.on_read(path, at, part)
+                    at += len(part)
         except OSError:         # EAGAIN (not in memory), or an error the long way reports
             return False
         if p1 - p0 == 1:
-            return (_crc32c(out) ^ sf.ZERO_PAGE_CRC) == stored
-        return bool((sf.page_crcs(out, p1 - p0) == stored).all())
+            return (_crc32c(outs[0]) ^ sf.ZERO_PAGE_CRC) == stored
+        at = 0
+        for part in outs:
+            k = len(part) // PAGE
+            if not (sf.page_crcs(part, k) == stored[at:at + k]).all():
+                return False
+            at += k
+        return True
 
     def _load_crcs(self, st: ObjState, i: int, seq: int, lockless: bool) -> np.ndarray | None:
         """Shard i's whole checksum table (as far as its extent goes), read
@@ -1290,8 +1301,10 @@ class ObjectStore:
                 got = bytes(end - offset) if run is _NEVER_WRITTEN else \
                     run[0][run[1]:run[1] + end - offset].tobytes()
             else:
-                out = bytearray(end - offset)
+                # returned as it is (a bytearray: no copy into bytes)
+                got = out = bytearray(end - offset)
                 view = np.frombuffer(out, dtype=np.uint8)
+                aligned = offset % PAGE == 0 and end % PAGE == 0
                 for i in range(self.k):
                     # shard i's bytes of the range are one run of its file
                     # (the tail of a chunk, whole chunks, the head of one):
@@ -1302,17 +1315,26 @@ class ObjectStore:
                         continue
                     a = first * C + (r0 - i * C if (first, i) == (s0, i0) else 0)
                     b = last * C + (r1 + 1 - i * C if (last, i) == (s1, i1) else C)
+                    pieces = []                 # (where in the range, in the run, bytes)
+                    for t in range(first, last + 1):
+                        x, y = max(a, t * C), min(b, (t + 1) * C)      # in the shard file
+                        pieces.append((t * KC + i * C + x - t * C - offset, x - a, y - x))
+                    if aligned:
+                        # whole pages: the read puts each chunk's bytes in
+                        # their place in the range (one preadv, no copy)
+                        run = self._fast_run(st, i, a, b, counts,
+                                             [view[at:at + n] for at, _, n in pieces])
+                        if run is None:
+                            return None
+                        continue
                     run = self._fast_run(st, i, a, b, counts)
                     if run is None:
                         return None
                     if run is _NEVER_WRITTEN:
                         continue            # zeros (out starts zeroed)
                     buf, skip = run
-                    for t in range(first, last + 1):
-                        x, y = max(a, t * C), min(b, (t + 1) * C)      # in the shard file
-                        at = t * KC + i * C + x - t * C - offset          # in the range
-                        view[at:at + y - x] = buf[x - a + skip:y - a + skip]
-                got = bytes(out)
+                    for at, x, n in pieces:
+                        view[at:at + n] = buf[x + skip:x + skip + n]
             if self.seq.get(st.slot) != seq:
                 return None             # a shard file changed meanwhile
         finally:
@@ -1324,16 +1346,28 @@ class ObjectStore:
                                 ("shard_read_bytes", rbytes)))
         return got
 
-    def _fast_run(self, st: ObjState, i: int, lo: int, hi: int, counts: list):
+    def _fast_run(self, st: ObjState, i: int, lo: int, hi: int, counts: list,
+                  into: list[np.ndarray] | None = None):
         """For try_read: shard i's bytes [lo, hi), from its kept pages or
         its kept file without waiting, verified: (the pages, the offset of
         ``lo`` in them), _NEVER_WRITTEN, or None (go the long way).
-        ``counts`` gathers hits, reads and bytes read."""
+        ``into`` (lo and hi on pages): buffers of whole pages that take the
+        run in order, filled in place (True when they are, zeros for a
+        shard never written). ``counts`` gathers hits, reads and bytes read."""
         if not st.usable.get(i):
             return None
         if st.info.vector[i] == 0:
+            if into is not None:
+                return True             # zeros: the caller's buffers start zeroed
             return _NEVER_WRITTEN
         p0, p1 = lo // PAGE, -(-hi // PAGE)
+        if into is not None and not st.pages.get(i):
+            # no kept pages to look at: straight from the file into place
+            if not self._read_pinned(st, i, p0, p1, into, lockless=True):
+                return None
+            counts[1] += 1
+            counts[2] += (p1 - p0) * PAGE
+            return True
         buf = np.empty((p1 - p0) * PAGE, dtype=np.uint8)
         if self.states.get_pages(st, i, p0, p1, buf):
             counts[0] += 1
@@ -1342,6 +1376,12 @@ class ObjectStore:
             counts[2] += len(buf)
         else:
             return None
+        if into is not None:
+            at = lo - p0 * PAGE
+            for part in into:
+                part[:] = buf[at:at + len(part)]
+                at += len(part)
+            return True
         return buf, lo - p0 * PAGE
 
     def _recover(self, obj: _Obj, win: _Window, i: int, p0: int, p1: int,
