@@ -142,7 +142,6 @@ class EcfsFS(pyfuse3.Operations):
         self._next_fh = 1
         self._images: dict[tuple, list] = {}     # key -> [Image, open count]
         self._lock = threading.Lock()
-        self._grow_lock = threading.Lock()
         self._invalidator = _Invalidator()
 
     # ------------------------------------------------------------ plumbing
@@ -475,14 +474,13 @@ class EcfsFS(pyfuse3.Operations):
 
     def _grow(self, img: Image, end: int) -> None:
         """A write past the end grows the image (never shrinks it: two
-        growing writes may race)."""
+        growing writes may race); the header grows ahead of a stream of
+        them (Image.grow_for_write)."""
         if end <= img.size():
             return
         if end > MAX_IMAGE_SIZE:
             raise pyfuse3.FUSEError(errno.EFBIG)
-        with self._grow_lock:
-            if end > img.size():
-                img.resize(end, allow_shrink=False)
+        img.grow_for_write(end)
 
     async def fallocate(self, fh, mode, off, length):
         h = self._handles[fh]

@@ -20,6 +20,19 @@ feature the owner keeps the head map in memory: a read of a NONEXISTENT
 object returns zeros (or the parent's bytes) without touching the store,
 and a write marks its object EXISTS once, before its data.
 
+Growth by writes (``grow_for_write``, a file copied into the mount): the
+header grows ahead of the writes, doubling up to GROW_AHEAD_MAX at a time,
+so a stream of writes past the end pays one header write per doubling, not
+one per write. ``size()`` is what was written (``_written_end``); the
+header's size comes back to it (``_settle_size``) at the next flush, close,
+lock hand-over or maintenance op, and a peer's flush request (export, diff,
+du) settles it too. Until then the header says more: after a crash the
+image keeps that size (its tail reads as zeros); nothing is ever written
+past ``_written_end``, so settling writes only the header. Only with the
+lock ours alone (write-back): a shared image resizes per write as before.
+Locks: the gate, then ``_size_lock`` (whose holders never wait for the
+gate), then the mutex.
+
 Every change to a head object goes through ``_prepare``: first the copy
 for the newest snapshot (rbdlike.snapshot), then the copy-up from the
 parent (rbdlike.layering), then the map update, each at most once per
@@ -38,7 +51,8 @@ from backend.errors import EcfsError, Fenced, InvalidArgument, NotFound, ReadOnl
 
 from . import directory, notify, snapshot
 from .exclusive_lock import ExclusiveLock, owner
-from .header import ImageHeader, Parent, Snapshot, data_object, load_header, save_header
+from .header import (MAX_IMAGE_SIZE, ImageHeader, Parent, Snapshot, data_object, load_header,
+                     save_header)
 from .lock_owner import LockOwner
 from .maintenance import MaintenanceOps
 from .objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, PENDING, ObjectMap
@@ -46,6 +60,9 @@ from .objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, PENDING, ObjectMap
 log = logging.getLogger("ecfs.image")
 
 _OBJ_LOCKS = 64
+# grow_for_write doubles the header's size ahead of growing writes, by at
+# most this much at a time (and at least to the write's end)
+GROW_AHEAD_MAX = 1 << 30
 # librbd's rbd_mtime_update_interval / rbd_atime_update_interval: the image's
 # modify and access timestamps move at most this often (seconds), so
 # writes and reads stay cheap
@@ -126,17 +143,26 @@ class Image(MaintenanceOps):
         self._stamped: dict[str, int] = {}        # attr -> value last written
         self._data_prefix = f"rbd_data.{self.id}."
         self._wb = False                          # the store writes our data back
+        # the end of what growing writes wrote while the header's size is
+        # ahead of it (None: the header's size is the image's size)
+        self._written_end: int | None = None
+        self._size_lock = threading.Lock()
         if watch:
             self._owner.ensure_watch()
         elif self.read_only and self.snap is None:
             flush_owner(store, self.id)
+            # the owner's flush may have settled a size grown ahead
+            self.header = load_header(store, self.id, self.name)
 
     def _obj_lock(self, objno: int) -> threading.RLock:
         return self._obj_locks[objno % _OBJ_LOCKS]
 
     # ------------------------------------------------------------ queries
     def size(self) -> int:
-        return self.snap.size if self.snap is not None else self.header.size
+        if self.snap is not None:
+            return self.snap.size
+        end = self._written_end
+        return self.header.size if end is None else end
 
     def stat(self) -> dict:
         h = self.header
@@ -226,10 +252,11 @@ class Image(MaintenanceOps):
         if self._closed or self.snap is not None or offset < 0 or length <= 0:
             return None
         h = self.header
-        if offset >= h.size or (self._keeps_atime and
-                                self._stamp_due("atime_ns", time.time_ns()) is not None):
+        size = self.size()
+        if offset >= size or (self._keeps_atime and
+                              self._stamp_due("atime_ns", time.time_ns()) is not None):
             return None
-        length = min(length, h.size - offset)
+        length = min(length, size - offset)
         objno, off = divmod(offset, h.object_size)
         if off + length > h.object_size:
             return None
@@ -389,7 +416,7 @@ class Image(MaintenanceOps):
         n = len(data)
         osz = self.header.object_size
         objno = offset // osz
-        if not n or offset < 0 or offset + n > self.header.size or \
+        if not n or offset < 0 or offset + n > self.size() or \
                 (offset + n - 1) // osz != objno or \
                 self._stamp_due("mtime_ns", time.time_ns()) is not None:
             return None
@@ -576,9 +603,85 @@ class Image(MaintenanceOps):
 
     def flush(self) -> None:
         """Every write that returned before this call is durable (the
-        stripe cache writes this image's dirty bytes out)."""
+        stripe cache writes this image's dirty bytes out), and the header
+        says the size they made."""
         self._check_open()
+        self.settle_size()
         self.store.flush(self._data_prefix)
+
+    # ------------------------------------------------------------ growth
+    def grow_for_write(self, end: int) -> None:
+        """Make the image at least ``end`` bytes for a write past its end
+        (the module docstring: "Growth by writes")."""
+        if end <= self.size():
+            return
+        if end > MAX_IMAGE_SIZE:
+            raise InvalidArgument(f"image size must be within 0..{MAX_IMAGE_SIZE}")
+        with self._size_lock:
+            ours = self._wb and self._owner.try_writing()
+            if ours:
+                try:
+                    grew = self._grow_ahead(end)
+                finally:
+                    self._owner.end_writing()
+        if not ours:
+            self.resize(end, allow_shrink=False)    # the plain way (waits for the gate)
+        elif grew:
+            self._owner.notify_header()
+
+    def _grow_ahead(self, end: int) -> bool:
+        """(gate shared, _size_lock held) True when the header grew."""
+        if end <= self.size():
+            return False
+        if end <= self.header.size:
+            self._written_end = end         # within what the header already says
+            return False
+        cur = self.header.size
+        osz = self.header.object_size
+        ahead = max(end, min(2 * cur, cur + GROW_AHEAD_MAX))
+        ahead = min(MAX_IMAGE_SIZE, max(end, -(-ahead // osz) * osz))
+        before = self._written_end
+        self._written_end = end             # first: size() never shows the header's
+        try:
+            self._resize(ahead, allow_shrink=False, done=False)
+        except BaseException:
+            self._written_end = before
+            raise
+        return True
+
+    def settle_size(self) -> None:
+        """The header's size back to what growing writes wrote (a header
+        write), if it is ahead and the lock is ours now; else whoever
+        takes the gate next (a hand-over, an op) settles it."""
+        if self._written_end is None:
+            return
+        with self._size_lock:
+            if self._written_end is None or not self._owner.try_writing():
+                return
+            try:
+                settled = self._settle_size()
+            finally:
+                self._owner.end_writing()
+        if settled:
+            self._owner.notify_header()
+
+    def _settle_size(self) -> bool:
+        """(the gate held: exclusive, or shared with _size_lock) True when
+        the header was written. Nothing lies past ``_written_end`` (no
+        write went there), so this is the header alone."""
+        end = self._written_end
+        if end is None:
+            return False
+        if end < self.header.size:
+            with directory.header_lock(self.store, self.id):
+                hdr = load_header(self.store, self.id, self.name)
+                hdr.size = end
+                self._save_header(hdr)
+            with self._mutex:
+                if self._map is not None and self._map.valid:
+                    self._map.resize(self.header.num_objects)
+        self._written_end = None
+        return True
 
     # -------------------------------------------------------------- diff
     def diff_iterate(self, offset: int, length: int, from_snapshot: str | None,
@@ -660,6 +763,7 @@ class Image(MaintenanceOps):
         """The lock is about to go (gate exclusive, mutex held): write the
         cached bytes out (a failure keeps the lock: nobody may write under
         bytes still waiting here), then forget what the lock vouched for."""
+        self._settle_size()         # (the gate exclusive: no growing write under way)
         try:
             self.store.flush(self._data_prefix)
         except Fenced:
@@ -679,12 +783,16 @@ class Image(MaintenanceOps):
         themselves in the stripe cache."""
         with self._mutex:
             self._zero_spans.clear()
+        with self._size_lock:
+            self._settle_size()     # the op (a resize too) acts on the size written
         if op != "resize":
             self.store.flush(self._data_prefix)
 
     def _peer_flush(self) -> None:
-        """A reader elsewhere (export, diff, du) is to see our writes."""
+        """A reader elsewhere (export, diff, du) is to see our writes, and
+        the size they made."""
         if not self._closed:
+            self.settle_size()
             self.store.flush(self._data_prefix)
 
     def _stored_requests(self) -> list:
@@ -716,6 +824,7 @@ class Image(MaintenanceOps):
     def close(self) -> None:
         if self._closed:
             return
+        self.settle_size()          # (an image without the exclusive-lock feature has no hand-over)
         self._closed = True
         self._owner.closing()       # peers' requests go to the next holder from now
         try:
