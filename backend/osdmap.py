@@ -51,6 +51,16 @@ from .pool import OSD_FILE, PoolConfig, load_pool, osd_abspath, write_json_atomi
 QUICK_TRUST_NS = 100_000_000
 
 
+def _trusted(quick: tuple) -> bool:
+    """Whether the directories' mtimes are old enough that a change now
+    would move them. An mtime of whole seconds says the file system keeps
+    no finer ones (ext4 with small inodes, FAT, some network file systems):
+    a second change in the same second would not show, so it is never
+    trusted (the stat calls run every time, as before)."""
+    now = time.time_ns()
+    return all(m % 1_000_000_000 and now - m > QUICK_TRUST_NS for m, _ in quick)
+
+
 def _mtimes(fds: tuple[int, ...]) -> tuple | None:
     if not fds:
         return None
@@ -175,7 +185,8 @@ class OsdMap:
         calls took 2.3 us. A directory's mtime comes from the kernel's
         coarse clock (a tick late, up to 10 ms), so it is trusted only once
         it is QUICK_TRUST_NS old: a second change within the same tick
-        would show the same mtime."""
+        would show the same mtime (and never on a file system of whole-
+        second mtimes: ``_trusted``)."""
         fds = self._dir_fds
         quick = _mtimes(fds)
         if quick is not None and quick == self._quick_seen:
@@ -187,8 +198,7 @@ class OsdMap:
             # baseline (a change in between would pass for seen)
             self._quick_seen = None
             return
-        self._quick_seen = quick if quick is not None and \
-            time.time_ns() - max(m for m, _ in quick) > QUICK_TRUST_NS else None
+        self._quick_seen = quick if quick is not None and _trusted(quick) else None
 
     def _open_dirs(self) -> tuple[int, ...]:
         """Open the store directory and missed/ (once it is there: its

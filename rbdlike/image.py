@@ -28,7 +28,9 @@ header's size comes back to it (``_settle_size``) at the next flush, close,
 lock hand-over or maintenance op, and a peer's flush request (export, diff,
 du) settles it too. Until then the header says more: after a crash the
 image keeps that size (its tail reads as zeros); nothing is ever written
-past ``_written_end``, so settling writes only the header. Only with the
+past ``_written_end``, so settling writes only the header, and only if
+the lock is still ours and the stored header still says the size we grew
+it to (a fenced owner never cuts the next one's writes off). Only with the
 lock ours alone (write-back): a shared image resizes per write as before.
 Locks: the gate, then ``_size_lock`` (whose holders never wait for the
 gate), then the mutex.
@@ -146,7 +148,9 @@ class Image(MaintenanceOps):
         # the end of what growing writes wrote while the header's size is
         # ahead of it (None: the header's size is the image's size)
         self._written_end: int | None = None
+        self._grown_to = 0                        # the header's size as the last growth wrote it
         self._size_lock = threading.Lock()
+        self._grow_lock = threading.Lock()        # growth the plain way: one at a time
         if watch:
             self._owner.ensure_watch()
         elif self.read_only and self.snap is None:
@@ -624,10 +628,20 @@ class Image(MaintenanceOps):
                     grew = self._grow_ahead(end)
                 finally:
                     self._owner.end_writing()
-        if not ours:
-            self.resize(end, allow_shrink=False)    # the plain way (waits for the gate)
-        elif grew:
-            self._owner.notify_header()
+        if ours:
+            if grew:
+                self._owner.notify_header()
+            return
+        # the plain way (waits for the gate): one at a time, and a write
+        # that finds the image grown past it meanwhile is done
+        with self._grow_lock:
+            if end <= self.size():
+                return
+            try:
+                self.resize(end, allow_shrink=False)
+            except InvalidArgument:
+                if end > self.size():
+                    raise           # (else another write grew it past ``end``)
 
     def _grow_ahead(self, end: int) -> bool:
         """(gate shared, _size_lock held) True when the header grew."""
@@ -641,47 +655,64 @@ class Image(MaintenanceOps):
         ahead = max(end, min(2 * cur, cur + GROW_AHEAD_MAX))
         ahead = min(MAX_IMAGE_SIZE, max(end, -(-ahead // osz) * osz))
         before = self._written_end
-        self._written_end = end             # first: size() never shows the header's
+        # size() stays where it is until the header and the map are grown
+        # (a write it let through meanwhile would find neither)
+        self._written_end = self.size()
         try:
             self._resize(ahead, allow_shrink=False, done=False)
         except BaseException:
             self._written_end = before
             raise
+        self._grown_to = ahead
+        self._written_end = end
         return True
 
     def settle_size(self) -> None:
         """The header's size back to what growing writes wrote (a header
-        write), if it is ahead and the lock is ours now; else whoever
-        takes the gate next (a hand-over, an op) settles it."""
+        write), if it is ahead and the lock is still ours. Never an error:
+        a header left ahead loses nothing (its tail reads as zeros), and the
+        next flush, hand-over or op tries again."""
         if self._written_end is None:
             return
-        with self._size_lock:
-            if self._written_end is None or not self._owner.try_writing():
-                return
+        with self._owner.gate.shared(), self._size_lock:
             try:
                 settled = self._settle_size()
-            finally:
-                self._owner.end_writing()
+            except EcfsError as e:
+                log.warning("image %r: its size stays %d for now (%d written): %s",
+                            self.name, self.header.size, self._written_end or 0, e)
+                return
         if settled:
             self._owner.notify_header()
 
     def _settle_size(self) -> bool:
         """(the gate held: exclusive, or shared with _size_lock) True when
         the header was written. Nothing lies past ``_written_end`` (no
-        write went there), so this is the header alone."""
+        write went there), so this is the header alone. Only while the
+        lock is ours and the stored header still says the size grown to:
+        an owner fenced meanwhile (``lock rm``) must not cut the size under
+        what the next owner wrote."""
         end = self._written_end
         if end is None:
             return False
+        wrote = False
         if end < self.header.size:
+            try:
+                self._owner.guard()
+            except Fenced:
+                self._written_end = None        # not ours to settle any more
+                return False
             with directory.header_lock(self.store, self.id):
                 hdr = load_header(self.store, self.id, self.name)
-                hdr.size = end
-                self._save_header(hdr)
-            with self._mutex:
-                if self._map is not None and self._map.valid:
-                    self._map.resize(self.header.num_objects)
+                if hdr.size == self._grown_to:
+                    hdr.size = end
+                    self._save_header(hdr)
+                    wrote = True
+            if wrote:
+                with self._mutex:
+                    if self._map is not None and self._map.valid:
+                        self._map.resize(self.header.num_objects)
         self._written_end = None
-        return True
+        return wrote
 
     # -------------------------------------------------------------- diff
     def diff_iterate(self, offset: int, length: int, from_snapshot: str | None,
@@ -763,7 +794,12 @@ class Image(MaintenanceOps):
         """The lock is about to go (gate exclusive, mutex held): write the
         cached bytes out (a failure keeps the lock: nobody may write under
         bytes still waiting here), then forget what the lock vouched for."""
-        self._settle_size()         # (the gate exclusive: no growing write under way)
+        try:
+            self._settle_size()     # (the gate exclusive: no growing write under way)
+        except EcfsError as e:      # the header stays ahead: nothing lost
+            log.warning("image %r: its size stays %d (%d written): %s", self.name,
+                        self.header.size, self._written_end or 0, e)
+            self._written_end = None
         try:
             self.store.flush(self._data_prefix)
         except Fenced:

@@ -61,7 +61,7 @@ import time
 import uuid
 from contextlib import contextmanager
 
-from backend.errors import Busy, ReadOnly
+from backend.errors import Busy, Fenced, ReadOnly
 
 from . import notify
 from .exclusive_lock import ExclusiveLock, owner
@@ -102,6 +102,15 @@ class LockOwner:
     @property
     def held(self) -> bool:
         return self._lock is not None and self._lock.held
+
+    def guard(self) -> None:
+        """Raise Fenced unless the lock is held and was not broken (a
+        header write that only its holder may make checks this first)."""
+        lock = self._lock
+        if lock is None:
+            raise Fenced(f"image {self.name!r}: exclusive lock not held")
+        if isinstance(lock, ExclusiveLock):
+            lock.guard()
 
     @property
     def closed(self) -> bool:

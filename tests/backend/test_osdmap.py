@@ -4,6 +4,7 @@ mtimes as well as the stat calls it stands in for."""
 import os
 import time
 
+from backend import osdmap
 from backend.missed import MissedLog
 from backend.osdmap import QUICK_TRUST_NS, OsdMap
 from backend.pool import load_pool
@@ -39,10 +40,12 @@ def test_another_maps_osd_down_and_up_are_seen_by_the_next_call(make_store):
     assert mine.states[3].up
 
 
-def test_a_second_change_within_the_directorys_mtime_tick_is_seen(make_store):
+def test_a_second_change_within_the_directorys_mtime_tick_is_seen(make_store, monkeypatch):
     """The coarse clock gives two renames in one tick the same mtime: a
     baseline whose mtime is recent is not trusted, so the change after it
-    is found by the stat calls though the mtime did not move."""
+    is found by the stat calls though the mtime did not move. ("Recent"
+    made an hour here: the test's own pauses never make it old.)"""
+    monkeypatch.setattr(osdmap, "QUICK_TRUST_NS", 3600 * 10**9)
     d, s = make_store()
     other = OsdMap(d, load_pool(d))
     mine = OsdMap(d, load_pool(d))
@@ -77,6 +80,18 @@ def test_missed_logs_appearing_are_seen_before_and_after_the_directory_exists(ma
         assert not mine.states[5].up and "behind" in mine.states[5].reason
     finally:
         log.close()
+
+
+def test_whole_second_mtimes_are_never_trusted(make_store):
+    """A file system that keeps whole seconds would show two changes in
+    one second as one: the stat calls run every time."""
+    d, s = make_store()
+    mine = OsdMap(d, load_pool(d))
+    old = (time.time_ns() // 10**9 - 10) * 10**9
+    os.utime(d, ns=(old, old))
+    for _ in range(3):
+        mine.maybe_refresh()
+    assert mine._quick_seen is None
 
 
 def test_the_quick_check_skips_the_stat_calls_when_nothing_changed(make_store, monkeypatch):

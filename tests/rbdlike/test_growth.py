@@ -3,17 +3,23 @@ writes past the end, as a file copied into the mount makes, writes the
 header once per doubling, never shows more than was written, and leaves
 the header's size exact at a flush, a close, a snapshot, a peer's flush
 request and before a resize."""
+import linecache
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
 import rbdlike.maintenance as maintenance
+from backend.errors import EcfsError
 from backend.stripecache import StripeCache
+from rbdlike.exclusive_lock import break_lock
 from rbdlike.header import load_header
 from rbdlike.image import Image
 from rbdlike.rbd import RBD
+
+from ..waiting import wait_for
 
 KiB, MiB = 1 << 10, 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -121,3 +127,127 @@ def test_without_the_lock_ours_alone_each_growing_write_resizes(store, sizes_sav
             _grow_write(img, data)
             assert load_header(store, img.id).size == img.size()
     assert sizes_saved == [PIECE * (i + 1) for i in range(6)]
+
+
+_OTHER_WRITER = """
+import sys
+from backend.objectstore import ObjectStore
+from rbdlike.image import Image
+s = ObjectStore(sys.argv[1])
+b = Image(s, "g")
+b.write(b"B" * (1 << 20), 6 << 20)
+b.close()
+s.close()
+"""
+
+
+def test_an_owner_fenced_while_grown_ahead_never_cuts_the_next_owners_writes(cached):
+    """`lock rm` takes the lock from a mount grown ahead; the next owner
+    writes past what the old one wrote; the old one's fsync and close must
+    leave the header's size alone."""
+    RBD().create(cached, "g", 0)
+    img = Image(cached, "g", watch=True)
+    data = os.urandom(PIECE)
+    try:
+        for _ in range(40):                    # 5 MiB written, the header 8
+            _grow_write(img, data)
+        cached.flush(img._data_prefix)
+        break_lock(cached, img.id)
+        subprocess.run([sys.executable, "-c", _OTHER_WRITER, cached.lower.store], cwd=ROOT,
+                       check=True, timeout=60)
+        try:
+            img.flush()                        # (nothing cached was dropped: no error owed)
+        except EcfsError:
+            pass
+    finally:
+        img.close()
+    assert load_header(cached, img.id).size == 8 * MiB
+    with Image(cached, "g", read_only=True) as reader:
+        assert reader.read(6 * MiB, MiB) == b"B" * MiB
+
+
+def test_while_the_header_grows_writes_past_the_old_size_wait_for_it(cached, monkeypatch):
+    """A write between the old size and the new end, while another
+    growing write's header write is under way: the fast path says "not
+    now" (no error), and the worker path waits, then writes."""
+    RBD().create(cached, "g", 0)
+    img = Image(cached, "g", watch=True)
+    data = os.urandom(PIECE)
+    try:
+        for _ in range(33):                    # 4 MiB and a piece: the header 8
+            _grow_write(img, data)
+        old = img.size()
+        held, go = threading.Event(), threading.Event()
+        real = maintenance.save_header
+
+        def slow(store, hdr):
+            if hdr.size > 8 * MiB:
+                held.set()
+                assert go.wait(30)
+            return real(store, hdr)
+        monkeypatch.setattr(maintenance, "save_header", slow)
+        first = threading.Thread(target=_grow_write, args=(img, os.urandom(4 * MiB)))
+        first.start()
+        try:
+            assert held.wait(30)
+            assert img.size() == old           # not the new end before the header says it
+            assert img.try_write(data[:4096], old) is None
+        finally:
+            go.set()
+            first.join(30)
+        assert img.size() == old + 4 * MiB
+        img.write(data[:4096], old)            # now it goes
+        assert img.read(old, 4096) == data[:4096]
+    finally:
+        img.close()
+
+
+def test_two_plain_growths_at_once_the_smaller_one_is_done_by_the_larger(store, monkeypatch):
+    """Write-through (each growing write resizes): a write ending below
+    another's end, racing its resize, finds the image grown past it."""
+    RBD().create(store, "g", MiB)
+    img = Image(store, "g", watch=True)
+    img.write(b"x", 0)                         # the lock is ours
+    held, go = threading.Event(), threading.Event()
+    real = maintenance.save_header
+
+    def slow(st, hdr):
+        if hdr.size == 3 * MiB:
+            held.set()
+            assert go.wait(30)
+        return real(st, hdr)
+    monkeypatch.setattr(maintenance, "save_header", slow)
+    errors = []
+
+    def second():
+        try:
+            img.grow_for_write(2 * MiB)
+        except Exception as e:
+            errors.append(e)
+    first = threading.Thread(target=img.grow_for_write, args=(3 * MiB,))
+    first.start()
+    try:
+        assert held.wait(30)
+        t = threading.Thread(target=second)
+        t.start()
+        # the second waits for the first's growth (past its own size check)
+        wait_for(lambda: _waits_at(t, "grow_for_write", "_grow_lock"),
+                 what="second growth waiting")
+    finally:
+        go.set()
+        first.join(30)
+    t.join(30)
+    try:
+        assert errors == [] and img.size() == 3 * MiB
+    finally:
+        img.close()
+
+
+def _waits_at(thread, fn: str, text: str) -> bool:
+    """Whether ``thread`` is in ``fn`` at a line holding ``text``."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == fn:
+            return text in linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+        frame = frame.f_back
+    return False
