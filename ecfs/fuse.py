@@ -124,7 +124,7 @@ class Handle:
 
 
 class EcfsFS(pyfuse3.Operations):
-    enable_writeback_cache = False     # measured later with the stripe cache (docs/design.md)
+    enable_writeback_cache = False     # measured: loses where it does not fit the page cache (docs/design.md)
 
     def __init__(self, store, *, read_only: bool = False, exclusive: bool = False,
                  threads: int = 16):
