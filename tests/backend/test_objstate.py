@@ -32,6 +32,16 @@ def _written_elsewhere(s, d, name):
     return new
 
 
+def _flip(d, name, shard, at):
+    """Damage by hand: flip the bits of one byte of a shard file."""
+    path, _ = shard_paths(d, name, shard)
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
 def _store(make_store):
     d, s = make_store(k=4, m=2, chunk_size=C)
     data = os.urandom(256 << 10)
@@ -95,12 +105,7 @@ def test_a_page_aligned_read_over_stripes_reads_each_chunk_into_its_place(make_s
         c = counted(s, lambda: got.update(b=s.try_read("o", p * C, n * C)))
         assert got["b"] == data[p * C:(p + n) * C], (p, n)
         assert c["shard_reads"] == min(n, 4) and c["shard_read_bytes"] == n * C
-    path, _ = shard_paths(d, "o", 1)
-    with open(path, "r+b") as f:          # shard 1's page 5 holds object page 21
-        f.seek(5 * C + 100)
-        b = f.read(1)
-        f.seek(5 * C + 100)
-        f.write(bytes([b[0] ^ 0x10]))
+    _flip(d, "o", 1, 5 * C + 100)         # shard 1's page 5 holds object page 21
     assert s.try_read("o", 16 * C, 16 * C) is None
     got = {}
     c = counted(s, lambda: got.update(b=s.read("o", 16 * C, 16 * C)))
@@ -172,12 +177,7 @@ def test_an_osd_marked_down_elsewhere_is_not_read_through_the_state(make_store):
 def test_bytes_flipped_by_hand_go_the_long_way_and_are_healed(make_store):
     d, s, data = _store(make_store)
     s.read("o", 0, 16 * C)
-    path, _ = shard_paths(d, "o", 2)
-    with open(path, "r+b") as f:          # shard 2's page 3 holds object page 14
-        f.seek(3 * C + 7)
-        b = f.read(1)
-        f.seek(3 * C + 7)
-        f.write(bytes([b[0] ^ 0xFF]))
+    _flip(d, "o", 2, 3 * C + 7)           # shard 2's page 3 holds object page 14
     assert s.try_read("o", 14 * C, C) is None
     got = {}
     c = counted(s, lambda: got.update(b=s.read("o", 14 * C, C)))
