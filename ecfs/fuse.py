@@ -469,8 +469,9 @@ class EcfsFS(pyfuse3.Operations):
     def _write(self, h: Handle, off: int, buf: bytes) -> int:
         img = h.image
         h.wrote = True
-        self._grow(img, off + len(buf))
-        return img.write(buf, off)
+        if off + len(buf) > MAX_IMAGE_SIZE:
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        return img.write_growing(buf, off)
 
     def _grow(self, img: Image, end: int) -> None:
         """A write past the end grows the image (never shrinks it: two

@@ -53,8 +53,8 @@ from backend.errors import EcfsError, Fenced, InvalidArgument, NotFound, ReadOnl
 
 from . import directory, notify, snapshot
 from .exclusive_lock import ExclusiveLock, owner
-from .header import (MAX_IMAGE_SIZE, ImageHeader, Parent, Snapshot, data_object, load_header,
-                     save_header)
+from .header import (MAX_IMAGE_SIZE, ImageHeader, Parent, Snapshot, data_object, header_object,
+                     load_header, save_header)
 from .lock_owner import LockOwner
 from .maintenance import MaintenanceOps
 from .objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, PENDING, ObjectMap
@@ -562,7 +562,8 @@ class Image(MaintenanceOps):
             self._stamp("mtime_ns")
 
     def _discard(self, offset: int, length: int) -> None:
-        length = max(0, min(length, self.header.size - offset))
+        # (size(): while the header grows ahead, the map may not have yet)
+        length = max(0, min(length, self.size() - offset))
         osz = self.header.object_size
         p = self.header.parent
         for objno, off, n, _ in self._objects(offset, length):
@@ -614,6 +615,21 @@ class Image(MaintenanceOps):
         self.store.flush(self._data_prefix)
 
     # ------------------------------------------------------------ growth
+    def write_growing(self, data, offset: int) -> int:
+        """``write``, growing the image first when the write ends past it
+        (a file written past its end: the mount's writes)."""
+        end = offset + len(memoryview(data).cast("B"))
+        self.grow_for_write(end)
+        try:
+            return self.write(data, offset)
+        except InvalidArgument:
+            if end <= self.size():
+                raise
+            # the write took the lock from a writer whose header was ahead
+            # of what it wrote (it settled at the hand-over): grow now
+            self.grow_for_write(end)
+            return self.write(data, offset)
+
     def grow_for_write(self, end: int) -> None:
         """Make the image at least ``end`` bytes for a write past its end
         (the module docstring: "Growth by writes")."""
@@ -640,6 +656,8 @@ class Image(MaintenanceOps):
             try:
                 self.resize(end, allow_shrink=False)
             except InvalidArgument:
+                if not self._owner.held:
+                    self.reload_header(notify=False)    # the owner's size, not ours of before
                 if end > self.size():
                     raise           # (else another write grew it past ``end``)
 
@@ -677,7 +695,7 @@ class Image(MaintenanceOps):
         with self._owner.gate.shared(), self._size_lock:
             try:
                 settled = self._settle_size()
-            except EcfsError as e:
+            except (EcfsError, OSError) as e:
                 log.warning("image %r: its size stays %d for now (%d written): %s",
                             self.name, self.header.size, self._written_end or 0, e)
                 return
@@ -690,7 +708,8 @@ class Image(MaintenanceOps):
         write went there), so this is the header alone. Only while the
         lock is ours and the stored header still says the size grown to:
         an owner fenced meanwhile (``lock rm``) must not cut the size under
-        what the next owner wrote."""
+        what the next owner wrote. (The header's commit checks the lock
+        too, atomically with a break: its guard, added at lock time.)"""
         end = self._written_end
         if end is None:
             return False
@@ -762,7 +781,9 @@ class Image(MaintenanceOps):
         before us is in the store, so reload the header and the head map,
         finish a half-taken snapshot, then let writes wait in the cache."""
         locked = isinstance(lock, ExclusiveLock)
-        guarded = (self._data_prefix, f"rbd_object_map.{self.id}")
+        # the header too: a fenced owner's grown-ahead size, settled or
+        # grown again, must never land over the next owner's
+        guarded = (self._data_prefix, f"rbd_object_map.{self.id}", header_object(self.id))
         if locked:
             for prefix in guarded:
                 self.store.add_guard(prefix, lock.guard)
@@ -796,7 +817,7 @@ class Image(MaintenanceOps):
         bytes still waiting here), then forget what the lock vouched for."""
         try:
             self._settle_size()     # (the gate exclusive: no growing write under way)
-        except EcfsError as e:      # the header stays ahead: nothing lost
+        except (EcfsError, OSError) as e:   # the header stays ahead: nothing lost
             log.warning("image %r: its size stays %d (%d written): %s", self.name,
                         self.header.size, self._written_end or 0, e)
             self._written_end = None
@@ -806,7 +827,7 @@ class Image(MaintenanceOps):
             pass    # the bytes were dropped (the flush that found it said so)
         self.store.set_writeback(self._data_prefix, False)
         self._wb = False
-        for prefix in (self._data_prefix, f"rbd_object_map.{self.id}"):
+        for prefix in (self._data_prefix, f"rbd_object_map.{self.id}", header_object(self.id)):
             self.store.remove_guard(prefix)
         self._map = None
         self._prepared.clear()

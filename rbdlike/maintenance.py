@@ -102,6 +102,10 @@ class MaintenanceOps:
                         pass
         with directory.header_lock(self.store, self.id):
             hdr = load_header(self.store, self.id, self.name)
+            if size < hdr.size and not allow_shrink:
+                # the stored header is larger than ours: someone resized it
+                # meanwhile (we were fenced, say); never cut it
+                raise InvalidArgument("shrinking an image needs --allow-shrink")
             hdr.size = size
             if hdr.parent is not None and hdr.parent.overlap > size:
                 hdr.parent.overlap = size     # shrinking cuts the parent off for good

@@ -13,6 +13,7 @@ import pytest
 
 import rbdlike.maintenance as maintenance
 from backend.errors import EcfsError
+from backend.objectstore import ObjectStore
 from backend.stripecache import StripeCache
 from rbdlike.exclusive_lock import break_lock
 from rbdlike.header import load_header
@@ -135,7 +136,9 @@ from backend.objectstore import ObjectStore
 from rbdlike.image import Image
 s = ObjectStore(sys.argv[1])
 b = Image(s, "g")
-b.write(b"B" * (1 << 20), 6 << 20)
+if int(sys.argv[2]) > b.size():
+    b.resize(int(sys.argv[2]))
+b.write(b"B" * (1 << 20), int(sys.argv[3]))
 b.close()
 s.close()
 """
@@ -153,8 +156,8 @@ def test_an_owner_fenced_while_grown_ahead_never_cuts_the_next_owners_writes(cac
             _grow_write(img, data)
         cached.flush(img._data_prefix)
         break_lock(cached, img.id)
-        subprocess.run([sys.executable, "-c", _OTHER_WRITER, cached.lower.store], cwd=ROOT,
-                       check=True, timeout=60)
+        subprocess.run([sys.executable, "-c", _OTHER_WRITER, cached.lower.store, "0",
+                        str(6 * MiB)], cwd=ROOT, check=True, timeout=60)
         try:
             img.flush()                        # (nothing cached was dropped: no error owed)
         except EcfsError:
@@ -164,6 +167,61 @@ def test_an_owner_fenced_while_grown_ahead_never_cuts_the_next_owners_writes(cac
     assert load_header(cached, img.id).size == 8 * MiB
     with Image(cached, "g", read_only=True) as reader:
         assert reader.read(6 * MiB, MiB) == b"B" * MiB
+
+
+def test_an_owner_fenced_while_grown_ahead_never_grows_over_the_next_owners_size(
+        cached, monkeypatch):
+    """The next owner made the image larger and wrote past the old one's
+    header; the old one, still growing from its own view of the header
+    (the next owner's header update not handled yet), is refused (fenced),
+    and the header keeps the next owner's size."""
+    RBD().create(cached, "g", 0)
+    img = Image(cached, "g", watch=True)
+    data = os.urandom(PIECE)
+    try:
+        for _ in range(40):                    # 5 MiB written, the header 8
+            _grow_write(img, data)
+        cached.flush(img._data_prefix)
+        monkeypatch.setattr(img._owner, "_on_header_update", lambda notify=True: None)
+        break_lock(cached, img.id)
+        subprocess.run([sys.executable, "-c", _OTHER_WRITER, cached.lower.store,
+                        str(32 * MiB), str(30 * MiB)], cwd=ROOT, check=True, timeout=60)
+        with pytest.raises(EcfsError):
+            for _ in range(40):                # past 8 MiB: a grow from the stale 8
+                _grow_write(img, data)
+    finally:
+        try:
+            img.close()
+        except EcfsError:
+            pass                                # (its dropped bytes: the fencing says so)
+    assert load_header(cached, img.id).size == 32 * MiB
+    with Image(cached, "g", read_only=True) as reader:
+        assert reader.read(30 * MiB, MiB) == b"B" * MiB
+
+
+def test_a_writer_whose_header_shows_the_size_grown_ahead_grows_after_taking_the_lock(cached):
+    """Another writable open (a second mount) read the header while the
+    owner was grown ahead: its write past what was written, within that
+    size, takes the lock (the owner settles at the hand-over) and then
+    grows the image, not EINVAL."""
+    RBD().create(cached, "g", 0)
+    first = Image(cached, "g", watch=True)
+    data = os.urandom(PIECE)
+    second = None
+    other = ObjectStore(cached.lower.store)
+    try:
+        for _ in range(40):                    # 5 MiB written, the header 8
+            _grow_write(first, data)
+        second = Image(other, "g", watch=True)
+        assert second.size() == 8 * MiB        # what its stat would show
+        assert second.write_growing(b"P" * 4096, 6 * MiB) == 4096
+        assert second.size() == 6 * MiB + 4096
+        assert second.read(5 * MiB - PIECE, PIECE) == data
+    finally:
+        if second is not None:
+            second.close()
+        first.close()
+        other.close()
 
 
 def test_while_the_header_grows_writes_past_the_old_size_wait_for_it(cached, monkeypatch):
