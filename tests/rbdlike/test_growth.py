@@ -144,20 +144,33 @@ s.close()
 """
 
 
+def _grown_ahead(cached):
+    """An image written to 5 MiB by growing writes (its header says 8),
+    the bytes flushed: (the image, the piece written)."""
+    RBD().create(cached, "g", 0)
+    img = Image(cached, "g", watch=True)
+    data = os.urandom(PIECE)
+    for _ in range(40):
+        _grow_write(img, data)
+    cached.flush(img._data_prefix)
+    return img, data
+
+
+def _fenced_then_other_writes(cached, img, size: int, at: int) -> None:
+    """`lock rm` on ``img``'s lock, then another process grows the image
+    to ``size`` (if larger) and writes 1 MiB of b"B" at ``at``."""
+    break_lock(cached, img.id)
+    subprocess.run([sys.executable, "-c", _OTHER_WRITER, cached.lower.store, str(size),
+                    str(at)], cwd=ROOT, check=True, timeout=60)
+
+
 def test_an_owner_fenced_while_grown_ahead_never_cuts_the_next_owners_writes(cached):
     """`lock rm` takes the lock from a mount grown ahead; the next owner
     writes past what the old one wrote; the old one's fsync and close must
     leave the header's size alone."""
-    RBD().create(cached, "g", 0)
-    img = Image(cached, "g", watch=True)
-    data = os.urandom(PIECE)
+    img, data = _grown_ahead(cached)
     try:
-        for _ in range(40):                    # 5 MiB written, the header 8
-            _grow_write(img, data)
-        cached.flush(img._data_prefix)
-        break_lock(cached, img.id)
-        subprocess.run([sys.executable, "-c", _OTHER_WRITER, cached.lower.store, "0",
-                        str(6 * MiB)], cwd=ROOT, check=True, timeout=60)
+        _fenced_then_other_writes(cached, img, 0, 6 * MiB)
         try:
             img.flush()                        # (nothing cached was dropped: no error owed)
         except EcfsError:
@@ -175,17 +188,10 @@ def test_an_owner_fenced_while_grown_ahead_never_grows_over_the_next_owners_size
     header; the old one, still growing from its own view of the header
     (the next owner's header update not handled yet), is refused (fenced),
     and the header keeps the next owner's size."""
-    RBD().create(cached, "g", 0)
-    img = Image(cached, "g", watch=True)
-    data = os.urandom(PIECE)
+    img, data = _grown_ahead(cached)
     try:
-        for _ in range(40):                    # 5 MiB written, the header 8
-            _grow_write(img, data)
-        cached.flush(img._data_prefix)
         monkeypatch.setattr(img._owner, "_on_header_update", lambda notify=True: None)
-        break_lock(cached, img.id)
-        subprocess.run([sys.executable, "-c", _OTHER_WRITER, cached.lower.store,
-                        str(32 * MiB), str(30 * MiB)], cwd=ROOT, check=True, timeout=60)
+        _fenced_then_other_writes(cached, img, 32 * MiB, 30 * MiB)
         with pytest.raises(EcfsError):
             for _ in range(40):                # past 8 MiB: a grow from the stale 8
                 _grow_write(img, data)
