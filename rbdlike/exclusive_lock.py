@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from backend.errors import Busy
 from backend.errors import Fenced as Fenced   # re-exported: raised by guard()
 
-from .directory import rbd_dir
+from .directory import header_lock, rbd_dir
 
 
 
@@ -212,9 +212,12 @@ class ExclusiveLock:
 
 
 def break_lock(store, image_id: str) -> Owner | None:
-    """Take the lock away from its owner and fence it (``rbd lock rm``)."""
+    """Take the lock away from its owner and fence it (``rbd lock rm``).
+    Under the image's header lock too: an owner that checks its lock under
+    that lock before a header write (a size it grew ahead) is never broken
+    between the check and the write."""
     o = owner(store, image_id)
-    with store.locks.checkpoint_gate():
+    with header_lock(store, image_id), store.locks.checkpoint_gate():
         epoch = read_epoch(store, image_id)
         _write_epoch(store, image_id, epoch + 1)
     try:

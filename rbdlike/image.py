@@ -29,8 +29,9 @@ lock hand-over or maintenance op, and a peer's flush request (export, diff,
 du) settles it too. Until then the header says more: after a crash the
 image keeps that size (its tail reads as zeros); nothing is ever written
 past ``_written_end``, so settling writes only the header, and only if
-the lock is still ours and the stored header still says the size we grew
-it to (a fenced owner never cuts the next one's writes off). Only with the
+the lock is still ours (checked under the header lock, which ``lock rm``
+takes too) and the stored header still says the size we grew it to (a
+fenced owner never cuts the next one's writes off). Only with the
 lock ours alone (write-back): a shared image resizes per write as before.
 Locks: the gate, then ``_size_lock`` (whose holders never wait for the
 gate), then the mutex.
@@ -53,8 +54,8 @@ from backend.errors import EcfsError, Fenced, InvalidArgument, NotFound, ReadOnl
 
 from . import directory, notify, snapshot
 from .exclusive_lock import ExclusiveLock, owner
-from .header import (MAX_IMAGE_SIZE, ImageHeader, Parent, Snapshot, data_object, header_object,
-                     load_header, save_header)
+from .header import (MAX_IMAGE_SIZE, ImageHeader, Parent, Snapshot, data_object, load_header,
+                     save_header)
 from .lock_owner import LockOwner
 from .maintenance import MaintenanceOps
 from .objectmap import EXISTS, EXISTS_CLEAN, NONEXISTENT, PENDING, ObjectMap
@@ -656,8 +657,7 @@ class Image(MaintenanceOps):
             try:
                 self.resize(end, allow_shrink=False)
             except InvalidArgument:
-                if not self._owner.held:
-                    self.reload_header(notify=False)    # the owner's size, not ours of before
+                self.reload_header(notify=False)    # the stored size, not ours of before
                 if end > self.size():
                     raise           # (else another write grew it past ``end``)
 
@@ -708,19 +708,19 @@ class Image(MaintenanceOps):
         write went there), so this is the header alone. Only while the
         lock is ours and the stored header still says the size grown to:
         an owner fenced meanwhile (``lock rm``) must not cut the size under
-        what the next owner wrote. (The header's commit checks the lock
-        too, atomically with a break: its guard, added at lock time.)"""
+        what the next owner wrote. (The lock is checked under the header
+        lock, which a break takes too.)"""
         end = self._written_end
         if end is None:
             return False
         wrote = False
         if end < self.header.size:
-            try:
-                self._owner.guard()
-            except Fenced:
-                self._written_end = None        # not ours to settle any more
-                return False
             with directory.header_lock(self.store, self.id):
+                try:
+                    self._owner.guard()     # (a break takes the header lock too)
+                except Fenced:
+                    self._written_end = None    # not ours to settle any more
+                    return False
                 hdr = load_header(self.store, self.id, self.name)
                 if hdr.size == self._grown_to:
                     hdr.size = end
@@ -781,9 +781,7 @@ class Image(MaintenanceOps):
         before us is in the store, so reload the header and the head map,
         finish a half-taken snapshot, then let writes wait in the cache."""
         locked = isinstance(lock, ExclusiveLock)
-        # the header too: a fenced owner's grown-ahead size, settled or
-        # grown again, must never land over the next owner's
-        guarded = (self._data_prefix, f"rbd_object_map.{self.id}", header_object(self.id))
+        guarded = (self._data_prefix, f"rbd_object_map.{self.id}")
         if locked:
             for prefix in guarded:
                 self.store.add_guard(prefix, lock.guard)
@@ -827,7 +825,7 @@ class Image(MaintenanceOps):
             pass    # the bytes were dropped (the flush that found it said so)
         self.store.set_writeback(self._data_prefix, False)
         self._wb = False
-        for prefix in (self._data_prefix, f"rbd_object_map.{self.id}", header_object(self.id)):
+        for prefix in (self._data_prefix, f"rbd_object_map.{self.id}"):
             self.store.remove_guard(prefix)
         self._map = None
         self._prepared.clear()

@@ -101,6 +101,9 @@ class MaintenanceOps:
                     except NotFound:
                         pass
         with directory.header_lock(self.store, self.id):
+            # the lock is ours (a break takes the header lock too): a fenced
+            # owner's size, from its stale header, never lands over the next's
+            self._owner.guard()
             hdr = load_header(self.store, self.id, self.name)
             if size < hdr.size and not allow_shrink:
                 # the stored header is larger than ours: someone resized it
