@@ -143,8 +143,7 @@ class StripeCache:
         self.through = capacity // 4       # larger writes are written through
         self._cv = threading.Condition()
         self._objs: dict[str, _Entry] = {}
-        self._wb: frozenset[str] = frozenset()   # name prefixes written back
-        self._wb_prefixes: tuple[str, ...] = ()
+        self._wb: tuple[str, ...] = ()     # name prefixes written back (for str.startswith)
         self._bytes = 0                    # dirty + flushing bytes
         self._waiting = 0                  # writers waiting for room
         self._flying = 0                   # bytes of flushes under way
@@ -174,8 +173,8 @@ class StripeCache:
         first). True: write-back is what the store now does for them."""
         with self._cv:
             # replaced, never changed: writers read it without the lock
-            self._wb = self._wb | {prefix} if on else self._wb - {prefix}
-            self._wb_prefixes = tuple(self._wb)     # for str.startswith
+            rest = tuple(p for p in self._wb if p != prefix)
+            self._wb = rest + (prefix,) if on else rest
         return on
 
     def dirty_bytes(self) -> int:
@@ -187,28 +186,13 @@ class StripeCache:
         (from a thread that may block)."""
         data = memoryview(data).cast("B")
         n = len(data)
-        if not n or n > self.through or not name.startswith(self._wb_prefixes):
+        if not n or n > self.through or not name.startswith(self._wb):
             return False
         with self._cv:
             if self._closed:
                 return False
             e = self._objs.get(name)
-            if e is None:
-                keys, grow = [], n
-            else:
-                buf = e.dirty.get(offset)
-                if buf is not None and len(buf) >= n:
-                    # bytes cached at the same offset: rewritten in place
-                    # (extents are disjoint, so no other one overlaps)
-                    if self._used() > self.capacity or self._waiting:
-                        return False
-                    buf[:n] = data
-                    if size_hint:
-                        e.hint = size_hint
-                    self._count_write(n)
-                    return True
-                keys = _touching(e.dirty, offset, offset + n)
-                grow = _growth(e.dirty, keys, offset, n)
+            keys, grow = _placing(e, offset, n)
             if self._used() + grow > self.capacity or self._waiting:
                 return False
             self._put(name, e, offset, data, size_hint, keys)
@@ -217,7 +201,7 @@ class StripeCache:
     def write(self, name: str, offset: int, data, *, size_hint: int = 0) -> None:
         data = memoryview(data).cast("B")
         if not len(data) or len(data) > self.through or \
-                not name.startswith(self._wb_prefixes) or self._closed:
+                not name.startswith(self._wb) or self._closed:
             self._through(name)
             self.lower.write(name, offset, data, size_hint=size_hint)
             return
@@ -225,11 +209,7 @@ class StripeCache:
             waited = False
             while True:
                 e = self._objs.get(name)
-                if e is None:
-                    keys, grow = [], len(data)
-                else:
-                    keys = _touching(e.dirty, offset, offset + len(data))
-                    grow = _growth(e.dirty, keys, offset, len(data))
+                keys, grow = _placing(e, offset, len(data))
                 if self._used() + grow <= self.capacity:
                     break
                 if self._stall is not None:
@@ -262,10 +242,7 @@ class StripeCache:
                 self._states.trim_pages()   # dirty bytes take their room back
             if self._bytes > self.capacity * FLUSH_HIGH:
                 self._cv.notify_all()       # the flusher: time to write out
-        self._count_write(len(data))
-
-    def _count_write(self, n: int) -> None:
-        self.lower.counters.add_many((("cache_writes", 1), ("cache_write_bytes", n)),
+        self.lower.counters.add_many((("cache_writes", 1), ("cache_write_bytes", len(data))),
                                      ("cache_dirty_bytes", self._bytes))
 
     def _used(self) -> int:
@@ -645,6 +622,20 @@ def _touching(m: SortedDict, a: int, b: int) -> list[int]:
         break
     keys.extend(m.irange(a, b, inclusive=(False, True)))
     return keys
+
+
+def _placing(e: _Entry | None, a: int, n: int) -> tuple[list[int], int]:
+    """Where a write of [a, a+n) goes in the object's dirty map: (the
+    extents it touches, how many bytes the map grows by). Bytes cached at
+    the write's own offset, as many or more, take it in place with one
+    lookup (extents are disjoint: no other one overlaps)."""
+    if e is None:
+        return [], n
+    buf = e.dirty.get(a)
+    if buf is not None and len(buf) >= n:
+        return [a], 0
+    keys = _touching(e.dirty, a, a + n)
+    return keys, _growth(e.dirty, keys, a, n)
 
 
 def _growth(m: SortedDict, keys: list[int], a: int, n: int) -> int:

@@ -474,9 +474,8 @@ class EcfsFS(pyfuse3.Operations):
         return img.write_growing(buf, off)
 
     def _grow(self, img: Image, end: int) -> None:
-        """A write past the end grows the image (never shrinks it: two
-        growing writes may race); the header grows ahead of a stream of
-        them (Image.grow_for_write)."""
+        """An fallocate past the end grows the image (never shrinks it);
+        writes grow it in Image.write_growing."""
         if end <= img.size():
             return
         if end > MAX_IMAGE_SIZE:

@@ -82,24 +82,27 @@ def merge_attrs(store, image_id: str, changes: dict[str, int]) -> ImageHeader:
         return hdr
 
 
-def flush_owner(store, image_id: str, strict: bool = True) -> None:
+def flush_owner(store, image_id: str, strict: bool = True) -> bool:
     """Have the image's lock owner, if another process (a mount), write its
     cached bytes out: a reader (export, diff, du, an open in another
     mount) then sees every write that completed before it started.
     Unreachable owner: it is closing, and a close flushes before the lock
     goes. An owner that fails or does not answer is an error if
-    ``strict``, else logged."""
+    ``strict``, else logged. True when an owner flushed (it may have
+    written the header: its size grown ahead settled)."""
     o = owner(store, image_id)
     if o is None or not o.address or o.pid == os.getpid():
-        return
+        return False
     try:
         notify.request(o.address, {"op": "flush"})
+        return True
     except (notify.Unreachable, notify.NotOwner):
-        pass
+        return False
     except EcfsError as e:
         if strict:
             raise
         log.warning("image %s: its lock owner (pid %d) did not flush: %s", image_id, o.pid, e)
+        return False
 
 
 class Image(MaintenanceOps):
@@ -154,8 +157,7 @@ class Image(MaintenanceOps):
         self._grow_lock = threading.Lock()        # growth the plain way: one at a time
         if watch:
             self._owner.ensure_watch()
-        elif self.read_only and self.snap is None:
-            flush_owner(store, self.id)
+        elif self.read_only and self.snap is None and flush_owner(store, self.id):
             # the owner's flush may have settled a size grown ahead
             self.header = load_header(store, self.id, self.name)
 
@@ -715,21 +717,11 @@ class Image(MaintenanceOps):
             return False
         wrote = False
         if end < self.header.size:
-            with directory.header_lock(self.store, self.id):
-                try:
-                    self._owner.guard()     # (a break takes the header lock too)
-                except Fenced:
-                    self._written_end = None    # not ours to settle any more
-                    return False
-                hdr = load_header(self.store, self.id, self.name)
-                if hdr.size == self._grown_to:
-                    hdr.size = end
-                    self._save_header(hdr)
-                    wrote = True
-            if wrote:
-                with self._mutex:
-                    if self._map is not None and self._map.valid:
-                        self._map.resize(self.header.num_objects)
+            try:
+                wrote = self._save_size(end, allow_shrink=True, done=False,
+                                        expect=self._grown_to)
+            except Fenced:
+                pass                    # not ours to settle any more
         self._written_end = None
         return wrote
 

@@ -100,11 +100,21 @@ class MaintenanceOps:
                         self.store.truncate(data_object(self.id, objno), size % osz)
                     except NotFound:
                         pass
+        self._save_size(size, allow_shrink, done)
+
+    def _save_size(self, size: int, allow_shrink: bool, done: bool = True,
+                   expect: int | None = None) -> bool:
+        """The header's size becomes ``size``, and the head map follows: a
+        resize's last step (also Image._settle_size's). Under the header
+        lock with our lock checked (Fenced if broken: a break takes the
+        header lock too), so a fenced owner's size, from its stale header,
+        never lands over the next owner's. ``expect``: only if the stored
+        size is that (False, nothing written, when it is not)."""
         with directory.header_lock(self.store, self.id):
-            # the lock is ours (a break takes the header lock too): a fenced
-            # owner's size, from its stale header, never lands over the next's
             self._owner.guard()
             hdr = load_header(self.store, self.id, self.name)
+            if expect is not None and hdr.size != expect:
+                return False
             if size < hdr.size and not allow_shrink:
                 # the stored header is larger than ours: someone resized it
                 # meanwhile (we were fenced, say); never cut it
@@ -113,9 +123,10 @@ class MaintenanceOps:
             if hdr.parent is not None and hdr.parent.overlap > size:
                 hdr.parent.overlap = size     # shrinking cuts the parent off for good
             self._save_header(hdr, done=done)
-        if self._map is not None and self._map.valid:
-            with self._mutex:
+        with self._mutex:
+            if self._map is not None and self._map.valid:
                 self._map.resize(self.header.num_objects)
+        return True
 
     # --------------------------------------------------------- snapshots
     def create_snap(self, name: str) -> int:
