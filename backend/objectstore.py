@@ -76,7 +76,7 @@ _log = logging.getLogger("ecfs.store")
 PAGE = sf.PAGE
 JOURNAL_LIMIT = 64 << 20      # seal the journal when it grows past this (rotate)
 MAX_SEALED = 4                # sealed segments left by failures: then checkpoint, gated
-_DELTA_GROUP_PAGES = 64       # pages a _delta_batch reads and encodes at a time
+_DELTA_GROUP_PAGES = 64       # rows a _delta_batch reads and encodes at a time
 _JOIN_CRC_ENTRIES = 4096      # a batch's checksum writes to a shard join across at most this
 _NEVER_WRITTEN = object()     # _fast_run: a shard with no data yet (reads as zeros)
 MAX_NAME = 250
@@ -1529,11 +1529,14 @@ class ObjectStore:
     @_replanning
     def write_extents(self, name: str, extents, *, size_hint: int = 0) -> None:
         """Write several disjoint ranges ``[(offset, data), ...]`` of one
-        object (the stripe cache's flush of it): ranges whose page rows are
-        disjoint (``_rows_of``) go as one transaction (one journal record,
-        one version, each header written once); a range sharing a row with
-        an earlier one starts the next transaction (its plan must read
-        the parity the earlier one wrote)."""
+        object (the stripe cache's flush of it). The overwrites inside one
+        chunk each, the common flush, go as one transaction (one journal
+        record, one version, each header written once) planned row by
+        row, when every shard is current (``_delta_batch``). Other ranges
+        (growth, across chunks, a degraded object) go in transactions of
+        ranges whose page rows are disjoint (``_rows_of``); a range
+        sharing a row with an earlier one starts the next transaction
+        (its plan must read the parity the earlier one wrote)."""
         validate_name(name)
         extents = sorted((off, memoryview(d).cast("B")) for off, d in extents if len(d))
         if not extents:
@@ -1559,6 +1562,17 @@ class ObjectStore:
                     self._write_locked(obj, off, d, size_hint=size_hint)
                 return
             C = obj.info.chunk_size
+            # the overwrites inside one chunk each go first, as one
+            # transaction planned row by row (_delta_batch); the rest, or
+            # all when that cannot be, in transactions of disjoint rows
+            size, KC = obj.info.object_size, self.k * C
+            inside = [(off, d) for off, d in extents
+                      if off + len(d) <= size and off % KC % C + len(d) <= C]
+            if inside and self._delta_batch(obj, inside):
+                if len(inside) == len(extents):
+                    return
+                extents = [(off, d) for off, d in extents
+                           if not (off + len(d) <= size and off % KC % C + len(d) <= C)]
             batch: list = []
             claimed: set[int] = set()
             for off, d in extents:
@@ -1618,13 +1632,19 @@ class ObjectStore:
         self._commit(obj, build)
 
     def _delta_batch(self, obj: _Obj, batch) -> bool:
-        """The common flush, as arrays over all its extents at once: each
+        """The common flush, as arrays over all its ranges at once: each
         range an overwrite inside one chunk of existing data, every shard
-        current, parity by delta (what _stripe_ops would choose for each,
-        with the same reads and writes, but without a stripe window, a
-        plan and an encode per range). False, with nothing written: not
-        such a batch, or a read needs decoding or healing (the general
-        path does that, and the reads done here count twice)."""
+        current. Planned row by row (a row: the pages at one offset of
+        every shard of a stripe; they share their parity pages), so
+        ranges meeting in a row read and write its parity pages once: a
+        row's parity is updated by delta from its changed data pages, or,
+        in auto mode where that reads fewer pages (weighed stripe by
+        stripe, as _stripe_ops weighs one range), encoded again from the
+        row's data. One
+        codec call does both kinds of row (the code is linear, column by
+        column). False, with nothing written: not such a batch, or a read
+        needs decoding or healing (the general path does that, and the
+        reads done here count twice)."""
         info, k, m = obj.info, self.k, self.m
         if self.write_mode not in ("delta", "auto") or not self.codec.flags & FLAG_PARITY_DELTA:
             return False
@@ -1635,11 +1655,8 @@ class ObjectStore:
         KC = k * C
         ext = self._extents(size, C)
         lim = [-(-e // PAGE) for e in ext]      # pages below each shard's extent
-
-        def known(j, a, b):
-            return max(0, min(b, lim[j]) - a)
-
-        plan = []       # (data, shard, first page, pages, byte offset in the shard)
+        plan = []       # (data, data shard, byte offset in the shard, row of its first page)
+        rows: dict[int, dict[int, bool]] = {}   # row -> {data shard: page written whole}
         for off, d in batch:
             n = len(d)
             s, r = divmod(off, KC)
@@ -1647,32 +1664,38 @@ class ObjectStore:
             if off + n > size or c + n > C:
                 return False        # growth, or across chunks: the general path
             lo = s * C + c
-            q0 = lo // PAGE
-            q1 = -(-(lo + n) // PAGE)
-            if self.write_mode == "auto":
-                # auto reconstructs where that reads fewer pages, counted as
-                # _plan_stripe does: pages below the old extents only (a
-                # last, partial stripe has fewer of them)
-                nd = known(i, q0, q1) + sum(known(j, q0, q1) for j in range(k, k + m))
-                f0, f1 = -(-lo // PAGE), (lo + n) // PAGE       # pages written whole
-                spans = [(q0, q1)] if f1 <= f0 else [(q0, f0), (f1, q1)]
-                nr = sum(known(x, q0, q1) for x in range(k) if x != i) + \
-                    sum(known(i, a, b) for a, b in spans if b > a)
-                if nr < nd:
-                    return False
-            plan.append((d, i, q0, q1 - q0, lo))
+            plan.append((d, i, lo, lo // PAGE))
+            for q in range(lo // PAGE, -(-(lo + n) // PAGE)):
+                whole = lo <= q * PAGE and (q + 1) * PAGE <= lo + n
+                pages = rows.setdefault(q, {})
+                # (two ranges in one page: each writes it in part)
+                pages[i] = whole if i not in pages else False
+        order = sorted(rows)
+        recon = set()
+        if self.write_mode == "auto":
+            # auto reconstructs a stripe's rows where that reads fewer
+            # pages, counted as _plan_stripe does: pages below the old
+            # extents only (a last, partial stripe has fewer of them). By
+            # stripe, not row by row: a stripe read one way is a few long
+            # runs, where rows choosing apart cut them into more syscalls
+            P = C // PAGE
+            cost: dict[int, list[int]] = {}     # stripe -> [delta reads, rebuild reads]
+            for q in order:
+                pages = rows[q]
+                c = cost.setdefault(q // P, [0, 0])
+                c[0] += len(pages) + sum(q < lim[j] for j in range(k, k + m))
+                c[1] += sum(q < lim[x] for x in range(k) if x not in pages) + \
+                    sum(not whole for whole in pages.values())
+            recon = {q for q in order if cost[q // P][1] < cost[q // P][0]}
         shard_ops: dict[int, list[FileOp]] = {}
         paths = [sf.rel_paths(obj.name, j) for j in range(self.width)]
-        group: list = []
-        pages = 0
-        for e in plan:
-            group.append(e)
-            pages += e[3]
-            if pages >= _DELTA_GROUP_PAGES or e is plan[-1]:
-                if not self._delta_group(obj, group, pages, ext, paths, shard_ops):
-                    return False
-                group, pages = [], 0
-        self.counters.add("writes_delta", len(plan))
+        for g in range(0, len(order), _DELTA_GROUP_PAGES):
+            if not self._delta_rows(obj, order[g:g + _DELTA_GROUP_PAGES], rows, recon,
+                                    plan, ext, lim, paths, shard_ops):
+                return False
+        n_recon = sum(q0 in recon for _, _, _, q0 in plan)     # (a range is in one stripe)
+        self.counters.add_many((("writes_delta", len(plan) - n_recon),
+                                ("writes_reconstruct", n_recon)))
         self._join_crc_ops(obj, shard_ops, paths)
         self._commit_batch(obj, C, max(off + len(d) for off, d in batch), shard_ops)
         return True
@@ -1711,41 +1734,91 @@ class ObjectStore:
         finally:
             self.states.unpin(st)
 
-    def _delta_group(self, obj: _Obj, group, pages: int, ext: list[int], paths: list,
-                     shard_ops: dict[int, list[FileOp]]) -> bool:
-        """Read, delta-encode and build the ops of some ranges of a
-        _delta_batch (their pages side by side in a few arrays)."""
+    def _delta_rows(self, obj: _Obj, group: list[int], rows: dict[int, dict[int, bool]],
+                    recon: set[int], plan: list, ext: list[int], lim: list[int], paths: list,
+                    shard_ops: dict[int, list[FileOp]]) -> bool:
+        """Read, encode and build the ops of some rows of a _delta_batch
+        (sorted; side by side in a few arrays, a row's pages at its slot)."""
         k, m = self.k, self.m
-        buf = np.empty((1 + m, pages * PAGE), dtype=np.uint8)   # old data, then parity
-        at = []
-        t = 0
-        for d, i, q0, npg, lo in group:
-            a, b = t * PAGE, (t + npg) * PAGE
-            for row, j in ((0, i), *((1 + x, k + x) for x in range(m))):
-                bad = self._read_pages(obj, j, q0, q0 + npg, buf[row, a:b], "write")
+        G = len(group)
+        slot = {q: t for t, q in enumerate(group)}
+        data = np.zeros((k, G * PAGE), dtype=np.uint8)      # old, then new, data pages
+        par = np.empty((m, G * PAGE), dtype=np.uint8)
+        # what each row reads: a delta row its changed data pages and its
+        # parity; a rebuilt row the pages it does not change and those it
+        # changes in part
+        reads: list[list[int]] = [[] for _ in range(k)]
+        for t, q in enumerate(group):
+            pages = rows[q]
+            if q in recon:
+                for x in range(k):
+                    if (x not in pages and q < lim[x]) or pages.get(x) is False:
+                        reads[x].append(t)
+            else:
+                for x in pages:
+                    reads[x].append(t)
+        for x in range(k):
+            for a, b in _slot_runs(group, reads[x]):
+                bad = self._read_pages(obj, x, group[a], group[b - 1] + 1,
+                                       data[x, a * PAGE:b * PAGE], "write")
                 if bad is None or bad.any():
                     return False
-            at.append(t)
-            t += npg
-        new = buf[0].copy()
-        spread = np.zeros((k, pages * PAGE), dtype=np.uint8)   # each change in its shard's row
-        for (d, i, q0, npg, lo), t in zip(group, at):
-            x = t * PAGE + lo - q0 * PAGE
-            new[x:x + len(d)] = np.frombuffer(d, dtype=np.uint8)
-            a, b = t * PAGE, (t + npg) * PAGE
-            np.bitwise_xor(buf[0, a:b], new[a:b], out=spread[i, a:b])
-        pd = np.empty((m, pages * PAGE), dtype=np.uint8)
-        self.codec.encode_into(list(spread), list(pd))      # the parity deltas
-        par = buf[1:]
-        np.bitwise_xor(par, pd, out=par)
-        rows = [(new, sf.page_crcs(new, pages))] + [(par[x], sf.page_crcs(par[x], pages))
-                                                     for x in range(m)]
-        for (d, i, q0, npg, lo), t in zip(group, at):
-            for j, (src, crcs) in zip((i, *range(k, k + m)), rows):
-                shard_ops.setdefault(j, []).extend(_page_ops(
-                    obj.loc[j], paths[j], q0, src[t * PAGE:(t + npg) * PAGE],
-                    crcs[t:t + npg], min((q0 + npg) * PAGE, ext[j])))
+        dslots = [t for t, q in enumerate(group) if q not in recon]
+        for a, b in _slot_runs(group, dslots):
+            for x in range(m):
+                bad = self._read_pages(obj, k + x, group[a], group[b - 1] + 1,
+                                       par[x, a * PAGE:b * PAGE], "write")
+                if bad is None or bad.any():
+                    return False
+        old = data.copy()
+        lo_q, hi_q = group[0], group[-1]
+        for d, i, lo, q0 in plan:
+            q1 = -(-(lo + len(d)) // PAGE)
+            if q1 <= lo_q or q0 > hi_q:
+                continue
+            # the range's rows in this group are consecutive slots (its
+            # pages are all rows of the batch)
+            a, b = max(q0, lo_q), min(q1 - 1, hi_q)
+            s0, s1 = max(lo, a * PAGE), min(lo + len(d), (b + 1) * PAGE)
+            x0 = slot[a] * PAGE + s0 - a * PAGE
+            data[i, x0:x0 + s1 - s0] = np.frombuffer(d[s0 - lo:s1 - lo], dtype=np.uint8)
+        # the codec's input: a delta row's change, a rebuilt row's data
+        delta = np.bitwise_xor(data, old, out=old)
+        pd = np.empty((m, G * PAGE), dtype=np.uint8)
+        if len(dslots) == G:
+            self.codec.encode_into(list(delta), list(pd))
+            np.bitwise_xor(par, pd, out=par)
+        else:
+            rmask = np.array([q in recon for q in group])
+            dv, pv, ev = (x.reshape(len(x), G, PAGE) for x in (delta, par, pd))
+            dv[:, rmask] = data.reshape(k, G, PAGE)[:, rmask]
+            self.codec.encode_into(list(delta), list(pd))
+            pv[:, ~rmask] ^= ev[:, ~rmask]
+            pv[:, rmask] = ev[:, rmask]
+        del old, delta, pd
+        for x in range(k):
+            # (copies: the ops keep what they write, and most of a data
+            # row is pages this batch does not write)
+            mine = [t for t, q in enumerate(group) if x in rows[q]]
+            self._run_ops(obj, x, group, mine, data[x], ext, paths, shard_ops, copy=True)
+        every = list(range(G))
+        for x in range(m):
+            self._run_ops(obj, k + x, group, every, par[x], ext, paths, shard_ops)
         return True
+
+    def _run_ops(self, obj: _Obj, j: int, group: list[int], slots: list[int], src: np.ndarray,
+                 ext: list[int], paths: list, shard_ops: dict[int, list[FileOp]],
+                 copy: bool = False) -> None:
+        """The page and checksum writes of shard j's pages at ``slots`` of a
+        row group, from its row ``src`` of the group's arrays."""
+        for a, b in _slot_runs(group, slots):
+            buf = src[a * PAGE:b * PAGE]
+            if copy:
+                buf = buf.copy()
+            q1 = group[b - 1] + 1
+            shard_ops.setdefault(j, []).extend(_page_ops(
+                obj.loc[j], paths[j], group[a], buf, sf.page_crcs(buf, b - a),
+                min(q1 * PAGE, ext[j])))
 
     def _stripe_ops(self, obj: _Obj, offset: int, data: memoryview, C: int,
                     size: int) -> dict[int, list[FileOp]]:
@@ -2617,6 +2690,18 @@ def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate(([0], breaks + 1))
     ends = np.concatenate((breaks, [len(pages) - 1]))
     return [(int(pages[s]), int(pages[e]) + 1) for s, e in zip(starts, ends)]
+
+
+def _slot_runs(group: list[int], slots: list[int]) -> list[tuple[int, int]]:
+    """Runs [a, b) of sorted ``slots`` that are consecutive both as slots
+    and as the rows ``group[slot]`` they stand for (one read or write each)."""
+    out: list[tuple[int, int]] = []
+    for t in slots:
+        if out and out[-1][1] == t and group[t] == group[t - 1] + 1:
+            out[-1] = (out[-1][0], t + 1)
+        else:
+            out.append((t, t + 1))
+    return out
 
 
 def _overlaps(rng: tuple[int, int], a: int, b: int) -> bool:

@@ -54,8 +54,8 @@ written through. The flusher thread writes objects dirty longer than
 cache or a writer waits, the oldest objects until they are under half.
 An object's extents leave as one store transaction
 (``ObjectStore.write_extents``: one journal record, one version bump, each
-header once), split only where two extents share a page row (their plans
-would read each other's parity); objects are flushed concurrently
+header once) when they are overwrites inside chunks of an object whose
+shards are all current (else in a few: see there); objects are flushed concurrently
 (``FLUSH_THREADS``) so their journal records share fdatasyncs (group
 commit).
 
@@ -455,7 +455,7 @@ class StripeCache:
             self._flying += nbytes
         err: EcfsError | None = None
         try:
-            # one transaction for the extents of disjoint page rows
+            # one transaction, as a rule (ObjectStore.write_extents)
             self.lower.write_extents(name, todo, size_hint=hint)
         except EcfsError as x:
             err = x

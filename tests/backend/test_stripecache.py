@@ -81,7 +81,7 @@ def test_repeated_writes_to_a_page_coalesce_into_one_store_write(cached):
     assert s.read(OBJ, 0, len(data)) == bytes(data)
 
 
-def test_scattered_writes_to_one_object_flush_as_one_transaction_per_stripe_group(cached):
+def test_scattered_writes_to_one_object_flush_as_one_transaction(cached):
     d, s, c = cached
     data = _fill(s)
     offs = [0, 3 * STRIPE + C + 4096, 9 * STRIPE + 2 * C, 15 * STRIPE + 3 * C + 8192]
@@ -93,24 +93,27 @@ def test_scattered_writes_to_one_object_flush_as_one_transaction_per_stripe_grou
     # 4 stripes, delta each: 4 x (3 reads + 3 writes); one record, one fsync
     assert (n["shard_reads"], n["shard_writes"]) == (12, 12), n
     assert (n["journal_records"], n["fsyncs"], n["writes_delta"]) == (1, 1, 4), n
-    # two extents in one stripe, different page rows: their parity pages
-    # differ, one transaction (3 reads + 3 writes each)
+    # two extents in one stripe, in adjacent page rows: one transaction;
+    # each parity shard's two pages are read and written as one run
     c.write(OBJ, STRIPE + 4096, b"1" * 4096)
     c.write(OBJ, STRIPE + 3 * C, b"2" * 4096)
     n = counted(s, lambda: c.flush())
     data[STRIPE + 4096:STRIPE + 8192] = b"1" * 4096
     data[STRIPE + 3 * C:STRIPE + 3 * C + 4096] = b"2" * 4096
-    assert (n["journal_records"], n["shard_reads"], n["shard_writes"]) == (1, 6, 6), n
+    assert (n["journal_records"], n["shard_reads"], n["shard_writes"]) == (1, 4, 4), n
+    assert n["shard_read_bytes"] == n["shard_write_bytes"] == 6 * 4096, n
     assert s.read(OBJ, 0, len(data)) == bytes(data)
     check_parity(d)
-    # the same page row of two chunks: the second plans against the
-    # parity the first wrote, in a transaction of its own
+    # the same page row of two chunks: one transaction still, the row's
+    # parity read and written once for both (2 data pages + 2 parity
+    # pages read, 4 written), where a transaction each read it twice
     c.write(OBJ, 2 * STRIPE + 4096, b"3" * 4096)
     c.write(OBJ, 2 * STRIPE + C + 4096, b"4" * 4096)
     n = counted(s, lambda: c.flush())
     data[2 * STRIPE + 4096:2 * STRIPE + 8192] = b"3" * 4096
     data[2 * STRIPE + C + 4096:2 * STRIPE + C + 8192] = b"4" * 4096
-    assert n["journal_records"] == 2, n
+    assert (n["journal_records"], n["shard_reads"], n["shard_writes"]) == (1, 4, 4), n
+    assert n["writes_delta"] == 2, n
     assert s.read(OBJ, 0, len(data)) == bytes(data)
     check_parity(d)
 
