@@ -22,6 +22,17 @@ checksum of the payload, since ecfs keeps its own crc32c per page).
 
 Capabilities are flags a caller asks for instead of assuming
 (Ceph's FLAG_EC_PLUGIN_PARITY_DELTA_OPTIMIZATION).
+
+Encoding with the ISA-L plugins calls the ISA-L library pyeclib bundles
+(``ec_encode_data``, through ctypes) with the coding matrix the plugin
+builds (``gf_gen_rs_matrix`` for isa_l_rs_vand, ``gf_gen_cauchy1_matrix``
+for isa_l_rs_cauchy), straight into the caller's parity buffers: pyeclib
+holds the GIL for the whole of its call and copies the stripe four times
+around it (joined input, aligned buffers, fragments with headers, out),
+so every encode of a flush stopped the mount's FUSE loop. A ctypes call
+lets the GIL go. It is used only where it gives pyeclib's parity byte for
+byte (checked at start-up, ``_DirectEncoder.matches``); decoding is
+pyeclib's.
 """
 from __future__ import annotations
 
@@ -101,6 +112,65 @@ def _libc():
 _keep_freed_heap()
 
 
+class _DirectEncoder:
+    """ISA-L's encode of the plugin's matrix, called without pyeclib."""
+
+    MATRIX = {"isa_l_rs_vand": "gf_gen_rs_matrix", "isa_l_rs_cauchy": "gf_gen_cauchy1_matrix"}
+
+    def __init__(self, lib, gen: str, k: int, m: int):
+        self.k, self.m = k, m
+        self._encode = lib.ec_encode_data
+        self._encode.restype = None
+        self._encode.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_void_p]
+        matrix = (ctypes.c_ubyte * ((k + m) * k))()
+        getattr(lib, gen)(matrix, k + m, k)
+        self._tables = (ctypes.c_ubyte * (32 * k * m))()
+        lib.ec_init_tables(k, m, ctypes.byref(matrix, k * k), self._tables)
+
+    def encode_into(self, data: list[np.ndarray], parity: list[np.ndarray]) -> None:
+        """Parity of K contiguous uint8 rows into M contiguous writable ones."""
+        length = len(parity[0])
+        dp = (ctypes.c_void_p * self.k)(*[d.ctypes.data for d in data])
+        pp = (ctypes.c_void_p * self.m)(*[x.ctypes.data for x in parity])
+        self._encode(length, self.k, self.m, self._tables, dp, pp)
+
+    def matches(self, drv) -> bool:
+        """Whether this gives pyeclib's parity (random rows of a few lengths)."""
+        for length in (PAGE, 3 * PAGE, 64 << 10):
+            data = [np.frombuffer(os.urandom(length), dtype=np.uint8) for _ in range(self.k)]
+            mine = [np.empty(length, dtype=np.uint8) for _ in range(self.m)]
+            self.encode_into(data, mine)
+            frags = drv.encode(b"".join(d.tobytes() for d in data))
+            hdr = len(frags[0]) - length
+            if any(bytes(frags[self.k + j][hdr:hdr + length]) != mine[j].tobytes()
+                   for j in range(self.m)):
+                return False
+        return True
+
+    @classmethod
+    def load(cls, plugin: str, k: int, m: int, drv) -> "_DirectEncoder | None":
+        gen = cls.MATRIX.get(plugin)
+        if gen is None:
+            return None
+        try:
+            import glob
+
+            import pyeclib_c
+            here = os.path.dirname(pyeclib_c.__file__)
+            paths = sorted(glob.glob(os.path.join(here, "pyeclib.libs", "libisal*.so*")))
+            if not paths:
+                from ctypes.util import find_library
+                found = find_library("isal")
+                paths = [found] if found else []
+            if not paths:
+                return None
+            enc = cls(ctypes.CDLL(paths[0]), gen, k, m)
+            return enc if enc.matches(drv) else None
+        except (OSError, AttributeError, ImportError):
+            return None
+
+
 def load_driver(plugin: str, k: int, m: int):
     """A pyeclib driver, or InvalidArgument naming why the plugin cannot load."""
     if plugin not in SUPPORTED_PLUGINS:
@@ -126,6 +196,8 @@ class Codec:
         self._templates: dict[int, list[bytes]] = {}
         self._tlock = threading.Lock()
         self._hdr = len(self._drv.encode(bytes(k * PAGE))[0]) - PAGE
+        self._direct = None if os.environ.get("ECFS_PYECLIB_ENCODE") else \
+            _DirectEncoder.load(plugin, k, m, self._drv)
         self.coefficients = self._probe_coefficients()
         self.flags = FLAG_PARITY_DELTA if self._delta_self_test() else 0
         if self.coefficients is not None:
@@ -142,6 +214,10 @@ class Codec:
     def encode(self, data: list) -> list[memoryview]:
         """The M parity chunks of K data chunks (buffers of one page-multiple length)."""
         length = len(data[0])
+        if self._direct is not None:
+            par = [np.empty(length, dtype=np.uint8) for _ in range(self.m)]
+            self._direct.encode_into([np.ascontiguousarray(as_u8(d)) for d in data], par)
+            return [memoryview(x) for x in par]
         frags = self._drv.encode(b"".join(data) if len(data) > 1 else bytes(data[0]))
         hdr = self._hdr
         return [memoryview(f)[hdr:hdr + length] for f in frags[self.k:]]
@@ -152,6 +228,13 @@ class Codec:
         plugin's own copies of a call (joined input, aligned buffers, K+M
         fragments) are several times the input, and a flush of a whole
         object in one call was ~17 MiB of transient heap per flush thread."""
+        if self._direct is not None and all(
+                isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.flags.c_contiguous
+                for x in data) and all(
+                isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.flags.c_contiguous
+                and x.flags.writeable for x in parity):
+            self._direct.encode_into(data, parity)
+            return
         length = len(data[0])
         for a in range(0, length, ENCODE_SLICE):
             b = min(length, a + ENCODE_SLICE)
