@@ -32,7 +32,7 @@ around it (joined input, aligned buffers, fragments with headers, out),
 so every encode of a flush stopped the mount's FUSE loop. A ctypes call
 lets the GIL go. It is used only where it gives pyeclib's parity byte for
 byte (checked at start-up, ``_DirectEncoder.matches``); decoding is
-pyeclib's.
+pyeclib's. ``ECFS_PYECLIB_ENCODE=1`` in the environment turns it off.
 """
 from __future__ import annotations
 
@@ -129,8 +129,12 @@ class _DirectEncoder:
         lib.ec_init_tables(k, m, ctypes.byref(matrix, k * k), self._tables)
 
     def encode_into(self, data: list[np.ndarray], parity: list[np.ndarray]) -> None:
-        """Parity of K contiguous uint8 rows into M contiguous writable ones."""
-        length = len(parity[0])
+        """Parity of K contiguous uint8 rows into M contiguous writable ones
+        (of one length: ISA-L reads and writes that many bytes of each)."""
+        length = parity[0].nbytes
+        if len(data) != self.k or len(parity) != self.m or \
+                any(x.ndim != 1 or x.nbytes != length for x in (*data, *parity)):
+            raise ValueError(f"{self.k} data and {self.m} parity rows of one length needed")
         dp = (ctypes.c_void_p * self.k)(*[d.ctypes.data for d in data])
         pp = (ctypes.c_void_p * self.m)(*[x.ctypes.data for x in parity])
         self._encode(length, self.k, self.m, self._tables, dp, pp)
@@ -196,7 +200,7 @@ class Codec:
         self._templates: dict[int, list[bytes]] = {}
         self._tlock = threading.Lock()
         self._hdr = len(self._drv.encode(bytes(k * PAGE))[0]) - PAGE
-        self._direct = None if os.environ.get("ECFS_PYECLIB_ENCODE") else \
+        self._direct = None if os.environ.get("ECFS_PYECLIB_ENCODE") == "1" else \
             _DirectEncoder.load(plugin, k, m, self._drv)
         self.coefficients = self._probe_coefficients()
         self.flags = FLAG_PARITY_DELTA if self._delta_self_test() else 0
@@ -224,10 +228,12 @@ class Codec:
 
     def encode_into(self, data: list, parity: list) -> None:
         """Encode K data rows into the M ``parity`` rows (numpy views of
-        one length), ENCODE_SLICE bytes of each row per plugin call: the
-        plugin's own copies of a call (joined input, aligned buffers, K+M
-        fragments) are several times the input, and a flush of a whole
-        object in one call was ~17 MiB of transient heap per flush thread."""
+        one length): in one call of ISA-L's own encode when the rows are
+        contiguous and the plugin's is there, else through pyeclib,
+        ENCODE_SLICE bytes of each row per call (its own copies of a call,
+        joined input, aligned buffers, K+M fragments, are several times
+        the input: a flush of a whole object in one call was ~17 MiB of
+        transient heap per flush thread)."""
         if self._direct is not None and all(
                 isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.flags.c_contiguous
                 for x in data) and all(

@@ -76,7 +76,7 @@ _log = logging.getLogger("ecfs.store")
 PAGE = sf.PAGE
 JOURNAL_LIMIT = 64 << 20      # seal the journal when it grows past this (rotate)
 MAX_SEALED = 4                # sealed segments left by failures: then checkpoint, gated
-_DELTA_GROUP_PAGES = 64       # rows a _delta_batch reads and encodes at a time
+_DELTA_GROUP_ROWS = 64        # rows a _delta_batch reads, encodes and commits at a time
 _JOIN_CRC_ENTRIES = 4096      # a batch's checksum writes to a shard join across at most this
 _NEVER_WRITTEN = object()     # _fast_run: a shard with no data yet (reads as zeros)
 MAX_NAME = 250
@@ -1562,17 +1562,17 @@ class ObjectStore:
                     self._write_locked(obj, off, d, size_hint=size_hint)
                 return
             C = obj.info.chunk_size
-            # the overwrites inside one chunk each go first, as one
-            # transaction planned row by row (_delta_batch); the rest, or
-            # all when that cannot be, in transactions of disjoint rows
+            # the overwrites inside one chunk each go first, planned row by
+            # row (_delta_batch); the rest, and what that could not write,
+            # in transactions of disjoint rows
             size, KC = obj.info.object_size, self.k * C
-            inside = [(off, d) for off, d in extents
-                      if off + len(d) <= size and off % KC % C + len(d) <= C]
-            if inside and self._delta_batch(obj, inside):
-                if len(inside) == len(extents):
-                    return
-                extents = [(off, d) for off, d in extents
-                           if not (off + len(d) <= size and off % KC % C + len(d) <= C)]
+            inside, rest = [], []
+            for off, d in extents:
+                (inside if off + len(d) <= size and off % KC % C + len(d) <= C
+                 else rest).append((off, d))
+            if inside:
+                left = self._delta_batch(obj, inside)
+                extents = sorted(left + rest, key=lambda e: e[0]) if left else rest
             batch: list = []
             claimed: set[int] = set()
             for off, d in extents:
@@ -1582,7 +1582,8 @@ class ObjectStore:
                     batch, claimed = [], set()
                 batch.append((off, d))
                 claimed |= rows
-            self._write_batch(obj, batch)
+            if batch:
+                self._write_batch(obj, batch)
 
     def _rows_of(self, offset: int, n: int, C: int) -> set[int]:
         """The page rows (shard page numbers) a write's plan may read or
@@ -1607,8 +1608,6 @@ class ObjectStore:
     def _write_batch(self, obj: _Obj, batch) -> None:
         """Ranges of disjoint page rows of an existing object (locked whole),
         planned against what is on the OSDs now, committed together."""
-        if self._delta_batch(obj, batch):
-            return
         C = obj.info.chunk_size
         end = max(off + len(d) for off, d in batch)
         size = max(obj.info.object_size, end)
@@ -1631,7 +1630,7 @@ class ObjectStore:
 
         self._commit(obj, build)
 
-    def _delta_batch(self, obj: _Obj, batch) -> bool:
+    def _delta_batch(self, obj: _Obj, batch) -> list:
         """The common flush, as arrays over all its ranges at once: each
         range an overwrite inside one chunk of existing data, every shard
         current. Planned row by row (a row: the pages at one offset of
@@ -1640,32 +1639,43 @@ class ObjectStore:
         row's parity is updated by delta from its changed data pages, or,
         in auto mode where that reads fewer pages (weighed stripe by
         stripe, as _stripe_ops weighs one range), encoded again from the
-        row's data. One
-        codec call does both kinds of row (the code is linear, column by
-        column). False, with nothing written: not such a batch, or a read
-        needs decoding or healing (the general path does that, and the
-        reads done here count twice)."""
+        row's data. One codec call does both kinds of row (the code is
+        linear, column by column).
+
+        One transaction per _DELTA_GROUP_ROWS rows (a 4 MiB object's
+        scattered flush is one or a few): a transaction holds every page
+        it writes (its data pages and its rows' parity: up to 1 + M times
+        the bytes of scattered pages) until its commit, so the memory a
+        flush holds beyond its dirty bytes is one group's, however large
+        the flush (the stripe cache's FLIGHT_COST).
+
+        Returns the ranges not written, all of them when it cannot take the
+        batch: a range outside its kind, a shard not current, or a read
+        that needs decoding or healing (from that group's rows on: the
+        general path does that; a range it wrote in part is written again
+        whole, the same bytes)."""
         info, k, m = obj.info, self.k, self.m
         if self.write_mode not in ("delta", "auto") or not self.codec.flags & FLAG_PARITY_DELTA:
-            return False
+            return batch
         if not all(self._is_usable(obj, j) and self.osdmap.writable(obj.loc[j])
                    for j in range(self.width)):
-            return False
+            return batch
         C, size = info.chunk_size, info.object_size
         KC = k * C
         ext = self._extents(size, C)
         lim = [-(-e // PAGE) for e in ext]      # pages below each shard's extent
-        plan = []       # (data, data shard, byte offset in the shard, row of its first page)
+        plan = []       # (data, data shard, byte offset in the shard, first row, last row + 1)
         rows: dict[int, dict[int, bool]] = {}   # row -> {data shard: page written whole}
         for off, d in batch:
             n = len(d)
             s, r = divmod(off, KC)
             i, c = divmod(r, C)
             if off + n > size or c + n > C:
-                return False        # growth, or across chunks: the general path
+                return batch        # growth, or across chunks: the general path
             lo = s * C + c
-            plan.append((d, i, lo, lo // PAGE))
-            for q in range(lo // PAGE, -(-(lo + n) // PAGE)):
+            q0, q1 = lo // PAGE, -(-(lo + n) // PAGE)
+            plan.append((d, i, lo, q0, q1))
+            for q in range(q0, q1):
                 whole = lo <= q * PAGE and (q + 1) * PAGE <= lo + n
                 pages = rows.setdefault(q, {})
                 # (two ranges in one page: each writes it in part)
@@ -1687,18 +1697,29 @@ class ObjectStore:
                 c[1] += sum(q < lim[x] for x in range(k) if x not in pages) + \
                     sum(not whole for whole in pages.values())
             recon = {q for q in order if cost[q // P][1] < cost[q // P][0]}
-        shard_ops: dict[int, list[FileOp]] = {}
+        # each range in the groups its rows fall in (a range's rows are
+        # consecutive rows of the batch: in one group or two neighbours)
+        G = _DELTA_GROUP_ROWS
+        group_of = {q: t // G for t, q in enumerate(order)}
+        ranges: list[list] = [[] for _ in range(-(-len(order) // G))]
+        for e in plan:
+            for g in range(group_of[e[3]], group_of[e[4] - 1] + 1):
+                ranges[g].append(e)
         paths = [sf.rel_paths(obj.name, j) for j in range(self.width)]
-        for g in range(0, len(order), _DELTA_GROUP_PAGES):
-            if not self._delta_rows(obj, order[g:g + _DELTA_GROUP_PAGES], rows, recon,
-                                    plan, ext, lim, paths, shard_ops):
-                return False
-        n_recon = sum(q0 in recon for _, _, _, q0 in plan)     # (a range is in one stripe)
-        self.counters.add_many((("writes_delta", len(plan) - n_recon),
-                                ("writes_reconstruct", n_recon)))
-        self._join_crc_ops(obj, shard_ops, paths)
-        self._commit_batch(obj, C, max(off + len(d) for off, d in batch), shard_ops)
-        return True
+        for g, mine in enumerate(ranges):
+            shard_ops: dict[int, list[FileOp]] = {}
+            if not self._delta_rows(obj, order[g * G:(g + 1) * G], rows, recon, mine, ext,
+                                    lim, paths, shard_ops):
+                first = order[g * G]
+                return [(off, d) for (off, d), e in zip(batch, plan) if e[4] > first]
+            # (counted once, in the group of its first row)
+            firsts = [e for e in mine if group_of[e[3]] == g]
+            n_recon = sum(e[3] in recon for e in firsts)    # (a range is in one stripe)
+            self.counters.add_many((("writes_delta", len(firsts) - n_recon),
+                                    ("writes_reconstruct", n_recon)))
+            self._join_crc_ops(obj, shard_ops, paths)
+            self._commit_batch(obj, C, size, shard_ops)
+        return []
 
     def _join_crc_ops(self, obj: _Obj, shard_ops: dict[int, list[FileOp]], paths: list) -> None:
         """One checksum write per shard for a batch instead of one per
@@ -1738,7 +1759,8 @@ class ObjectStore:
                     recon: set[int], plan: list, ext: list[int], lim: list[int], paths: list,
                     shard_ops: dict[int, list[FileOp]]) -> bool:
         """Read, encode and build the ops of some rows of a _delta_batch
-        (sorted; side by side in a few arrays, a row's pages at its slot)."""
+        (sorted; side by side in a few arrays, a row's pages at its slot)
+        and of the ranges ``plan`` with pages in them."""
         k, m = self.k, self.m
         G = len(group)
         slot = {q: t for t, q in enumerate(group)}
@@ -1772,10 +1794,7 @@ class ObjectStore:
                     return False
         old = data.copy()
         lo_q, hi_q = group[0], group[-1]
-        for d, i, lo, q0 in plan:
-            q1 = -(-(lo + len(d)) // PAGE)
-            if q1 <= lo_q or q0 > hi_q:
-                continue
+        for d, i, lo, q0, q1 in plan:
             # the range's rows in this group are consecutive slots (its
             # pages are all rows of the batch)
             a, b = max(q0, lo_q), min(q1 - 1, hi_q)

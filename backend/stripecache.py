@@ -107,8 +107,12 @@ FLUSH_HIGH, FLUSH_LOW = 0.75, 0.5
 # none: those pages are dirty again before an overwrite would read them).
 KEPT_SHARE = 4
 # A flush holds its transaction beside the bytes it writes: the stripes'
-# window of data and parity (1.5x in 4+2; a delta flush keeps its new
-# pages and their parity, about as much). Writers wait for that room too,
+# window of data and parity (1.5x in 4+2). A flush of scattered overwrites
+# holds one transaction of at most 64 rows at a time (ObjectStore.
+# _delta_batch: its pages, their rows' parity and the group's arrays, at
+# most 4.4 MiB in 4+2 with 64 KiB chunks, however large the flush: two
+# flush threads hold about the eighth of a 64 MiB cache kept as headroom).
+# Writers wait for that room too,
 # else a stream of 1M writes held the whole capacity dirty plus two
 # flushes of 10 MiB each (the mount peaked at 178 MiB of RSS with a 64
 # MiB cache).
