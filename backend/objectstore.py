@@ -1530,10 +1530,12 @@ class ObjectStore:
     def write_extents(self, name: str, extents, *, size_hint: int = 0) -> None:
         """Write several disjoint ranges ``[(offset, data), ...]`` of one
         object (the stripe cache's flush of it). The overwrites inside one
-        chunk each, the common flush, go as one transaction (one journal
-        record, one version, each header written once) planned row by
-        row, when every shard is current (``_delta_batch``). Other ranges
-        (growth, across chunks, a degraded object) go in transactions of
+        chunk each, the common flush, go as a transaction per group of 64
+        or so page rows (one journal record, one version, each header
+        written once) planned row by row, when every shard is current
+        (``_delta_batch``). Other ranges
+        (growth, across chunks, a degraded object, a group of rows whose
+        read needs healing) go in transactions of
         ranges whose page rows are disjoint (``_rows_of``); a range
         sharing a row with an earlier one starts the next transaction
         (its plan must read the parity the earlier one wrote)."""
@@ -1631,29 +1633,31 @@ class ObjectStore:
         self._commit(obj, build)
 
     def _delta_batch(self, obj: _Obj, batch) -> list:
-        """The common flush, as arrays over all its ranges at once: each
-        range an overwrite inside one chunk of existing data, every shard
-        current. Planned row by row (a row: the pages at one offset of
-        every shard of a stripe; they share their parity pages), so
-        ranges meeting in a row read and write its parity pages once: a
-        row's parity is updated by delta from its changed data pages, or,
-        in auto mode where that reads fewer pages (weighed stripe by
-        stripe, as _stripe_ops weighs one range), encoded again from the
-        row's data. One codec call does both kinds of row (the code is
-        linear, column by column).
+        """The common flush, as arrays over its ranges: each range an
+        overwrite inside one chunk of existing data, every shard current.
+        Planned row by row (a row: the pages at one offset of every shard
+        of a stripe; they share their parity pages), so ranges meeting in a
+        row read and write its parity pages once: a row's parity is updated
+        by delta from its changed data pages, or, in auto mode where that
+        reads fewer pages (weighed stripe by stripe, as _stripe_ops weighs
+        one range), encoded again from the row's data. One codec call per
+        group of rows does both kinds of row (the code is linear, column by
+        column).
 
-        One transaction per _DELTA_GROUP_ROWS rows (a 4 MiB object's
-        scattered flush is one or a few): a transaction holds every page
-        it writes (its data pages and its rows' parity: up to 1 + M times
-        the bytes of scattered pages) until its commit, so the memory a
-        flush holds beyond its dirty bytes is one group's, however large
-        the flush (the stripe cache's FLIGHT_COST).
+        One transaction per group of about _DELTA_GROUP_ROWS rows, cut only
+        where no range goes on (each range is one atomic write, as on the
+        general path; a 4 MiB object's scattered flush is one or a few): a
+        transaction holds every page it writes (its data pages and its
+        rows' parity: up to 1 + M times the bytes of scattered pages) until
+        its commit, so the memory a flush holds beyond its dirty bytes is
+        one group's, however large the flush (the stripe cache's
+        FLIGHT_COST).
 
-        Returns the ranges not written, all of them when it cannot take the
-        batch: a range outside its kind, a shard not current, or a read
-        that needs decoding or healing (from that group's rows on: the
-        general path does that; a range it wrote in part is written again
-        whole, the same bytes)."""
+        Returns the ranges not written: all of them when it cannot take
+        the batch (a range outside its kind, a shard not current), or
+        those of the group whose read needs decoding or healing and of the
+        groups after it (the general path does that; the reads done here
+        count twice)."""
         info, k, m = obj.info, self.k, self.m
         if self.write_mode not in ("delta", "auto") or not self.codec.flags & FLAG_PARITY_DELTA:
             return batch
@@ -1697,28 +1701,39 @@ class ObjectStore:
                 c[1] += sum(q < lim[x] for x in range(k) if x not in pages) + \
                     sum(not whole for whole in pages.values())
             recon = {q for q in order if cost[q // P][1] < cost[q // P][0]}
-        # each range in the groups its rows fall in (a range's rows are
-        # consecutive rows of the batch: in one group or two neighbours)
+        # groups of about G rows, cut only between rows no range spans: a
+        # range is one atomic write, so all of it is in one transaction (a
+        # range's rows are consecutive rows of the batch, at most a chunk's)
         G = _DELTA_GROUP_ROWS
-        group_of = {q: t // G for t, q in enumerate(order)}
-        ranges: list[list] = [[] for _ in range(-(-len(order) // G))]
+        at = {q: t for t, q in enumerate(order)}
+        spanned = [False] * len(order)      # order[t] and order[t + 1] in one range
         for e in plan:
-            for g in range(group_of[e[3]], group_of[e[4] - 1] + 1):
-                ranges[g].append(e)
+            for t in range(at[e[3]], at[e[4] - 1]):
+                spanned[t] = True
+        cuts = [0]
+        for t in range(len(order)):
+            if t + 1 - cuts[-1] >= G and not spanned[t]:
+                cuts.append(t + 1)
+        if cuts[-1] < len(order):
+            cuts.append(len(order))
+        group_of = {}
+        for g, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            for t in range(a, b):
+                group_of[order[t]] = g
+        ranges: list[list] = [[] for _ in cuts[1:]]
+        for e in plan:
+            ranges[group_of[e[3]]].append(e)
         paths = [sf.rel_paths(obj.name, j) for j in range(self.width)]
         for g, mine in enumerate(ranges):
             shard_ops: dict[int, list[FileOp]] = {}
-            if not self._delta_rows(obj, order[g * G:(g + 1) * G], rows, recon, mine, ext,
+            if not self._delta_rows(obj, order[cuts[g]:cuts[g + 1]], rows, recon, mine, ext,
                                     lim, paths, shard_ops):
-                first = order[g * G]
-                return [(off, d) for (off, d), e in zip(batch, plan) if e[4] > first]
-            # (counted once, in the group of its first row)
-            firsts = [e for e in mine if group_of[e[3]] == g]
-            n_recon = sum(e[3] in recon for e in firsts)    # (a range is in one stripe)
-            self.counters.add_many((("writes_delta", len(firsts) - n_recon),
-                                    ("writes_reconstruct", n_recon)))
+                return [(off, d) for (off, d), e in zip(batch, plan) if group_of[e[3]] >= g]
             self._join_crc_ops(obj, shard_ops, paths)
             self._commit_batch(obj, C, size, shard_ops)
+            n_recon = sum(e[3] in recon for e in mine)      # (a range is in one stripe)
+            self.counters.add_many((("writes_delta", len(mine) - n_recon),
+                                    ("writes_reconstruct", n_recon)))
         return []
 
     def _join_crc_ops(self, obj: _Obj, shard_ops: dict[int, list[FileOp]], paths: list) -> None:
@@ -1760,7 +1775,7 @@ class ObjectStore:
                     shard_ops: dict[int, list[FileOp]]) -> bool:
         """Read, encode and build the ops of some rows of a _delta_batch
         (sorted; side by side in a few arrays, a row's pages at its slot)
-        and of the ranges ``plan`` with pages in them."""
+        and of the ranges ``plan``, all of whose rows are among them."""
         k, m = self.k, self.m
         G = len(group)
         slot = {q: t for t, q in enumerate(group)}
@@ -1793,14 +1808,11 @@ class ObjectStore:
                 if bad is None or bad.any():
                     return False
         old = data.copy()
-        lo_q, hi_q = group[0], group[-1]
         for d, i, lo, q0, q1 in plan:
-            # the range's rows in this group are consecutive slots (its
-            # pages are all rows of the batch)
-            a, b = max(q0, lo_q), min(q1 - 1, hi_q)
-            s0, s1 = max(lo, a * PAGE), min(lo + len(d), (b + 1) * PAGE)
-            x0 = slot[a] * PAGE + s0 - a * PAGE
-            data[i, x0:x0 + s1 - s0] = np.frombuffer(d[s0 - lo:s1 - lo], dtype=np.uint8)
+            # the range's rows are consecutive slots of the group (its pages
+            # are all rows of the batch, and groups never cut a range)
+            x0 = slot[q0] * PAGE + lo - q0 * PAGE
+            data[i, x0:x0 + len(d)] = np.frombuffer(d, dtype=np.uint8)
         # the codec's input: a delta row's change, a rebuilt row's data
         delta = np.bitwise_xor(data, old, out=old)
         pd = np.empty((m, G * PAGE), dtype=np.uint8)

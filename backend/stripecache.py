@@ -52,10 +52,10 @@ write in a worker thread. A write larger than a quarter of the cache is
 written through. The flusher thread writes objects dirty longer than
 ``max_age`` seconds, and, when dirty bytes pass three quarters of the
 cache or a writer waits, the oldest objects until they are under half.
-An object's extents leave as one store transaction
-(``ObjectStore.write_extents``: one journal record, one version bump, each
-header once) when they are overwrites inside chunks of an object whose
-shards are all current (else in a few: see there); objects are flushed concurrently
+An object's extents leave in few store transactions
+(``ObjectStore.write_extents``: each one journal record, one version bump,
+each header once; one per 64 page rows of overwrites inside chunks of an
+object whose shards are all current), each extent wholly in one; objects are flushed concurrently
 (``FLUSH_THREADS``) so their journal records share fdatasyncs (group
 commit).
 
@@ -459,7 +459,7 @@ class StripeCache:
             self._flying += nbytes
         err: EcfsError | None = None
         try:
-            # one transaction, as a rule (ObjectStore.write_extents)
+            # few transactions, each extent in one (ObjectStore.write_extents)
             self.lower.write_extents(name, todo, size_hint=hint)
         except EcfsError as x:
             err = x

@@ -1,6 +1,7 @@
 """A flush's batch of overwrites planned as arrays over all its ranges,
 row by row (ObjectStore._delta_batch): the same bytes and parity as
-planning each range alone, in one transaction and no more shard I/O,
+planning each range alone, in a transaction per group of rows (each
+range wholly in one) and no more shard I/O,
 whatever mix of ranges it meets (those it does not take go the general
 way)."""
 import os
@@ -79,6 +80,47 @@ def test_a_batch_meeting_a_shard_it_cannot_read_goes_the_general_way(make_store)
     for off, piece in batch:
         data[off:off + len(piece)] = piece
     assert s.read(OBJ, 0, len(data)) == bytes(data)
+
+
+def test_a_group_meeting_a_bad_page_goes_the_general_way_after_those_before(make_store):
+    """A batch over several groups of rows whose second group reads a page
+    that fails its checksum: the first group is committed (its ranges
+    whole), the ranges of the second and later groups go the general way,
+    which decodes around the page; nothing is counted twice."""
+    from backend.objectstore import _DELTA_GROUP_ROWS as G
+    C = 16384
+    d, s = make_store(k=4, m=2, chunk_size=C, write_mode="delta")
+    stripe, P = 4 * C, C // 4096
+    nrows = 40 * P                                   # 160 rows: groups of 64, 64, 32
+    data = bytearray(os.urandom(40 * stripe))
+    s.write(OBJ, 0, bytes(data))
+    # every page of chunk 0 of every stripe: one row each, the rows of a
+    # chunk (P of them) also joined by an 8 KiB range now and then
+    batch, q = [], 0
+    while q < nrows:
+        n = 2 if q % 5 == 3 and (q + 1) % P else 1
+        off = (q // P) * stripe + (q % P) * 4096
+        batch.append((off, os.urandom(n * 4096)))
+        q += n
+    bad_row = G + 10                                 # in the second group
+    with open(shard_paths(d, OBJ, 4)[0], "r+b") as f:      # parity shard 0's page
+        f.seek(bad_row * 4096 + 7)
+        b = f.read(1)
+        f.seek(bad_row * 4096 + 7)
+        f.write(bytes([b[0] ^ 0xFF]))
+    got = counted(s, lambda: s.write_extents(OBJ, batch))
+    for off, piece in batch:
+        data[off:off + len(piece)] = piece
+    assert s.read(OBJ, 0, len(data)) == bytes(data)
+    check_parity(d)
+    first = sum(1 for off, piece in batch if (off // stripe) * P + off % C // 4096 < G)
+    # the first group's record, then the general path's: the rest in one
+    # transaction (disjoint rows), and the bad page's repair after it
+    # decoded around it; each range counted once
+    assert got["writes_delta"] == len(batch), got
+    assert (got["journal_records"], got["decodes"]) == (3, 1), got
+    assert got["client_write_ops"] == len(batch), got
+    assert first < len(batch)
 
 
 def _shard_files(d):
