@@ -220,7 +220,7 @@ class Codec:
         length = len(data[0])
         if self._direct is not None:
             par = [np.empty(length, dtype=np.uint8) for _ in range(self.m)]
-            self._direct.encode_into([np.ascontiguousarray(as_u8(d)) for d in data], par)
+            self.encode_into(data, par)
             return [memoryview(x) for x in par]
         frags = self._drv.encode(b"".join(data) if len(data) > 1 else bytes(data[0]))
         hdr = self._hdr
@@ -234,12 +234,16 @@ class Codec:
         joined input, aligned buffers, K+M fragments, are several times
         the input: a flush of a whole object in one call was ~17 MiB of
         transient heap per flush thread)."""
-        if self._direct is not None and all(
-                isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.flags.c_contiguous
-                for x in data) and all(
-                isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.flags.c_contiguous
-                and x.flags.writeable for x in parity):
-            self._direct.encode_into(data, parity)
+        if self._direct is not None:
+            # (rows ISA-L cannot take as they are: a contiguous copy in, or
+            # out into a scratch row)
+            outs = [p if isinstance(p, np.ndarray) and p.dtype == np.uint8 and
+                    p.flags.c_contiguous and p.flags.writeable else
+                    np.empty(len(p), dtype=np.uint8) for p in parity]
+            self._direct.encode_into([np.ascontiguousarray(as_u8(d)) for d in data], outs)
+            for p, o in zip(parity, outs):
+                if o is not p:
+                    p[:] = o
             return
         length = len(data[0])
         for a in range(0, length, ENCODE_SLICE):

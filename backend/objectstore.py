@@ -40,6 +40,7 @@ commits of one object serialize on its metadata lock.
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import functools
@@ -1567,14 +1568,7 @@ class ObjectStore:
             # the overwrites inside one chunk each go first, planned row by
             # row (_delta_batch); the rest, and what that could not write,
             # in transactions of disjoint rows
-            size, KC = obj.info.object_size, self.k * C
-            inside, rest = [], []
-            for off, d in extents:
-                (inside if off + len(d) <= size and off % KC % C + len(d) <= C
-                 else rest).append((off, d))
-            if inside:
-                left = self._delta_batch(obj, inside)
-                extents = sorted(left + rest, key=lambda e: e[0]) if left else rest
+            extents = self._delta_batch(obj, extents)
             batch: list = []
             claimed: set[int] = set()
             for off, d in extents:
@@ -1653,11 +1647,11 @@ class ObjectStore:
         one group's, however large the flush (the stripe cache's
         FLIGHT_COST).
 
-        Returns the ranges not written: all of them when it cannot take
-        the batch (a range outside its kind, a shard not current), or
-        those of the group whose read needs decoding or healing and of the
-        groups after it (the general path does that; the reads done here
-        count twice)."""
+        Returns the ranges not written, in offset order: those outside its
+        kind (growth, across chunks), all of them when a shard is not
+        current, and those of the group whose read needs decoding or
+        healing and of the groups after it (the general path does that;
+        the reads done here count twice)."""
         info, k, m = obj.info, self.k, self.m
         if self.write_mode not in ("delta", "auto") or not self.codec.flags & FLAG_PARITY_DELTA:
             return batch
@@ -1670,12 +1664,15 @@ class ObjectStore:
         lim = [-(-e // PAGE) for e in ext]      # pages below each shard's extent
         plan = []       # (data, data shard, byte offset in the shard, first row, last row + 1)
         rows: dict[int, dict[int, bool]] = {}   # row -> {data shard: page written whole}
+        taken, rest = [], []
         for off, d in batch:
             n = len(d)
             s, r = divmod(off, KC)
             i, c = divmod(r, C)
             if off + n > size or c + n > C:
-                return batch        # growth, or across chunks: the general path
+                rest.append((off, d))       # growth, or across chunks: the general path
+                continue
+            taken.append((off, d))
             lo = s * C + c
             q0, q1 = lo // PAGE, -(-(lo + n) // PAGE)
             plan.append((d, i, lo, q0, q1))
@@ -1716,25 +1713,23 @@ class ObjectStore:
                 cuts.append(t + 1)
         if cuts[-1] < len(order):
             cuts.append(len(order))
-        group_of = {}
-        for g, (a, b) in enumerate(zip(cuts, cuts[1:])):
-            for t in range(a, b):
-                group_of[order[t]] = g
+        group = [bisect.bisect_right(cuts, at[e[3]]) - 1 for e in plan]     # each range's
         ranges: list[list] = [[] for _ in cuts[1:]]
-        for e in plan:
-            ranges[group_of[e[3]]].append(e)
+        for e, g in zip(plan, group):
+            ranges[g].append(e)
         paths = [sf.rel_paths(obj.name, j) for j in range(self.width)]
         for g, mine in enumerate(ranges):
             shard_ops: dict[int, list[FileOp]] = {}
             if not self._delta_rows(obj, order[cuts[g]:cuts[g + 1]], rows, recon, mine, ext,
                                     lim, paths, shard_ops):
-                return [(off, d) for (off, d), e in zip(batch, plan) if group_of[e[3]] >= g]
+                left = [x for x, eg in zip(taken, group) if eg >= g]
+                return sorted(left + rest, key=lambda x: x[0]) if rest else left
             self._join_crc_ops(obj, shard_ops, paths)
             self._commit_batch(obj, C, size, shard_ops)
             n_recon = sum(e[3] in recon for e in mine)      # (a range is in one stripe)
             self.counters.add_many((("writes_delta", len(mine) - n_recon),
                                     ("writes_reconstruct", n_recon)))
-        return []
+        return rest
 
     def _join_crc_ops(self, obj: _Obj, shard_ops: dict[int, list[FileOp]], paths: list) -> None:
         """One checksum write per shard for a batch instead of one per
