@@ -123,6 +123,12 @@ class Handle:
     wrote: bool = False
 
 
+def _within_max(end: int) -> None:
+    """EFBIG for a write or fallocate ending past the largest image."""
+    if end > MAX_IMAGE_SIZE:
+        raise pyfuse3.FUSEError(errno.EFBIG)
+
+
 class EcfsFS(pyfuse3.Operations):
     enable_writeback_cache = False     # measured: loses where it does not fit the page cache (docs/design.md)
 
@@ -467,19 +473,14 @@ class EcfsFS(pyfuse3.Operations):
         return await self._run(self._write, h, off, buf)
 
     def _write(self, h: Handle, off: int, buf: bytes) -> int:
-        img = h.image
         h.wrote = True
-        if off + len(buf) > MAX_IMAGE_SIZE:
-            raise pyfuse3.FUSEError(errno.EFBIG)
-        return img.write_growing(buf, off)
+        _within_max(off + len(buf))
+        return h.image.write_growing(buf, off)
 
     def _grow(self, img: Image, end: int) -> None:
         """An fallocate past the end grows the image (never shrinks it);
         writes grow it in Image.write_growing."""
-        if end <= img.size():
-            return
-        if end > MAX_IMAGE_SIZE:
-            raise pyfuse3.FUSEError(errno.EFBIG)
+        _within_max(end)
         img.grow_for_write(end)
 
     async def fallocate(self, fh, mode, off, length):

@@ -673,7 +673,7 @@ class Image(MaintenanceOps):
         cur = self.header.size
         osz = self.header.object_size
         ahead = max(end, min(2 * cur, cur + GROW_AHEAD_MAX))
-        ahead = min(MAX_IMAGE_SIZE, max(end, -(-ahead // osz) * osz))
+        ahead = min(MAX_IMAGE_SIZE, -(-ahead // osz) * osz)     # (>= end: end <= the max)
         before = self._written_end
         # size() stays where it is until the header and the map are grown
         # (a write it let through meanwhile would find neither)
@@ -695,14 +695,19 @@ class Image(MaintenanceOps):
         if self._written_end is None:
             return
         with self._owner.gate.shared(), self._size_lock:
-            try:
-                settled = self._settle_size()
-            except (EcfsError, OSError) as e:
-                log.warning("image %r: its size stays %d for now (%d written): %s",
-                            self.name, self.header.size, self._written_end or 0, e)
-                return
+            settled = self._settle_logged()
         if settled:
             self._owner.notify_header()
+
+    def _settle_logged(self) -> bool | None:
+        """_settle_size, a failure logged (None): the header stays ahead,
+        its tail reads as zeros, nothing is lost."""
+        try:
+            return self._settle_size()
+        except (EcfsError, OSError) as e:
+            log.warning("image %r: its size stays %d for now (%d written): %s",
+                        self.name, self.header.size, self._written_end or 0, e)
+            return None
 
     def _settle_size(self) -> bool:
         """(the gate held: exclusive, or shared with _size_lock) True when
@@ -805,12 +810,8 @@ class Image(MaintenanceOps):
         """The lock is about to go (gate exclusive, mutex held): write the
         cached bytes out (a failure keeps the lock: nobody may write under
         bytes still waiting here), then forget what the lock vouched for."""
-        try:
-            self._settle_size()     # (the gate exclusive: no growing write under way)
-        except (EcfsError, OSError) as e:   # the header stays ahead: nothing lost
-            log.warning("image %r: its size stays %d (%d written): %s", self.name,
-                        self.header.size, self._written_end or 0, e)
-            self._written_end = None
+        if self._settle_logged() is None:   # (the gate exclusive: no growing write under way)
+            self._written_end = None        # the header stays ahead: nothing lost
         try:
             self.store.flush(self._data_prefix)
         except Fenced:

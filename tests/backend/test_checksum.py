@@ -8,7 +8,7 @@ import pytest
 
 from backend import shardfile as sf
 
-from .util import check_parity, osd_of, shard_paths, counted
+from .util import check_parity, counted, flip_byte, osd_of, shard_paths
 
 K, M = 4, 2
 PAGE = 4096
@@ -24,11 +24,7 @@ def _snapshot(d, name):
 
 
 def _flip(path, off, rng):
-    with open(path, "r+b") as f:
-        f.seek(off)
-        b = f.read(1)[0]
-        f.seek(off)
-        f.write(bytes([b ^ rng.randrange(1, 256)]))
+    flip_byte(path, off, rng.randrange(1, 256))
 
 
 def _corrupt(d, name, shards, n, rng, per_row=1, rows_used=None):

@@ -13,7 +13,7 @@ from backend.errors import NotFound
 from backend.objectstore import ObjectStore
 from backend.objstate import StateCache
 
-from .util import counted, die_before_apply, osd_of, osd_paths, shard_paths
+from .util import counted, die_before_apply, flip_byte, osd_of, osd_paths, shard_paths
 
 C = 4096          # chunk: 4 KiB, so a 16 KiB stripe spans all four data shards
 
@@ -34,12 +34,7 @@ def _written_elsewhere(s, d, name):
 
 def _flip(d, name, shard, at):
     """Damage by hand: flip the bits of one byte of a shard file."""
-    path, _ = shard_paths(d, name, shard)
-    with open(path, "r+b") as f:
-        f.seek(at)
-        b = f.read(1)
-        f.seek(at)
-        f.write(bytes([b[0] ^ 0xFF]))
+    flip_byte(shard_paths(d, name, shard)[0], at)
 
 
 def _store(make_store):

@@ -45,6 +45,15 @@ def shard_paths(store_dir: str, name: str, shard: int) -> tuple[str, str]:
     return os.path.join(paths[loc[shard]], rd), os.path.join(paths[loc[shard]], rm)
 
 
+def flip_byte(path: str, at: int, mask: int = 0xFF) -> None:
+    """Damage by hand: xor one byte of a file with ``mask``."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([b ^ mask]))
+
+
 def osd_of(store_dir: str, name: str, shard: int) -> int:
     pool = pool_of(store_dir)
     return place(name, pool["k"] + pool["m"], tuple(sorted(osd_paths(store_dir))),
