@@ -128,14 +128,13 @@ def record_parts(rec: Record) -> list:
              _NAME.pack(len(rec.ops))]
     for op in rec.ops:
         pb = op.path.encode()
-        parts.append(_OP.pack(op.type, op.osd, len(pb), op.offset, len(op.data)))
-        parts.append(pb)
+        # (the op's header and path as one part: a part is a checksum call)
+        parts.append(_OP.pack(op.type, op.osd, len(pb), op.offset, len(op.data)) + pb)
         parts.append(op.data)
-    crc, n = 0, 0
+    crc = 0
     for p in parts:
         crc = _crc32c.crc32c(p, crc)
-        n += len(p)
-    return [_REC.pack(b"JREC", n, crc, rec.slot)] + parts
+    return [_REC.pack(b"JREC", sum(map(len, parts)), crc, rec.slot)] + parts
 
 
 def encode_record(rec: Record) -> bytes:
@@ -223,7 +222,7 @@ class Journal:
                              f"ecfs writes: open the store alone once (no other ecfs using "
                              f"it) to replay and renew it")
         parts = record_parts(rec)
-        size = sum(len(p) for p in parts)
+        size = sum(map(len, parts))
         # One write call with O_APPEND: the kernel places it whole at the
         # end, even with other processes appending.
         if len(parts) <= _IOV_MAX:

@@ -1110,30 +1110,25 @@ class ObjectStore:
             self._recover(obj, win, i, p0, p1, bad, kind)
 
     def _read_pages(self, obj: _Obj, i: int, p0: int, p1: int, out: np.ndarray,
-                    kind: str) -> np.ndarray | None:
+                    kind: str, kept: bool = True) -> np.ndarray | None:
         """Read shard i pages [p0, p1) into ``out``, verified. Returns the mask
-        of pages failing their checksum, or None if the shard is unusable."""
+        of pages failing their checksum, or None if the shard is unusable.
+        ``kept=False``: the caller tried the kept state (_read_kept)."""
         if not self._is_usable(obj, i):
             return None
         n = p1 - p0
         if obj.info is None or obj.info.vector[i] == 0:
             out[:] = 0
             return np.zeros(n, dtype=bool)
-        if self.states is not None:
-            st = self.states.pin(obj.name, obj.gen)
-            if st is not None:
-                try:
-                    if self.states.get_pages(st, i, p0, p1, out):
-                        self.counters.add("page_hits")
-                        return np.zeros(n, dtype=bool)
-                    done = self._read_pinned(st, i, p0, p1, out, lockless=False)
-                finally:
-                    self.states.unpin(st)
-                if done:
-                    self.counters.add_many(((f"{kind}_shard_reads", 1), ("shard_reads", 1),
-                                            ("shard_read_bytes", n * PAGE)))
-                    return np.zeros(n, dtype=bool)
-                # anything unexpected is read again from disk, as without a state
+        st = self.states.pin(obj.name, obj.gen) if self.states is not None and kept else None
+        if st is not None:
+            try:
+                done = self._read_kept(st, i, p0, p1, out, kind)
+            finally:
+                self.states.unpin(st)
+            if done:
+                return np.zeros(n, dtype=bool)
+            # anything unexpected is read again from disk, as without a state
         data_path, meta_path = self._abs(obj, i)
         try:
             raw = _pread_path(meta_path, 4 * n, sf.crc_offset(p0))
@@ -1172,6 +1167,20 @@ class ObjectStore:
         if got_n < n * PAGE:
             out[got_n:] = 0
         return sf.page_crcs(out, n) != stored
+
+    def _read_kept(self, st: ObjState, i: int, p0: int, p1: int, out: np.ndarray,
+                   kind: str) -> bool:
+        """Shard i's pages [p0, p1) through the pinned state ``st``: its
+        kept pages, else its kept file and checksum table (verified).
+        False: read them the long way (_read_pages)."""
+        if self.states.get_pages(st, i, p0, p1, out):
+            self.counters.add("page_hits")
+            return True
+        if self._read_pinned(st, i, p0, p1, out, lockless=False):
+            self.counters.add_many(((f"{kind}_shard_reads", 1), ("shard_reads", 1),
+                                    ("shard_read_bytes", (p1 - p0) * PAGE)))
+            return True
+        return False
 
     def _read_pinned(self, st: ObjState, i: int, p0: int, p1: int,
                      out: np.ndarray | list[np.ndarray], lockless: bool) -> bool:
@@ -1789,19 +1798,29 @@ class ObjectStore:
             else:
                 for x in pages:
                     reads[x].append(t)
-        for x in range(k):
-            for a, b in _slot_runs(group, reads[x]):
-                bad = self._read_pages(obj, x, group[a], group[b - 1] + 1,
-                                       data[x, a * PAGE:b * PAGE], "write")
-                if bad is None or bad.any():
-                    return False
         dslots = [t for t, q in enumerate(group) if q not in recon]
-        for a, b in _slot_runs(group, dslots):
-            for x in range(m):
-                bad = self._read_pages(obj, k + x, group[a], group[b - 1] + 1,
-                                       par[x, a * PAGE:b * PAGE], "write")
-                if bad is None or bad.any():
-                    return False
+        # every shard is usable and current here (_delta_batch): the kept
+        # state serves each run if it can, one pin for them all
+        st = self.states.pin(obj.name, obj.gen) if self.states is not None else None
+        try:
+            def read(j: int, a: int, b: int, out: np.ndarray) -> bool:
+                q0, q1 = group[a], group[b - 1] + 1
+                if st is not None and self._read_kept(st, j, q0, q1, out, "write"):
+                    return True
+                bad = self._read_pages(obj, j, q0, q1, out, "write", kept=st is None)
+                return bad is not None and not bad.any()
+
+            for x in range(k):
+                for a, b in _slot_runs(group, reads[x]):
+                    if not read(x, a, b, data[x, a * PAGE:b * PAGE]):
+                        return False
+            for a, b in _slot_runs(group, dslots):
+                for x in range(m):
+                    if not read(k + x, a, b, par[x, a * PAGE:b * PAGE]):
+                        return False
+        finally:
+            if st is not None:
+                self.states.unpin(st)
         old = data.copy()
         for d, i, lo, q0, q1 in plan:
             # the range's rows are consecutive slots of the group (its pages
@@ -2305,66 +2324,82 @@ class ObjectStore:
         naming its shard files); True when every one reached its file."""
         ok = True
         failed: set[int] = set()
-        for op in rec.ops:
-            path = self.osdmap.paths.get(op.osd)
-            if path is None or not _shard_relpath(op.path):
-                continue
-            if op.osd in failed:
-                # after a failed op, none of the OSD's: a header or checksum
-                # written after a lost data write would call the shard current
-                continue
-            if not (self.osdmap.writable(op.osd) or op.osd in self._recovering):
-                # e.g. replay with a disk late to appear: its shard is stale
-                # now, and its return must rebuild it
-                self._log_missed(op.osd, rec.name)
-                failed.add(op.osd)
-                ok = False
-                continue
-            full = os.path.join(path, op.path)
-            shard = where.get(op.path) if where is not None else None
-            if shard is not None and st.loc[shard[0]] != op.osd:
-                shard = None
-            try:
-                if op.type == OP_WRITE:
-                    fd = self._kept_fd(st, *shard, create=True) if shard is not None else None
-                    self.faults.on_write(full, op.offset, len(op.data))
-                    _write_shard(full, fd, op.data, op.offset)
-                elif op.type == OP_TRUNCATE:
-                    try:
-                        if os.stat(full).st_size > op.offset:
-                            os.truncate(full, op.offset)
-                    except FileNotFoundError:
-                        pass
-                elif op.type == OP_UNLINK:
-                    if shard is not None:
-                        self.states.forget_fd(st, st.mfds if shard[1] else st.fds, shard[0])
-                    try:
-                        os.unlink(full)
-                    except FileNotFoundError:
-                        pass
-                elif op.type == OP_PUNCH:
-                    sf.punch_hole(full, op.offset, PUNCH_LEN.unpack(op.data)[0])
-            except OSError as e:
-                ok = False
-                if op.osd in self._recovering:
-                    raise StoreError(f"osd.{op.osd}: cannot write {full}: {e.strerror or e}")
-                if not os.path.isdir(path):
-                    self.osdmap.refresh()
-                if e.errno == errno.ENOSPC:
-                    self.space.forget()
-                self._osd_failed(op.osd, e)
-                failed.add(op.osd)
-                # before the write is acknowledged: the shard missed it
-                self._log_missed(op.osd, rec.name)
-                continue
-            if counted and op.type in (OP_WRITE, OP_PUNCH):
-                if op.path.endswith(".meta"):
-                    self.counters.add("meta_writes")
-                else:
-                    nbytes = len(op.data) if op.type == OP_WRITE else 0
-                    self.counters.add_many((("shard_writes", 1), (f"{kind}_shard_writes", 1),
-                                            ("shard_write_bytes", nbytes)))
-            self._crashpoint()
+        roots = self.osdmap.paths
+        armed = self.faults.armed()
+        writes = write_bytes = meta_writes = 0
+        try:
+            for op in rec.ops:
+                path = roots.get(op.osd)
+                if path is None or not _shard_relpath(op.path):
+                    continue
+                if op.osd in failed:
+                    # after a failed op, none of the OSD's: a header or checksum
+                    # written after a lost data write would call the shard current
+                    continue
+                if not (self.osdmap.writable(op.osd) or op.osd in self._recovering):
+                    # e.g. replay with a disk late to appear: its shard is
+                    # stale now, and its return must rebuild it
+                    self._log_missed(op.osd, rec.name)
+                    failed.add(op.osd)
+                    ok = False
+                    continue
+                shard = where.get(op.path) if where is not None else None
+                if shard is not None and st.loc[shard[0]] != op.osd:
+                    shard = None
+                full = os.path.join(path, op.path)
+                try:
+                    if op.type == OP_WRITE:
+                        fd = self._kept_fd(st, *shard, create=True) if shard is not None else None
+                        if armed:
+                            self.faults.on_write(full, op.offset, len(op.data))
+                        _write_shard(full, fd, op.data, op.offset)
+                    else:
+                        if op.type == OP_TRUNCATE:
+                            try:
+                                if os.stat(full).st_size > op.offset:
+                                    os.truncate(full, op.offset)
+                            except FileNotFoundError:
+                                pass
+                        elif op.type == OP_UNLINK:
+                            if shard is not None:
+                                self.states.forget_fd(st, st.mfds if shard[1] else st.fds,
+                                                      shard[0])
+                            try:
+                                os.unlink(full)
+                            except FileNotFoundError:
+                                pass
+                        elif op.type == OP_PUNCH:
+                            sf.punch_hole(full, op.offset, PUNCH_LEN.unpack(op.data)[0])
+                except OSError as e:
+                    ok = False
+                    if op.osd in self._recovering:
+                        raise StoreError(f"osd.{op.osd}: cannot write {full}: "
+                                         f"{e.strerror or e}")
+                    if not os.path.isdir(path):
+                        self.osdmap.refresh()
+                    if e.errno == errno.ENOSPC:
+                        self.space.forget()
+                    self._osd_failed(op.osd, e)
+                    failed.add(op.osd)
+                    # before the write is acknowledged: the shard missed it
+                    self._log_missed(op.osd, rec.name)
+                    continue
+                if counted and op.type in (OP_WRITE, OP_PUNCH):
+                    if op.path.endswith(".meta"):
+                        meta_writes += 1
+                    else:
+                        writes += 1
+                        if op.type == OP_WRITE:
+                            write_bytes += len(op.data)
+                self._crashpoint()
+        finally:
+            # what reached its file, counted once (a crash point may end the
+            # process here: what it counted then dies with it)
+            if writes or meta_writes:
+                self.counters.add_many((("shard_writes", writes),
+                                        (f"{kind}_shard_writes", writes),
+                                        ("shard_write_bytes", write_bytes),
+                                        ("meta_writes", meta_writes)))
         return ok
 
     def _follow(self, st: ObjState, rec: Record, where: dict) -> None:
@@ -2404,6 +2439,7 @@ class ObjectStore:
                 st.crcs.pop(i, None)
             else:
                 raise ValueError("a header cut")
+        self.states.trim_state(st)
         obj = _Obj(st.name, st.slot, st.loc, gen=st.gen)
         obj.absent, obj.bad_header = absent, bad
         self._judge(obj, hdrs)
@@ -2423,7 +2459,7 @@ class ObjectStore:
                 self.states.drop_pages(st, i, p0, -(-(op.offset + len(op.data)) // PAGE))
                 return
             if n:
-                self.states.set_pages(st, i, p0, op.data[:n * PAGE])
+                self.states.set_pages(st, i, p0, op.data[:n * PAGE], trim=False)
             if len(op.data) % PAGE:     # a page cut at the shard's end: not kept
                 self.states.drop_pages(st, i, p0 + n, p0 + n + 1)
         elif op.type == OP_TRUNCATE:
@@ -2680,6 +2716,15 @@ def _page_ops(osd: int, paths: tuple[str, str], p0: int, buf: np.ndarray, crcs: 
     checksums (``paths``: its data file and sidecar): runs of all-zero
     pages (stored crc 0) become holes, the others one pwrite per run."""
     path, meta = paths
+    crc_op = FileOp(OP_WRITE, osd, meta, sf.crc_offset(p0), crcs.astype("<u4").tobytes())
+    if crcs.all():
+        # no zero page (the common case): one write, without the run search
+        # (its five numpy calls were a tenth of a scattered flush's CPU)
+        hi = min((p0 + len(crcs)) * PAGE, stop)
+        if hi <= p0 * PAGE:
+            return [crc_op]
+        return [FileOp(OP_WRITE, osd, path, p0 * PAGE, memoryview(buf[:hi - p0 * PAGE])),
+                crc_op]
     zero = crcs == 0
     edges = np.flatnonzero(np.diff(zero.astype(np.int8))) + 1
     bounds = [0, *edges.tolist(), len(zero)]
@@ -2694,7 +2739,7 @@ def _page_ops(osd: int, paths: tuple[str, str], p0: int, buf: np.ndarray, crcs: 
             # a view of the window, not a copy: nothing changes the window
             # once its ops are built, and the ops keep it alive
             ops.append(FileOp(OP_WRITE, osd, path, lo, memoryview(buf[a * PAGE:hi - p0 * PAGE])))
-    ops.append(FileOp(OP_WRITE, osd, meta, sf.crc_offset(p0), crcs.astype("<u4").tobytes()))
+    ops.append(crc_op)
     return ops
 
 
