@@ -1254,7 +1254,7 @@ class ObjectStore:
         if lockless and got < len(buf) and got < os.fstat(fd).st_size - sf.crc_offset(0):
             # RWF_NOWAIT stops where the page cache does: the rest is not
             # zero, only not in memory. (A kept table is trusted as what
-            # the sidecar holds: _join_crc_ops writes its entries back.)
+            # the sidecar holds: _crc_ops writes its entries back.)
             return None
         table = np.zeros(pages, dtype=np.uint32)
         table[:got // 4] = np.frombuffer(buf, dtype="<u4", count=got // 4)
@@ -1729,57 +1729,60 @@ class ObjectStore:
         paths = [sf.rel_paths(obj.name, j) for j in range(self.width)]
         for g, mine in enumerate(ranges):
             shard_ops: dict[int, list[FileOp]] = {}
+            crcs: dict[int, list] = {}
             if not self._delta_rows(obj, order[cuts[g]:cuts[g + 1]], rows, recon, mine, ext,
-                                    lim, paths, shard_ops):
+                                    lim, paths, shard_ops, crcs):
                 left = [x for x, eg in zip(taken, group) if eg >= g]
                 return sorted(left + rest, key=lambda x: x[0]) if rest else left
-            self._join_crc_ops(obj, shard_ops, paths)
+            self._crc_ops(obj, crcs, paths, shard_ops)
             self._commit_batch(obj, C, size, shard_ops)
             n_recon = sum(e[3] in recon for e in mine)      # (a range is in one stripe)
             self.counters.add_many((("writes_delta", len(mine) - n_recon),
                                     ("writes_reconstruct", n_recon)))
         return rest
 
-    def _join_crc_ops(self, obj: _Obj, shard_ops: dict[int, list[FileOp]], paths: list) -> None:
-        """One checksum write per shard for a batch instead of one per
-        range: the entries between its ranges are taken from the kept
-        table (valid: the object is locked whole and its state pinned
-        current, so the table is what the sidecar holds). Each small
-        pwrite was a syscall, a journal op and a GIL round trip; a shard's
-        whole table is about 1 KiB per MiB of shard. Shards without a
-        kept table, or whose ranges are far apart, keep their ops."""
-        if self.states is None:
-            return
-        st = self.states.pin(obj.name, obj.gen)
-        if st is None:
-            return
+    def _crc_ops(self, obj: _Obj, crcs: dict[int, list], paths: list,
+                 shard_ops: dict[int, list[FileOp]]) -> None:
+        """The checksum writes of a batch's page runs (``crcs``: shard ->
+        [(first page, its runs' stored checksums)]), after each shard's
+        page writes: one per shard where its ranges lie within
+        _JOIN_CRC_ENTRIES entries and its table is kept, the entries
+        between the runs taken from the kept table (valid: the object is
+        locked whole and its state pinned current, so the table is what
+        the sidecar holds); else one per run. Each small pwrite was a
+        syscall, a journal op and a GIL round trip; a shard's whole table
+        is about 1 KiB per MiB of shard."""
+        st = self.states.pin(obj.name, obj.gen) if self.states is not None else None
         try:
             base = sf.crc_offset(0)
-            for j, ops in shard_ops.items():
+            for j, parts in crcs.items():
                 meta = paths[j][1]
-                crc = [op for op in ops if op.path == meta]
-                table = st.crcs.get(j)
-                if len(crc) < 2 or table is None:
+                ops = shard_ops.setdefault(j, [])
+                table = st.crcs.get(j) if st is not None else None
+                a = parts[0][0]
+                b = parts[-1][0] + len(parts[-1][1])      # (runs in page order)
+                if len(parts) > 1 and table is not None and b <= len(table) \
+                        and b - a <= _JOIN_CRC_ENTRIES:
+                    joined = table[a:b].astype("<u4")       # a copy
+                    for p0, vals in parts:
+                        joined[p0 - a:p0 - a + len(vals)] = vals
+                    ops.append(FileOp(OP_WRITE, obj.loc[j], meta, base + 4 * a,
+                                      joined.tobytes()))
                     continue
-                a = (min(op.offset for op in crc) - base) // 4
-                b = (max(op.offset + len(op.data) for op in crc) - base) // 4
-                if b > len(table) or b - a > _JOIN_CRC_ENTRIES:
-                    continue
-                joined = table[a:b].astype("<u4")       # a copy
-                for op in crc:
-                    at = (op.offset - base) // 4
-                    joined[at - a:at - a + len(op.data) // 4] = np.frombuffer(op.data, "<u4")
-                shard_ops[j] = [op for op in ops if op.path != meta] + [
-                    FileOp(OP_WRITE, obj.loc[j], meta, base + 4 * a, joined.tobytes())]
+                for p0, vals in parts:
+                    ops.append(FileOp(OP_WRITE, obj.loc[j], meta, sf.crc_offset(p0),
+                                      vals.astype("<u4").tobytes()))
         finally:
-            self.states.unpin(st)
+            if st is not None:
+                self.states.unpin(st)
 
     def _delta_rows(self, obj: _Obj, group: list[int], rows: dict[int, dict[int, bool]],
                     recon: set[int], plan: list, ext: list[int], lim: list[int], paths: list,
-                    shard_ops: dict[int, list[FileOp]]) -> bool:
-        """Read, encode and build the ops of some rows of a _delta_batch
+                    shard_ops: dict[int, list[FileOp]], crcs: dict[int, list]) -> bool:
+        """Read, encode and build the page ops of some rows of a _delta_batch
         (sorted; side by side in a few arrays, a row's pages at its slot)
-        and of the ranges ``plan``, all of whose rows are among them."""
+        and of the ranges ``plan``, all of whose rows are among them; their
+        checksums go to ``crcs`` (for _crc_ops)."""
         k, m = self.k, self.m
         G = len(group)
         slot = {q: t for t, q in enumerate(group)}
@@ -1845,25 +1848,33 @@ class ObjectStore:
             # (copies: the ops keep what they write, and most of a data
             # row is pages this batch does not write)
             mine = [t for t, q in enumerate(group) if x in rows[q]]
-            self._run_ops(obj, x, group, mine, data[x], ext, paths, shard_ops, copy=True)
+            self._run_ops(obj, x, group, mine, data[x], ext, paths, shard_ops, crcs, copy=True)
         every = list(range(G))
         for x in range(m):
-            self._run_ops(obj, k + x, group, every, par[x], ext, paths, shard_ops)
+            self._run_ops(obj, k + x, group, every, par[x], ext, paths, shard_ops, crcs)
         return True
 
     def _run_ops(self, obj: _Obj, j: int, group: list[int], slots: list[int], src: np.ndarray,
                  ext: list[int], paths: list, shard_ops: dict[int, list[FileOp]],
-                 copy: bool = False) -> None:
-        """The page and checksum writes of shard j's pages at ``slots`` of a
-        row group, from its row ``src`` of the group's arrays."""
-        for a, b in _slot_runs(group, slots):
+                 crcs: dict[int, list], copy: bool = False) -> None:
+        """The page writes of shard j's pages at ``slots`` of a row group,
+        from its row ``src`` of the group's arrays, and their checksums
+        (into ``crcs``: one checksum call for a whole row)."""
+        runs = _slot_runs(group, slots)
+        if not runs:
+            return          # (a shard without a page here is not touched: no header)
+        whole = sf.page_crcs(src) if len(slots) == len(group) else None
+        ops = shard_ops.setdefault(j, [])
+        parts = crcs.setdefault(j, [])
+        for a, b in runs:
             buf = src[a * PAGE:b * PAGE]
             if copy:
                 buf = buf.copy()
-            q1 = group[b - 1] + 1
-            shard_ops.setdefault(j, []).extend(_page_ops(
-                obj.loc[j], paths[j], group[a], buf, sf.page_crcs(buf, b - a),
-                min(q1 * PAGE, ext[j])))
+            vals = whole[a:b] if whole is not None else sf.page_crcs(buf, b - a)
+            q0, q1 = group[a], group[b - 1] + 1
+            ops.extend(_page_ops(obj.loc[j], paths[j], q0, buf, vals,
+                                 min(q1 * PAGE, ext[j]), crc=False))
+            parts.append((q0, vals))
 
     def _stripe_ops(self, obj: _Obj, offset: int, data: memoryview, C: int,
                     size: int) -> dict[int, list[FileOp]]:
@@ -2711,20 +2722,21 @@ def _shard_relpath(p: str) -> bool:
 
 
 def _page_ops(osd: int, paths: tuple[str, str], p0: int, buf: np.ndarray, crcs: np.ndarray,
-              stop: int) -> list[FileOp]:
+              stop: int, crc: bool = True) -> list[FileOp]:
     """Write pages p0.. of a shard (bytes up to ``stop``) and their
-    checksums (``paths``: its data file and sidecar): runs of all-zero
-    pages (stored crc 0) become holes, the others one pwrite per run."""
+    checksums (``paths``: its data file and sidecar; ``crc=False``: the
+    caller writes them): runs of all-zero pages (stored crc 0) become
+    holes, the others one pwrite per run."""
     path, meta = paths
-    crc_op = FileOp(OP_WRITE, osd, meta, sf.crc_offset(p0), crcs.astype("<u4").tobytes())
+    tail = [FileOp(OP_WRITE, osd, meta, sf.crc_offset(p0), crcs.astype("<u4").tobytes())] \
+        if crc else []
     if crcs.all():
         # no zero page (the common case): one write, without the run search
         # (its five numpy calls were a tenth of a scattered flush's CPU)
         hi = min((p0 + len(crcs)) * PAGE, stop)
         if hi <= p0 * PAGE:
-            return [crc_op]
-        return [FileOp(OP_WRITE, osd, path, p0 * PAGE, memoryview(buf[:hi - p0 * PAGE])),
-                crc_op]
+            return tail
+        return [FileOp(OP_WRITE, osd, path, p0 * PAGE, memoryview(buf[:hi - p0 * PAGE]))] + tail
     zero = crcs == 0
     edges = np.flatnonzero(np.diff(zero.astype(np.int8))) + 1
     bounds = [0, *edges.tolist(), len(zero)]
@@ -2739,8 +2751,7 @@ def _page_ops(osd: int, paths: tuple[str, str], p0: int, buf: np.ndarray, crcs: 
             # a view of the window, not a copy: nothing changes the window
             # once its ops are built, and the ops keep it alive
             ops.append(FileOp(OP_WRITE, osd, path, lo, memoryview(buf[a * PAGE:hi - p0 * PAGE])))
-    ops.append(crc_op)
-    return ops
+    return ops + tail
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
