@@ -1802,13 +1802,17 @@ class ObjectStore:
                 for x in pages:
                     reads[x].append(t)
         dslots = [t for t, q in enumerate(group) if q not in recon]
-        # every shard is usable and current here (_delta_batch): the kept
-        # state serves each run if it can, one pin for them all
+        # every shard is usable here (_delta_batch): the kept state serves
+        # each run if it can, one pin for them all; a shard never written
+        # in this incarnation (vector 0) is zeros, whatever files an
+        # earlier one left: _read_pages says so without reading them
         st = self.states.pin(obj.name, obj.gen) if self.states is not None else None
+        vector = obj.info.vector
         try:
             def read(j: int, a: int, b: int, out: np.ndarray) -> bool:
                 q0, q1 = group[a], group[b - 1] + 1
-                if st is not None and self._read_kept(st, j, q0, q1, out, "write"):
+                if st is not None and vector[j] and \
+                        self._read_kept(st, j, q0, q1, out, "write"):
                     return True
                 bad = self._read_pages(obj, j, q0, q1, out, "write", kept=st is None)
                 return bad is not None and not bad.any()
@@ -2335,12 +2339,11 @@ class ObjectStore:
         naming its shard files); True when every one reached its file."""
         ok = True
         failed: set[int] = set()
-        roots = self.osdmap.paths
         armed = self.faults.armed()
         writes = write_bytes = meta_writes = 0
         try:
             for op in rec.ops:
-                path = roots.get(op.osd)
+                path = self.osdmap.paths.get(op.osd)     # (a refresh may replace the map)
                 if path is None or not _shard_relpath(op.path):
                     continue
                 if op.osd in failed:
