@@ -1113,7 +1113,8 @@ class ObjectStore:
                     kind: str, kept: bool = True) -> np.ndarray | None:
         """Read shard i pages [p0, p1) into ``out``, verified. Returns the mask
         of pages failing their checksum, or None if the shard is unusable.
-        ``kept=False``: the caller tried the kept state (_read_kept)."""
+        ``kept=False``: skip the kept state (the caller tried it, or
+        knows it cannot serve the run)."""
         if not self._is_usable(obj, i):
             return None
         n = p1 - p0
@@ -1802,7 +1803,9 @@ class ObjectStore:
                 for x in pages:
                     reads[x].append(t)
         dslots = [t for t, q in enumerate(group) if q not in recon]
-        # every shard is usable here (_delta_batch): the kept state serves
+        # every shard was usable when the batch began (_delta_batch; a
+        # failed apply or a new map generation drops the state, so later
+        # groups find none and read the long way): the kept state serves
         # each run if it can, one pin for them all; a shard never written
         # in this incarnation (vector 0) is zeros, whatever files an
         # earlier one left: _read_pages says so without reading them
@@ -1814,7 +1817,7 @@ class ObjectStore:
                 if st is not None and vector[j] and \
                         self._read_kept(st, j, q0, q1, out, "write"):
                     return True
-                bad = self._read_pages(obj, j, q0, q1, out, "write", kept=st is None)
+                bad = self._read_pages(obj, j, q0, q1, out, "write", kept=False)
                 return bad is not None and not bad.any()
 
             for x in range(k):
@@ -1863,7 +1866,8 @@ class ObjectStore:
                  crcs: dict[int, list], copy: bool = False) -> None:
         """The page writes of shard j's pages at ``slots`` of a row group,
         from its row ``src`` of the group's arrays, and their checksums
-        (into ``crcs``: one checksum call for a whole row)."""
+        (into ``crcs``: one checksum call for the row when every slot is
+        written, as for parity; else one per run)."""
         runs = _slot_runs(group, slots)
         if not runs:
             return          # (a shard without a page here is not touched: no header)
@@ -2367,23 +2371,22 @@ class ObjectStore:
                         if armed:
                             self.faults.on_write(full, op.offset, len(op.data))
                         _write_shard(full, fd, op.data, op.offset)
-                    else:
-                        if op.type == OP_TRUNCATE:
-                            try:
-                                if os.stat(full).st_size > op.offset:
-                                    os.truncate(full, op.offset)
-                            except FileNotFoundError:
-                                pass
-                        elif op.type == OP_UNLINK:
-                            if shard is not None:
-                                self.states.forget_fd(st, st.mfds if shard[1] else st.fds,
-                                                      shard[0])
-                            try:
-                                os.unlink(full)
-                            except FileNotFoundError:
-                                pass
-                        elif op.type == OP_PUNCH:
-                            sf.punch_hole(full, op.offset, PUNCH_LEN.unpack(op.data)[0])
+                    elif op.type == OP_TRUNCATE:
+                        try:
+                            if os.stat(full).st_size > op.offset:
+                                os.truncate(full, op.offset)
+                        except FileNotFoundError:
+                            pass
+                    elif op.type == OP_UNLINK:
+                        if shard is not None:
+                            self.states.forget_fd(st, st.mfds if shard[1] else st.fds,
+                                                  shard[0])
+                        try:
+                            os.unlink(full)
+                        except FileNotFoundError:
+                            pass
+                    elif op.type == OP_PUNCH:
+                        sf.punch_hole(full, op.offset, PUNCH_LEN.unpack(op.data)[0])
                 except OSError as e:
                     ok = False
                     if op.osd in self._recovering:
