@@ -1755,7 +1755,6 @@ class ObjectStore:
         is about 1 KiB per MiB of shard."""
         st = self.states.pin(obj.name, obj.gen) if self.states is not None else None
         try:
-            base = sf.crc_offset(0)
             for j, parts in crcs.items():
                 meta = paths[j][1]
                 ops = shard_ops.setdefault(j, [])
@@ -1767,12 +1766,9 @@ class ObjectStore:
                     joined = table[a:b].astype("<u4")       # a copy
                     for p0, vals in parts:
                         joined[p0 - a:p0 - a + len(vals)] = vals
-                    ops.append(FileOp(OP_WRITE, obj.loc[j], meta, base + 4 * a,
-                                      joined.tobytes()))
+                    ops.append(_crc_op(obj.loc[j], meta, a, joined))
                     continue
-                for p0, vals in parts:
-                    ops.append(FileOp(OP_WRITE, obj.loc[j], meta, sf.crc_offset(p0),
-                                      vals.astype("<u4").tobytes()))
+                ops.extend(_crc_op(obj.loc[j], meta, p0, vals) for p0, vals in parts)
         finally:
             if st is not None:
                 self.states.unpin(st)
@@ -2476,7 +2472,7 @@ class ObjectStore:
                 self.states.drop_pages(st, i, p0, -(-(op.offset + len(op.data)) // PAGE))
                 return
             if n:
-                self.states.set_pages(st, i, p0, op.data[:n * PAGE], trim=False)
+                self.states.set_pages(st, i, p0, op.data[:n * PAGE])
             if len(op.data) % PAGE:     # a page cut at the shard's end: not kept
                 self.states.drop_pages(st, i, p0 + n, p0 + n + 1)
         elif op.type == OP_TRUNCATE:
@@ -2727,6 +2723,11 @@ def _shard_relpath(p: str) -> bool:
     return len(parts) == 3 and parts[0] == "objects" and ".." not in parts and "" not in parts
 
 
+def _crc_op(osd: int, meta: str, p0: int, crcs: np.ndarray) -> FileOp:
+    """The write of stored checksums ``crcs`` for pages p0.. into the sidecar ``meta``."""
+    return FileOp(OP_WRITE, osd, meta, sf.crc_offset(p0), crcs.astype("<u4").tobytes())
+
+
 def _page_ops(osd: int, paths: tuple[str, str], p0: int, buf: np.ndarray, crcs: np.ndarray,
               stop: int, crc: bool = True) -> list[FileOp]:
     """Write pages p0.. of a shard (bytes up to ``stop``) and their
@@ -2734,8 +2735,7 @@ def _page_ops(osd: int, paths: tuple[str, str], p0: int, buf: np.ndarray, crcs: 
     caller writes them): runs of all-zero pages (stored crc 0) become
     holes, the others one pwrite per run."""
     path, meta = paths
-    tail = [FileOp(OP_WRITE, osd, meta, sf.crc_offset(p0), crcs.astype("<u4").tobytes())] \
-        if crc else []
+    tail = [_crc_op(osd, meta, p0, crcs)] if crc else []
     if crcs.all():
         # no zero page (the common case): one write, without the run search
         # (its five numpy calls were a tenth of a scattered flush's CPU)

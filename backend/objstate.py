@@ -301,11 +301,11 @@ class StateCache:
         return [pool.gen[s] for s in slots] == gens and \
             [sp.get(p) for p in range(p0, p1)] == slots
 
-    def set_pages(self, st: ObjState, i: int, p0: int, buf, trim: bool = True) -> None:
+    def set_pages(self, st: ObjState, i: int, p0: int, buf) -> None:
         """(under the lock: follow's change) Shard i's pages from p0 now
-        hold ``buf`` (whole pages). ``trim=False``: the caller calls
-        ``trim_state`` once after its last set_pages (the budget is asked
-        once per transaction, not once per page run)."""
+        hold ``buf`` (whole pages). The caller calls ``trim_state`` after
+        its last one (the budget is asked once per transaction, not once
+        per page run; the pool bounds what is kept meanwhile)."""
         n = len(buf) // sf.PAGE
         pool = self.pool
         self.drop_pages(st, i, p0, p0 + n)
@@ -322,12 +322,10 @@ class StateCache:
         sp = st.pages.setdefault(i, {})
         sp.update(zip(range(p0, p0 + n), slots))
         self._count(st, n)
-        if trim:
-            self._trim_pages(st)
 
     def trim_state(self, st: ObjState) -> None:
-        """(under the lock) Back within the budget after set_pages calls
-        with ``trim=False``, ``st``'s own pages last."""
+        """(under the lock) Back within the budget after set_pages calls,
+        ``st``'s own pages last."""
         self._trim_pages(st)
 
     def drop_pages(self, st: ObjState, i: int, p0: int = 0, p1: int | None = None) -> None:

@@ -28,6 +28,7 @@ def _state(states, name):
 def _set(states, st, i, p0, data):
     with states._lock:              # as follow() does
         states.set_pages(st, i, p0, data)
+        states.trim_state(st)
 
 
 def _get(states, st, i, p0, p1):
